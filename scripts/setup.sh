@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install vlp into it.
+# The environment lives outside the clone, keyed by a hash of the dependency files,
+# so a fresh clone on the same machine reuses it; `.venv` in the repo points at it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+key=$( (cat setup.cfg pyproject.toml; python3 --version) | sha256sum | cut -c1-16)
+root="${VLP_ENV_ROOT:-$HOME/.cache/vlp}"
+venv="$root/venv-$key"
+if [ ! -f "$venv/.complete" ]; then
+  echo "[setup] creating environment $venv (torch install takes a few minutes)" >&2
+  rm -rf "$venv"
+  mkdir -p "$root"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned: on this machine these come from local files; open_clip needs torchvision.
+  "$venv/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  "$venv/bin/python" -m pip install -q -e ".[dev]"
+  touch "$venv/.complete"
+else
+  # Reused environment: only (re)point the editable install at this clone.
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+fi
+ln -sfn "$venv" .venv

@@ -1,0 +1,267 @@
+"""One typed configuration for a training run.
+
+Sections are dataclasses; every field is also a CLI flag named like open_clip's
+(`train_data` -> `--train-data`), so field names are unique across sections.
+A YAML file (`--config`) may set fields flat or grouped by section; flags given on the
+command line override it. `validate()` is the single place where combinations are checked,
+and every failure is one line (ConfigError).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A bad option or combination of options; its message is one line for the user."""
+
+
+@dataclass
+class DataConfig:
+    train_data: Optional[str] = field(default=None, metadata={"help": "shard spec: brace-expanded tar paths, sources joined by '::'"})
+    train_data_upsampling_factors: Optional[str] = field(default=None, metadata={"help": "per-source sampling weights joined by '::'"})
+    train_num_samples: Optional[int] = field(default=None, metadata={"help": "samples per epoch (default: read from the shards' size files)"})
+    dataset_resampled: bool = field(default=False, metadata={"help": "sample shards with replacement (infinite stream)"})
+    batch_size: int = field(default=64, metadata={"help": "batch size per process"})
+    workers: int = field(default=2, metadata={"help": "data loader worker processes per process"})
+    shuffle_buffer: int = field(default=2000, metadata={"help": "sample shuffle buffer size"})
+    rrc_scale: tuple[float, float] = field(default=(0.9, 1.0), metadata={"help": "RandomResizedCrop scale range"})
+    strong_views: bool = field(default=False, metadata={"help": "Fini et al. strong image augmentation"})
+    use_rewrites: bool = field(default=False, metadata={"help": "LaCLIP: draw each sample's text from its caption and rewrites"})
+    rewrites_field: str = field(default="rewrites", metadata={"help": "key in each sample's .json that holds its rewrites"})
+    text_aug: Optional[str] = field(default=None, metadata={"help": "text augmentation: 'stopwords', 'eda' or 'stopwords+eda'"})
+    max_bad_fraction: float = field(default=0.05, metadata={"help": "abort when this fraction of samples is unreadable"})
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(default="ViT-B-32", metadata={"help": "open_clip model name or path to a JSON model config"})
+    pretrained: Optional[str] = field(default=None, metadata={"help": "local checkpoint file to start from (no downloads)"})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "'hf:DIR' or 'spm:FILE.model'; default: the model's open_clip tokenizer"})
+    lock_image: bool = field(default=False, metadata={"help": "freeze the image tower (LiT)"})
+    lock_text: bool = field(default=False, metadata={"help": "freeze the text tower"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in both towers"})
+    torchcompile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+
+
+@dataclass
+class LossConfig:
+    loss: str = field(default="clip", metadata={"help": "base loss: clip, siglip, dcl, infoloob"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the CLIP cross-entropy"})
+    local_loss: bool = field(default=False, metadata={"help": "each rank scores only its own rows against all columns"})
+    gather_with_grad: bool = field(default=False, metadata={"help": "all-gather features with gradients"})
+    uniformity_weight: float = field(default=0.0, metadata={"help": "weight of (unif(I)+unif(T))/2"})
+    alignment_weight: float = field(default=0.0, metadata={"help": "weight of the alignment term"})
+    cross_uniformity_weight: float = field(default=0.0, metadata={"help": "weight of the cross-modal uniformity term"})
+    cyclip_inmodal_weight: float = field(default=0.0, metadata={"help": "CyCLIP in-modal consistency weight"})
+    cyclip_crossmodal_weight: float = field(default=0.0, metadata={"help": "CyCLIP cross-modal consistency weight"})
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = field(default=1, metadata={"help": "epochs over --train-num-samples"})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many optimiser steps (overrides epochs)"})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate"})
+    wd: float = field(default=0.2, metadata={"help": "weight decay (not applied to biases, norms, gains, embeddings, logit scale)"})
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup: int = field(default=1000, metadata={"help": "warmup steps"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "cosine, const, const-cooldown, infinite"})
+    lr_cooldown_end: float = field(default=0.0, metadata={"help": "lr at the end of a cooldown"})
+    epochs_cooldown: Optional[int] = field(default=None, metadata={"help": "const-cooldown: epochs of cooldown at the end"})
+    infinite_constant_lr_frac: float = field(default=0.5, metadata={"help": "infinite schedule: constant lr as a fraction of --lr"})
+    infinite_cooldown_steps: int = field(default=0, metadata={"help": "infinite schedule: steps from peak down to the constant"})
+    infinite_anneal_steps: int = field(default=0, metadata={"help": "infinite schedule: final anneal steps"})
+    accum_freq: int = field(default=1, metadata={"help": "micro-batches per optimiser step (exact for contrastive losses)"})
+    grad_clip_norm: Optional[float] = field(default=None, metadata={"help": "clip gradients to this global norm"})
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = field(default=None, metadata={"help": "run name (folder under --logs)"})
+    logs: str = field(default="./logs", metadata={"help": "where run folders are written"})
+    seed: int = 0
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (mixed precision through accelerate)"})
+    save_every: int = field(default=1000, metadata={"help": "checkpoint every N optimiser steps"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "keep the last K step checkpoints"})
+    resume: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint path"})
+    log_every: int = field(default=10, metadata={"help": "log scalars every N steps"})
+    eval_data: list[str] = field(default_factory=list, metadata={"help": "eval sets (CLIP_benchmark webdataset roots) for in-loop evaluation"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
+    report_to: Optional[str] = field(default="tensorboard", metadata={"help": "accelerate tracker, or 'none'"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Inverse of to_dict; also accepts a flat dict. Unknown keys are an error."""
+        cfg = cls()
+        _apply(cfg, d, source="config")
+        return cfg
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    index = {}
+    for section, klass in SECTIONS.items():
+        for f in dataclasses.fields(klass):
+            assert f.name not in index, f"duplicate config field {f.name}"
+            index[f.name] = (section, f)
+    return index
+
+
+FIELDS = _field_index()
+
+
+def _resolved_type(section: str, f: dataclasses.Field):
+    hints = typing.get_type_hints(SECTIONS[section])
+    return hints[f.name]
+
+
+def _coerce(name: str, value: Any, tp) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    try:
+        if origin is tuple:
+            if isinstance(value, str):
+                value = value.replace(",", " ").split()
+            value = tuple(args[0](v) for v in value)
+            if len(value) != len(args):
+                raise ValueError
+            return value
+        if origin is list:
+            if isinstance(value, str):
+                value = [value]
+            return [args[0](v) for v in value]
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {name}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+
+
+def _apply(cfg: Config, d: dict, source: str) -> None:
+    for key, value in d.items():
+        if key in SECTIONS and isinstance(value, dict):
+            _apply(cfg, {k: v for k, v in value.items()}, source)
+            continue
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"unknown option '{key}' in {source}")
+        section, f = FIELDS[name]
+        setattr(getattr(cfg, section), name, _coerce(name, value, _resolved_type(section, f)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a CLIP-style dual encoder.", allow_abbrev=False)
+    p.add_argument("--config", help="YAML file with options (flat or grouped by section); flags override it")
+    for section, klass in SECTIONS.items():
+        group = p.add_argument_group(section)
+        for f in dataclasses.fields(klass):
+            tp = _resolved_type(section, f)
+            flag = "--" + f.name.replace("_", "-")
+            help_ = f.metadata.get("help", "")
+            # default=SUPPRESS: only flags the user gave appear in the namespace, so YAML values survive.
+            if tp is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+            elif typing.get_origin(tp) is tuple:
+                group.add_argument(flag, nargs=len(typing.get_args(tp)), default=argparse.SUPPRESS, help=help_)
+            elif typing.get_origin(tp) is list:
+                group.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_)
+            else:
+                group.add_argument(flag, default=argparse.SUPPRESS, help=help_)
+    return p
+
+
+def parse_config(argv: Optional[list[str]] = None) -> Config:
+    """CLI flags (+ optional YAML) -> validated Config. Raises ConfigError with one line."""
+    parser = build_parser()
+    # argparse prints usage and exits 2 on unknown flags; make that one clear line instead.
+    parser.error = lambda msg: (_ for _ in ()).throw(ConfigError(msg))  # type: ignore[assignment]
+    ns = vars(parser.parse_args(argv))
+    cfg = Config()
+    yaml_path = ns.pop("config", None)
+    if yaml_path:
+        import yaml
+
+        try:
+            with open(yaml_path) as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {yaml_path}: {e.strerror}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {yaml_path} must hold a mapping of options")
+        _apply(cfg, loaded, source=yaml_path)
+    _apply(cfg, ns, source="command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Check combinations once, before any work starts."""
+    d, lo, o, r = cfg.data, cfg.loss, cfg.optim, cfg.run
+    if d.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    if d.workers < 0:
+        raise ConfigError("--workers must be 0 or more")
+    if lo.local_loss and not lo.gather_with_grad:
+        raise ConfigError("--local-loss needs --gather-with-grad: without it the gradients are biased")
+    if lo.loss not in ("clip", "siglip", "dcl", "infoloob"):
+        raise ConfigError(f"--loss must be one of clip, siglip, dcl, infoloob (got {lo.loss!r})")
+    if lo.loss == "siglip" and lo.label_smoothing:
+        raise ConfigError("--label-smoothing applies to the clip loss only")
+    if o.accum_freq < 1:
+        raise ConfigError("--accum-freq must be at least 1")
+    if o.lr_scheduler not in ("cosine", "const", "const-cooldown", "infinite"):
+        raise ConfigError(f"--lr-scheduler must be cosine, const, const-cooldown or infinite (got {o.lr_scheduler!r})")
+    if o.lr_scheduler == "const-cooldown" and not o.epochs_cooldown:
+        raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown")
+    if r.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision must be fp32, bf16 or fp16 (got {r.precision!r})")
+    if d.text_aug not in (None, "stopwords", "eda", "stopwords+eda"):
+        raise ConfigError(f"--text-aug must be stopwords, eda or stopwords+eda (got {d.text_aug!r})")
+    lo_, hi = d.rrc_scale
+    if not (0 < lo_ <= hi <= 1):
+        raise ConfigError(f"--rrc-scale must satisfy 0 < min <= max <= 1 (got {lo_} {hi})")
+    if not 0 <= d.max_bad_fraction <= 1:
+        raise ConfigError("--max-bad-fraction must be between 0 and 1")
+    if r.keep_checkpoints < 1:
+        raise ConfigError("--keep-checkpoints must be at least 1")
+    return cfg
+
+
+def main_error(exc: Exception) -> None:
+    """Print a one-line error and exit non-zero (used by the CLIs)."""
+    print(f"error: {exc}", file=sys.stderr)
+    raise SystemExit(2)

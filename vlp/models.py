@@ -1,0 +1,200 @@
+"""Build dual encoders through open_clip, and read and write checkpoints it can load.
+
+A model is named as in open_clip (`ViT-B-32`), or given as a path to a JSON tower config
+(the same schema as open_clip's `model_configs/*.json`, registered under the file's stem),
+or as `local-dir:PATH` (an exported vlp/open_clip folder).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import open_clip
+import torch
+
+from vlp.config import ConfigError
+
+EXPORT_CONFIG = "open_clip_config.json"
+EXPORT_WEIGHTS = "open_clip_model.safetensors"
+
+
+@dataclass
+class ModelBundle:
+    """Everything needed to train or score a dual encoder."""
+
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    model_name: str
+    model_cfg: dict
+
+
+def resolve_model_name(model: str) -> str:
+    """Turn `--model` into an open_clip name, registering a JSON config file if one is given."""
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise ConfigError(f"model config file not found: {model}")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model.startswith("local-dir:"):
+        if not (Path(model[len("local-dir:"):]) / EXPORT_CONFIG).is_file():
+            raise ConfigError(f"{model}: no {EXPORT_CONFIG} in that folder")
+        return model
+    if open_clip.get_model_config(model) is None:
+        raise ConfigError(f"unknown model '{model}' (not an open_clip model name nor a .json config)")
+    return model
+
+
+def build_tokenizer(spec: Optional[str], model_name: str, context_length: Optional[int] = None):
+    """open_clip's tokenizer for the model, or `hf:DIR` (local Hugging Face tokenizer), or `spm:FILE`."""
+    if not spec:
+        return open_clip.get_tokenizer(model_name, context_length=context_length)
+    kind, _, arg = spec.partition(":")
+    if kind == "hf":
+        if not Path(arg).is_dir():
+            raise ConfigError(f"tokenizer folder not found: {arg}")
+        return open_clip.tokenizer.HFTokenizer(arg, context_length=context_length or 77)
+    if kind == "spm":
+        from vlp.tokenizers import SentencePieceTokenizer
+
+        if not Path(arg).is_file():
+            raise ConfigError(f"sentencepiece model not found: {arg}")
+        return SentencePieceTokenizer(arg, context_length=context_length or 77)
+    raise ConfigError(f"--tokenizer must be 'hf:DIR' or 'spm:FILE' (got {spec!r})")
+
+
+def create_model(
+    model: str,
+    pretrained: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    aug_cfg: Optional[dict] = None,
+    device: str | torch.device = "cpu",
+) -> ModelBundle:
+    """Build a model with random weights (or weights from a local file) plus its transforms and tokenizer."""
+    name = resolve_model_name(model)
+    if pretrained and not Path(pretrained).is_file():
+        raise ConfigError(f"--pretrained file not found: {pretrained}")
+    model_cfg = _model_cfg(name)
+    # pretrained_text=False: never fetch Hugging Face text weights; a local-dir: name loads its own weights.
+    net, pre_train, pre_val = open_clip.create_model_and_transforms(
+        name, device=device, aug_cfg=aug_cfg, output_dict=True, pretrained_text=False)
+    if pretrained:
+        load_weights(net, pretrained)
+    ctx = model_cfg.get("text_cfg", {}).get("context_length")
+    tok = build_tokenizer(tokenizer, name, context_length=ctx)
+    return ModelBundle(net, pre_train, pre_val, tok, name, model_cfg)
+
+
+def _model_cfg(name: str) -> dict:
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ConfigError(f"unknown model '{name}'")
+    return cfg
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a state dict from a vlp checkpoint, an open_clip checkpoint, or safetensors; one clear error on mismatch."""
+    state = read_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise ConfigError(f"{path} does not fit this architecture: {detail[:200]}") from None
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Model weights from any checkpoint layout vlp meets, loaded without executing pickled code."""
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint not found: {path}")
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise ConfigError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict"):
+            if key in ckpt and isinstance(ckpt[key], dict):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict) or not ckpt:
+        raise ConfigError(f"{path} holds no model weights")
+    if next(iter(ckpt)).startswith("module."):
+        ckpt = {k[len("module."):]: v for k, v in ckpt.items()}
+    return ckpt
+
+
+def load_checkpoint(path: str, model_name: Optional[str] = None, tokenizer: Optional[str] = None,
+                    device: str | torch.device = "cpu") -> ModelBundle:
+    """A scoring-ready bundle from a vlp checkpoint (knows its model), an export folder, or an open_clip file + name."""
+    p = Path(path)
+    if p.is_dir():
+        return create_model(f"local-dir:{p}", tokenizer=tokenizer, device=device)
+    if not p.is_file():
+        raise ConfigError(f"checkpoint not found: {path}")
+    meta = read_checkpoint_meta(path)
+    if model_name is None:
+        if meta is None:
+            raise ConfigError(f"{path} is not a vlp checkpoint: give the model name (e.g. --model ViT-B-32)")
+        model_name = _register_cfg(meta["model_name"], meta["model_cfg"])
+        tokenizer = tokenizer or meta.get("tokenizer")
+    bundle = create_model(model_name, pretrained=path, tokenizer=tokenizer, device=device)
+    bundle.model.eval()
+    return bundle
+
+
+def read_checkpoint_meta(path: str) -> Optional[dict]:
+    """The model identity stored in a vlp checkpoint, or None for other files."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(ckpt, dict) and "model_cfg" in ckpt and "model_name" in ckpt:
+        return {"model_name": ckpt["model_name"], "model_cfg": json.loads(ckpt["model_cfg"]),
+                "tokenizer": ckpt.get("tokenizer")}
+    return None
+
+
+def _register_cfg(name: str, cfg: dict) -> str:
+    """Make a checkpoint's own architecture known to open_clip under its name (no file needed)."""
+    if name.startswith("local-dir:"):
+        return name
+    known = open_clip.get_model_config(name)
+    if known is not None and known == cfg:
+        return name
+    from open_clip import factory
+
+    factory._MODEL_CONFIGS[name] = cfg  # same registry add_model_config fills
+    return name
+
+
+def model_identity(bundle: ModelBundle, tokenizer_spec: Optional[str]) -> dict[str, Any]:
+    """What a checkpoint stores so that it can rebuild its own model (JSON strings only: weights_only-safe)."""
+    return {"model_name": bundle.model_name, "model_cfg": json.dumps(bundle.model_cfg), "tokenizer": tokenizer_spec}
+
+
+def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, out_dir: str | os.PathLike) -> Path:
+    """Write a folder open_clip loads with `create_model_and_transforms('local-dir:DIR')`, or with
+    `create_model_and_transforms(name, pretrained=DIR/open_clip_model.safetensors)` for a registered name."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / EXPORT_WEIGHTS))
+    (tmp / EXPORT_CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
