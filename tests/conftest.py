@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny model configs and demo data built on the fly (nothing is downloaded)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MICRO_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+}
+
+
+@pytest.fixture(scope="session")
+def micro_model_json(tmp_path_factory) -> str:
+    """Path to a JSON config of a very small CLIP (32 px, 32-d), registered by file stem `vlp-micro`."""
+    path = tmp_path_factory.mktemp("cfg") / "vlp-micro.json"
+    path.write_text(json.dumps(MICRO_CFG))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict:
+    """Small demo shards + eval sets (32 px images), written once per test session."""
+    from data_tools.make_demo_data import make_demo_data
+
+    out = tmp_path_factory.mktemp("demo")
+    return make_demo_data(out, train_samples=600, eval_samples=80, image_size=32, per_shard=150, progress=False)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

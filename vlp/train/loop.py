@@ -1,0 +1,281 @@
+"""The training loop, readable top to bottom.
+
+accelerate places the model and optimiser (CPU, one GPU, or many processes launched by
+`accelerate launch`/`torchrun`) and handles mixed precision; the data loader does its own
+split by rank and worker (so its position can be checkpointed); the loss gathers features
+across ranks itself. A run lives in `LOGS/NAME/` (see docs/contracts.md).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from vlp.config import Config, ConfigError
+from vlp.models import create_model, export_open_clip, model_identity
+from vlp.train import checkpoint as ckpt
+from vlp.train.step import train_step
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss became NaN); the message says why and where its state was saved."""
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+
+def run_name(cfg: Config) -> str:
+    if cfg.run.name:
+        return cfg.run.name
+    model = Path(cfg.model.model).stem if cfg.model.model.endswith(".json") else cfg.model.model
+    return f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-model_{model}-lr_{cfg.optim.lr:g}-b_{cfg.data.batch_size}"
+
+
+def _flatten(prefix: str, d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}/{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten(key, v))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl (every logged scalar) plus accelerate's trackers; main process only."""
+
+    def __init__(self, path: Path, accelerator, enabled: bool):
+        self.path, self.accelerator, self.enabled = path, accelerator, enabled
+
+    def log(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in scalars.items()}}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        numeric = {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self.accelerator.log(numeric, step=step)
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns the last logged scalars (and eval figures, if any)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from vlp.data.pipeline import build_train_loader
+    from vlp.distributed import reduce_mean
+    from vlp.losses import build_loss, clamp_logit_scale, prepare_model_for_loss
+    from vlp.train.optim import build_optimizer, build_scheduler
+
+    if not cfg.data.train_data:
+        raise ConfigError("--train-data is required")
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.run.precision]
+    paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
+    report_to = None if cfg.run.report_to in (None, "none") else cfg.run.report_to
+    accelerator = Accelerator(mixed_precision=precision, log_with=report_to, project_dir=str(paths.root))
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    resume_from: Optional[Path] = None
+    if cfg.run.resume:
+        resume_from = ckpt.resolve_resume(cfg.run.resume, paths.checkpoints)
+    elif ckpt.list_checkpoints(paths.checkpoints):
+        raise ConfigError(f"run folder {paths.root} already has checkpoints: pass --resume latest or a new --name")
+    set_seed(cfg.run.seed, device_specific=True)
+
+    bundle = create_model(cfg.model.model, pretrained=cfg.model.pretrained, tokenizer=cfg.model.tokenizer,
+                          aug_cfg={"scale": tuple(cfg.data.rrc_scale)})
+    model = bundle.model
+    prepare_model_for_loss(model, cfg.loss)
+    if cfg.model.lock_image:
+        model.lock_image_tower()
+    if cfg.model.lock_text:
+        model.lock_text_tower()
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+    loader = build_train_loader(cfg.data, bundle.preprocess_train, bundle.tokenizer,
+                                rank=rank, world_size=world, seed=cfg.run.seed)
+    steps_per_epoch = loader.batches_per_epoch // cfg.optim.accum_freq
+    if steps_per_epoch < 1:
+        raise ConfigError(f"an epoch holds {loader.batches_per_epoch} batches per process, fewer than --accum-freq "
+                          f"{cfg.optim.accum_freq}: lower --batch-size or add data")
+    total_steps = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
+
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    if cfg.model.torchcompile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss_fn = build_loss(cfg.loss, rank=rank, world_size=world)
+
+    step, epoch, loader_state = 0, 0, None
+    if resume_from is not None:
+        state = ckpt.load_state(resume_from)
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        step, epoch, loader_state = state["step"], state["epoch"], state["loader"]
+        ckpt.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        if main:
+            print(f"resumed from {resume_from} at step {step}")
+
+    if main:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        (paths.root / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
+    if report_to:
+        accelerator.init_trackers(paths.root.name, config=_flatten("", cfg.to_dict()))
+    metrics = MetricsLog(paths.metrics, accelerator, main)
+    identity = model_identity(bundle, cfg.model.tokenizer)
+
+    def save(at_step: int) -> Path:
+        gathered_rng = _gather_rng(accelerator)
+        path = None
+        if main:
+            state = {
+                "step": at_step, "epoch": epoch,
+                "model": accelerator.unwrap_model(model).state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "rng": gathered_rng, "loader": loader.state_dict(),
+                "config": json.dumps(cfg.to_dict()), **identity,
+            }
+            path = ckpt.save_checkpoint(paths.checkpoints, at_step, state, cfg.run.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return path
+
+    def evaluate_now(at_step: int) -> dict:
+        if not cfg.run.eval_data:
+            return {}
+        from vlp.eval import evaluate
+
+        net = accelerator.unwrap_model(model)
+        was_training = net.training
+        net.eval()
+        flat = {}
+        if main:
+            with accelerator.autocast():
+                results = evaluate(net, bundle.tokenizer, bundle.preprocess_val, cfg.run.eval_data,
+                                   device=accelerator.device, batch_size=max(cfg.data.batch_size, 64),
+                                   model_name=bundle.model_name, pretrained=f"step {at_step}")
+            for r in results:
+                flat.update({f"eval/{r['dataset']}/{k}": v for k, v in r["metrics"].items()
+                             if isinstance(v, (int, float))})
+            metrics.log(at_step, flat)
+        net.train(was_training)
+        accelerator.wait_for_everyone()
+        return flat
+
+    model.train()
+    samples_per_step = cfg.data.batch_size * cfg.optim.accum_freq * world
+    bar = tqdm(total=total_steps, initial=step, disable=not (main and cfg.run.progress), unit="step",
+               dynamic_ncols=True, desc="train")
+    last: dict = {}
+    t_last, step_last = time.perf_counter(), step
+    empty_epochs = 0
+    while step < total_steps:
+        loader.set_epoch(epoch)
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+            loader_state = None
+        batches = iter(loader)
+        step_at_epoch_start = step
+        while step < total_steps:
+            micro = []
+            for images, texts in batches:
+                micro.append((images.to(accelerator.device, non_blocking=True),
+                              texts.to(accelerator.device, non_blocking=True)))
+                if len(micro) == cfg.optim.accum_freq:
+                    break
+            if len(micro) < cfg.optim.accum_freq:
+                break  # epoch exhausted (a partial accumulation is dropped)
+            losses = train_step(model, micro, loss_fn, backward=accelerator.backward,
+                                autocast=accelerator.autocast, no_sync=lambda: accelerator.no_sync(model))
+            if not torch.isfinite(losses["loss"]):
+                optimizer.zero_grad(set_to_none=True)
+                path = save(step)
+                raise TrainingError(f"loss is {losses['loss'].item()} at step {step + 1}; "
+                                    f"the state before this step is saved in {path}")
+            if cfg.optim.grad_clip_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            clamp_logit_scale(accelerator.unwrap_model(model))
+            step += 1
+            bar.update(1)
+
+            if step % cfg.run.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                rate = samples_per_step * (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                net = accelerator.unwrap_model(model)
+                last = {f"train/{k}": reduce_mean(v.float()).item() for k, v in losses.items()}
+                last.update({
+                    "train/logit_scale": net.logit_scale.exp().item(),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/samples_per_s": rate, "train/epoch": epoch,
+                    **{f"data/skipped/{k}": v for k, v in loader.skip_counts().items()},
+                })
+                metrics.log(step, last)
+                bar.set_postfix(loss=f"{last['train/loss']:.4f}", sps=f"{rate:.0f}")
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
+                last.update(evaluate_now(step))
+            if step % cfg.run.save_every == 0 and step < total_steps:
+                save(step)
+        # A resumed run may start at the very end of an epoch; two empty epochs in a row mean no data.
+        empty_epochs = empty_epochs + 1 if step == step_at_epoch_start else 0
+        if empty_epochs >= 2:
+            raise TrainingError(f"epoch {epoch} yielded no complete batch: check --train-data and the skip counts")
+        if step < total_steps:
+            epoch += 1
+    bar.close()
+
+    save(step)
+    if main:
+        net = accelerator.unwrap_model(model)
+        import open_clip
+
+        export_open_clip(net, bundle.model_cfg, open_clip.get_model_preprocess_cfg(net), paths.export)
+    last.update(evaluate_now(step))
+    accelerator.end_training()
+    last["run_dir"] = str(paths.root)
+    return last
+
+
+def _gather_rng(accelerator) -> list:
+    """Every rank's RNG state (rank order), so each resumes its own stream."""
+    state = ckpt.rng_state()
+    if accelerator.num_processes == 1:
+        return [state]
+    import torch.distributed as dist
+
+    out = [None] * accelerator.num_processes
+    dist.all_gather_object(out, state)
+    return out
