@@ -12,10 +12,10 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
   mkdir -p "$root"
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q --upgrade pip 2> >(grep -v "is ignored" >&2)
   # torch first and pinned: on this machine these come from local files; open_clip needs torchvision.
-  "$venv/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
-  "$venv/bin/python" -m pip install -q -e ".[dev]"
+  "$venv/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 2> >(grep -v "is ignored" >&2)
+  "$venv/bin/python" -m pip install -q -e ".[dev]" 2> >(grep -v "is ignored" >&2)
   touch "$venv/.complete"
 else
   # Reused environment: only (re)point the editable install at this clone.

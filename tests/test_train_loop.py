@@ -1,0 +1,87 @@
+"""End-to-end training: the loss falls and held-out accuracy rises; kill-and-resume reproduces the run exactly;
+the contrastive-gap terms close the modality gap."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import repo_root
+from vlp.config import parse_config
+from vlp.train.loop import train
+
+
+def _flags(demo_data, model_json, logs, name, *extra):
+    return ["--train-data", demo_data["train_data"], "--model", model_json, "--logs", str(logs), "--name", name,
+            "--batch-size", "32", "--workers", "1", "--lr", "2e-3", "--wd", "0.05", "--warmup", "5",
+            "--report-to", "none", "--no-progress", "--seed", "3", *extra]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step; a resumed run's rows replace the killed run's rows for the same step."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row["train/loss"]
+    return out
+
+
+def test_training_lowers_loss_and_beats_chance(demo_data, micro_model_json, tmp_path):
+    cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "learn", "--max-steps", "120",
+                              "--log-every", "10", "--eval-data", *demo_data["eval_data"][:1]))
+    result = train(cfg)
+    losses = _losses(Path(result["run_dir"]))
+    assert losses[120] < 0.7 * losses[10], losses
+    acc = result["eval/demo_colors/acc1"]
+    assert acc > 0.3, f"held-out colour accuracy {acc} (chance 0.125)"
+    # The final model is exported in a form open_clip loads by itself.
+    import open_clip
+
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{result['run_dir']}/export")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def _run(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(repo_root() / "train.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(demo_data, micro_model_json, tmp_path):
+    common = ["--max-steps", "24", "--log-every", "1", "--save-every", "4", "--keep-checkpoints", "2"]
+    ref = _run(_flags(demo_data, micro_model_json, tmp_path, "ref", *common))
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+
+    victim = _run(_flags(demo_data, micro_model_json, tmp_path, "killed", *common))
+    ckpt = tmp_path / "killed" / "checkpoints" / "step_00000008.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists():
+        assert victim.poll() is None, victim.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = max(_losses(tmp_path / "killed"))
+    assert killed_at < 24, "the run finished before it could be killed"
+
+    resumed = _run(_flags(demo_data, micro_model_json, tmp_path, "killed", *common, "--resume", "latest"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    ref_losses, res_losses = _losses(tmp_path / "ref"), _losses(tmp_path / "killed")
+    assert sorted(res_losses) == list(range(1, 25))
+    for step in range(1, 25):
+        assert res_losses[step] == pytest.approx(ref_losses[step], abs=1e-6), (step, killed_at)
+
+
+def test_refuses_to_overwrite_a_run(demo_data, micro_model_json, tmp_path):
+    flags = _flags(demo_data, micro_model_json, tmp_path, "once", "--max-steps", "2")
+    train(parse_config(flags))
+    proc = subprocess.run([sys.executable, str(repo_root() / "train.py"), *flags], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--resume latest" in proc.stderr
