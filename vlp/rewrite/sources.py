@@ -1,0 +1,147 @@
+"""Reading captions to rewrite (or to train a tokenizer on): webdataset shards, a CSV, or a text file.
+
+Every reader yields `Record(key, caption, rewrites, extra)` in a fixed order (shards in the order
+given, samples in tar order), so that a rerun sees the same sequence and can skip what is done.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from braceexpand import braceexpand
+
+
+class InputError(ValueError):
+    """Bad input the user must fix; the message is one line."""
+
+
+@dataclass
+class Record:
+    key: str
+    caption: str
+    rewrites: list[str] = field(default_factory=list)  # from a shard sample's .json, when present
+    extra: Optional[str] = None  # CSV: the relpath column
+
+
+def expand_shards(spec: str) -> list[str]:
+    """`a/{000..009}.tar::b/*.tar` -> tar paths, in order; every one must exist."""
+    urls: list[str] = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if not part:
+            continue
+        for p in braceexpand(part):
+            matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+            if not matches:
+                raise InputError(f"no shard matches {p}")
+            urls.extend(matches)
+    if not urls:
+        raise InputError(f"no shards in {spec!r}")
+    for u in urls:
+        if not os.path.isfile(u):
+            raise InputError(f"shard not found: {u}")
+    return urls
+
+
+def detect_format(path: str) -> str:
+    if ".tar" in path or "::" in path or "{" in path:
+        return "shards"
+    if path.endswith(".csv"):
+        return "csv"
+    return "txt"
+
+
+def _clean_line(s: str) -> str:
+    return " ".join(s.split())
+
+
+def iter_shards(urls: list[str], field_name: str = "rewrites") -> Iterator[Record]:
+    """Samples with a `.txt`, keyed by `__key__` (read with webdataset, which groups tar members by key)."""
+    import webdataset as wds
+
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None,
+                        handler=_raise_one_line)
+    for sample in ds:
+        txt = sample.get("txt")
+        if txt is None:  # webdataset 1.x emits an empty record at the end of each shard; also members without text
+            continue
+        caption = _clean_line(txt.decode("utf-8", errors="replace") if isinstance(txt, bytes) else str(txt))
+        rewrites: list[str] = []
+        raw = sample.get("json")
+        if raw is not None:
+            try:
+                meta = json.loads(raw)
+                got = meta.get(field_name) if isinstance(meta, dict) else None
+                if isinstance(got, list):
+                    rewrites = [_clean_line(str(r)) for r in got if str(r).strip()]
+            except (ValueError, UnicodeDecodeError):
+                pass
+        yield Record(key=str(sample["__key__"]), caption=caption, rewrites=rewrites)
+
+
+def _raise_one_line(exn):
+    raise InputError(f"cannot read shard: {str(exn).splitlines()[0][:200]}")
+
+
+def iter_csv(path: str) -> Iterator[Record]:
+    """LaCLIP's `relpath,caption` rows (no header); the relpath is the key."""
+    with open(path, newline="", encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            if not row:
+                raise InputError(f"{path}:{lineno}: empty row (every row needs relpath,caption)")
+            if len(row) < 2:
+                raise InputError(f"{path}:{lineno}: expected 'relpath,caption', got {len(row)} field")
+            relpath, caption = row[0], ",".join(row[1:])
+            yield Record(key=relpath, caption=_clean_line(caption), extra=relpath)
+
+
+def iter_txt(path: str) -> Iterator[Record]:
+    """One caption per line; the key is the 0-based line number."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            yield Record(key=str(i), caption=_clean_line(line.rstrip("\n")))
+
+
+def open_input(path: str, fmt: str = "auto", field_name: str = "rewrites") -> tuple[str, Iterator[Record], Optional[int]]:
+    """(format, records, total or None) for `path` in the given or detected format."""
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "shards":
+        urls = expand_shards(path)
+        return fmt, iter_shards(urls, field_name), shard_total(urls)
+    if not os.path.isfile(path):
+        raise InputError(f"input file not found: {path}")
+    if fmt == "csv":
+        return fmt, iter_csv(path), _count_lines(path)
+    if fmt == "txt":
+        return fmt, iter_txt(path), _count_lines(path)
+    raise InputError(f"unknown input format {fmt!r} (shards, csv or txt)")
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        data = f.read()
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+def shard_total(urls: list[str]) -> Optional[int]:
+    """Samples in these shards from a `sizes.json` next to them (img2dataset/vlp layout), if it covers all."""
+    total = 0
+    cache: dict[str, dict] = {}
+    for u in urls:
+        d = str(Path(u).parent)
+        if d not in cache:
+            try:
+                cache[d] = json.loads((Path(d) / "sizes.json").read_text())
+            except (OSError, ValueError):
+                return None
+        n = cache[d].get(Path(u).name)
+        if not isinstance(n, int):
+            return None
+        total += n
+    return total
+
