@@ -80,9 +80,15 @@ def create_model(
     if pretrained and not Path(pretrained).is_file():
         raise ConfigError(f"--pretrained file not found: {pretrained}")
     model_cfg = _model_cfg(name)
-    # pretrained_text=False: never fetch Hugging Face text weights; a local-dir: name loads its own weights.
+    # A Hugging Face text tower must come from a local folder (nothing is downloaded); its weights
+    # are loaded from there unless the config says `hf_model_pretrained: false`.
+    text_cfg = model_cfg.get("text_cfg", {})
+    hf_dir = text_cfg.get("hf_model_name")
+    if hf_dir and not Path(hf_dir).is_dir():
+        raise ConfigError(f"Hugging Face text tower '{hf_dir}' must be a local folder (vlp downloads nothing)")
     net, pre_train, pre_val = open_clip.create_model_and_transforms(
-        name, device=device, aug_cfg=aug_cfg, output_dict=True, pretrained_text=False)
+        name, device=device, aug_cfg=aug_cfg, output_dict=True,
+        pretrained_text=bool(hf_dir) and text_cfg.get("hf_model_pretrained", True))
     if pretrained:
         load_weights(net, pretrained)
     ctx = model_cfg.get("text_cfg", {}).get("context_length")
