@@ -73,6 +73,7 @@ class OptimConfig:
     warmup: int = field(default=1000, metadata={"help": "warmup steps"})
     lr_scheduler: str = field(default="cosine", metadata={"help": "cosine, const, const-cooldown, infinite"})
     lr_cooldown_end: float = field(default=0.0, metadata={"help": "lr at the end of a cooldown"})
+    lr_cooldown_power: float = field(default=1.0, metadata={"help": "const-cooldown: power of the polynomial cooldown (1 = linear)"})
     epochs_cooldown: Optional[int] = field(default=None, metadata={"help": "const-cooldown: epochs of cooldown at the end"})
     infinite_constant_lr_frac: float = field(default=0.5, metadata={"help": "infinite schedule: constant lr as a fraction of --lr"})
     infinite_cooldown_steps: int = field(default=0, metadata={"help": "infinite schedule: steps from peak down to the constant"})
@@ -239,14 +240,31 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--local-loss needs --gather-with-grad: without it the gradients are biased")
     if lo.loss not in ("clip", "siglip", "dcl", "infoloob"):
         raise ConfigError(f"--loss must be one of clip, siglip, dcl, infoloob (got {lo.loss!r})")
-    if lo.loss == "siglip" and lo.label_smoothing:
+    if lo.loss != "clip" and lo.label_smoothing:
         raise ConfigError("--label-smoothing applies to the clip loss only")
+    if not 0 <= lo.label_smoothing < 1:
+        raise ConfigError("--label-smoothing must be in [0, 1)")
+    for name in ("uniformity", "alignment", "cross_uniformity", "cyclip_inmodal", "cyclip_crossmodal"):
+        if getattr(lo, f"{name}_weight") < 0:
+            raise ConfigError(f"--{name.replace('_', '-')}-weight must be 0 or more")
     if o.accum_freq < 1:
         raise ConfigError("--accum-freq must be at least 1")
     if o.lr_scheduler not in ("cosine", "const", "const-cooldown", "infinite"):
         raise ConfigError(f"--lr-scheduler must be cosine, const, const-cooldown or infinite (got {o.lr_scheduler!r})")
     if o.lr_scheduler == "const-cooldown" and not o.epochs_cooldown:
         raise ConfigError("--lr-scheduler const-cooldown needs --epochs-cooldown")
+    if o.lr <= 0:
+        raise ConfigError("--lr must be positive")
+    if o.warmup < 0:
+        raise ConfigError("--warmup must be 0 or more")
+    if o.lr_cooldown_power <= 0:
+        raise ConfigError("--lr-cooldown-power must be positive")
+    if o.epochs_cooldown is not None and o.epochs_cooldown < 0:
+        raise ConfigError("--epochs-cooldown must be 0 or more")
+    if not 0 <= o.infinite_constant_lr_frac <= 1:
+        raise ConfigError("--infinite-constant-lr-frac must be between 0 and 1")
+    if o.infinite_cooldown_steps < 0 or o.infinite_anneal_steps < 0:
+        raise ConfigError("--infinite-cooldown-steps and --infinite-anneal-steps must be 0 or more")
     if r.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be fp32, bf16 or fp16 (got {r.precision!r})")
     if d.text_aug not in (None, "stopwords", "eda", "stopwords+eda"):

@@ -1,0 +1,85 @@
+"""The one place (besides accelerate) that talks to torch.distributed.
+
+Everything here is a no-op, or the identity, when no process group is initialised, so
+single-process code calls it unconditionally.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size) of the default process group; (0, 1) when there is none."""
+    if not is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0; the backward sums the incoming gradients
+    over ranks and hands each rank the slice of its own input (reduce-scatter)."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return tensor
+    import torch.distributed.nn  # noqa: F401 - registers torch.distributed.nn.all_gather
+
+    return torch.cat(torch.distributed.nn.all_gather(tensor), dim=0)
+
+
+def all_gather_no_grad(tensor: torch.Tensor, rank: Optional[int] = None) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0 without communicating gradients; the local
+    tensor is put back into its own slot, so the gradient w.r.t. the local rows survives."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return tensor
+    world = torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank() if rank is None else rank
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    torch.distributed.all_gather(parts, tensor.detach().contiguous())
+    parts[rank] = tensor
+    return torch.cat(parts, dim=0)
+
+
+def gather_features(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    *,
+    gather_with_grad: bool = False,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' features, rank-major (rows `rank*B .. rank*B+B-1` are rank `rank`'s).
+
+    `gather_with_grad`: autograd-aware all_gather (gradients of every rank's loss reach every
+    rank's features). Otherwise a plain all_gather with the local tensors put back into their own
+    slot, so only the local rank's loss reaches the local features. Every rank must pass the same
+    batch size. Identity when not distributed.
+    """
+    if world_size is None or rank is None:
+        r, w = world_info()
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+    if world_size == 1 or not is_initialized():
+        return image_features, text_features
+    if gather_with_grad:
+        return all_gather_with_grad(image_features), all_gather_with_grad(text_features)
+    return all_gather_no_grad(image_features, rank), all_gather_no_grad(text_features, rank)
+
+
+def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of a (detached) tensor over ranks, for logging; the tensor itself when not distributed."""
+    tensor = tensor.detach()
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out / torch.distributed.get_world_size()
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch.distributed.barrier()
