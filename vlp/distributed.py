@@ -8,6 +8,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed
+
+try:
+    import torch.distributed.nn  # noqa: F401 - autograd-aware collectives (torch.distributed.nn.all_gather)
+except ImportError:  # builds without distributed support: everything below is a no-op there
+    pass
 
 
 def is_initialized() -> bool:
@@ -26,8 +32,6 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     over ranks and hands each rank the slice of its own input (reduce-scatter)."""
     if not is_initialized() or torch.distributed.get_world_size() == 1:
         return tensor
-    import torch.distributed.nn  # noqa: F401 - registers torch.distributed.nn.all_gather
-
     return torch.cat(torch.distributed.nn.all_gather(tensor), dim=0)
 
 
