@@ -35,6 +35,8 @@ class DataConfig:
     rewrites_field: str = field(default="rewrites", metadata={"help": "key in each sample's .json that holds its rewrites"})
     text_aug: Optional[str] = field(default=None, metadata={"help": "text augmentation: 'stopwords', 'eda' or 'stopwords+eda'"})
     max_bad_fraction: float = field(default=0.05, metadata={"help": "abort when this fraction of samples is unreadable"})
+    strong_rrc_scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop scale range of strong views"})
+    fast_decode: bool = field(default=True, metadata={"help": "vlp's fast decode/crop (reduced-size JPEG decoding); off: apply the model's preprocess as is"})
 
 
 @dataclass
@@ -272,6 +274,16 @@ def validate(cfg: Config) -> Config:
     lo_, hi = d.rrc_scale
     if not (0 < lo_ <= hi <= 1):
         raise ConfigError(f"--rrc-scale must satisfy 0 < min <= max <= 1 (got {lo_} {hi})")
+    lo_, hi = d.strong_rrc_scale
+    if not (0 < lo_ <= hi <= 1):
+        raise ConfigError(f"--strong-rrc-scale must satisfy 0 < min <= max <= 1 (got {lo_} {hi})")
+    if d.shuffle_buffer < 0:
+        raise ConfigError("--shuffle-buffer must be 0 or more")
+    if d.train_num_samples is not None and d.train_num_samples < 1:
+        raise ConfigError("--train-num-samples must be at least 1")
+    if d.train_data_upsampling_factors and d.train_data and \
+            len(d.train_data_upsampling_factors.split("::")) != len(d.train_data.split("::")):
+        raise ConfigError("--train-data-upsampling-factors needs one value per '::'-joined source of --train-data")
     if not 0 <= d.max_bad_fraction <= 1:
         raise ConfigError("--max-bad-fraction must be between 0 and 1")
     if r.keep_checkpoints < 1:

@@ -1,0 +1,421 @@
+"""The training loader: shards -> (split, shuffle) -> samples -> (decode, augment, caption) -> batches.
+
+Epoch mode (default). The epoch's shard list (weights applied) is shuffled from (seed, epoch), identically
+on every rank, and read as one concatenated stream of `N` samples (sizes from the size files).
+Each rank gets `nb = N // (batch_size * world_size)` batches; batch `i` of a rank comes from worker
+`i % workers`, so worker `w` owes `ceil((nb - w) / workers)` batches. Every (rank, worker) slot is given a
+contiguous, disjoint range of the stream holding exactly the samples it owes (a range may start or end
+inside a shard: samples before the start are skipped by seeking, never read). So inside an epoch no
+sample is drawn twice, and fewer than `batch_size * world_size` samples are left out (a different
+remainder every epoch, since the shard order changes). Only when samples of a range are unreadable does
+its worker top up by drawing from its own range again (a second pass, differently shuffled), so that all
+ranks keep full, equal batches.
+
+Resampled mode (`--dataset-resampled`). Each (rank, worker) draws shards with replacement from its own
+seeded RNG, weighted by `upsampling factor * shard size`; an epoch is `--train-num-samples` samples.
+
+Both modes shuffle samples through a seeded buffer (`--shuffle-buffer`). Every random choice (shard order,
+buffer, crop, caption pick, text augmentation) derives from (seed, epoch, rank, worker, position), so
+the batches are a function of (seed, epoch, rank, world_size, workers). Each batch carries its worker's
+position in its post-shuffle stream and its skip counters; `state_dict()` records those of the last batch
+handed out per worker, and `load_state_dict()` makes each worker replay its stream to that position
+without decoding anything, then continue with the next unseen batch.
+
+Unusable samples are skipped and counted by reason (`vlp.data.errors.REASONS`); when the skipped fraction
+exceeds `--max-bad-fraction` (checked once 256 samples were seen, and at the end of an epoch) the loader
+raises DataError.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlp.config import DataConfig
+from vlp.data import errors as E
+from vlp.data.captions import CaptionPicker
+from vlp.data.errors import DataError, SkipSample
+from vlp.data.shards import ShardSet, load_shards
+from vlp.data.tario import TarError, iter_samples
+from vlp.data.transforms import build_transform
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MIN_SEEN_FOR_ABORT = 256
+STATE_VERSION = 1
+_M64 = (1 << 64) - 1
+
+
+def _mix(*xs: int) -> int:
+    """A 64-bit hash of small ints (splitmix64 chain); seeds the per-sample and per-stream RNGs."""
+    h = 0x243F6A8885A308D3
+    for x in xs:
+        h = (h ^ (int(x) & _M64)) + 0x9E3779B97F4A7C15 & _M64
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _M64
+        h ^= h >> 31
+    return h
+
+
+@dataclass
+class EpochPlan:
+    order: Optional[list[int]]   # shard indices (epoch mode) or None (resampled)
+    n_samples: int               # samples available this epoch (global)
+    batches: int                 # per rank
+    quotas: list[int]            # batches owed by each worker
+
+
+class _Item:
+    __slots__ = ("files", "pass_no")
+
+    def __init__(self, files: dict, pass_no: int):
+        self.files, self.pass_no = files, pass_no
+
+
+def _shuffle(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
+    """Seeded buffer shuffle (webdataset-style: starts yielding at bufsize/10, grows to bufsize)."""
+    if bufsize <= 1:
+        yield from items
+        return
+    initial = max(1, bufsize // 10)
+    buf: list = []
+    end = object()
+    it = iter(items)
+    for x in it:
+        buf.append(x)
+        if len(buf) < bufsize:
+            nxt = next(it, end)
+            if nxt is not end:
+                buf.append(nxt)
+        if len(buf) >= initial:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    while buf:
+        j = rng.randrange(len(buf))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+class _Stream(IterableDataset):
+    """What each DataLoader worker runs; `epoch` and `resume` are set by TrainLoader before each epoch."""
+
+    def __init__(self, loader: "TrainLoader"):
+        super().__init__()
+        L = loader
+        self.shards: ShardSet = L.shards
+        self.cfg: DataConfig = L.cfg
+        self.rank, self.world, self.seed = L.rank, L.world_size, L.seed
+        self.n_workers = L.n_workers
+        self.batch = L.cfg.batch_size
+        self.transform = L.transform
+        self.tokenizer = L.tokenizer
+        self.picker: CaptionPicker = L.picker
+        self.plan_fn: Callable[[int], EpochPlan] = L.plan
+        exts = list(IMAGE_EXTS) + ["txt", "json"]
+        self.exts = exts
+        self.epoch = 0
+        self.resume: dict[int, dict] = {}
+        # per-iteration state
+        self._counts: Counter = Counter()
+        self._pass_good = 0
+
+    # ---- reading ---------------------------------------------------------------------------
+    def _read(self, si: int, start: int, stop: Optional[int], count: bool) -> Iterator[dict]:
+        url = self.shards.urls[si]
+        try:
+            for _, key, files in iter_samples(url, start, stop, self.exts):
+                yield files
+        except TarError as e:
+            if count:
+                expected = stop if stop is not None else self.shards.sizes[si]
+                lost = max(expected - e.next_index, 1) if expected else 1
+                reason = {"missing": E.MISSING_SHARD, "truncated": E.TRUNCATED_TAR}.get(e.kind, E.BAD_TAR)
+                self._counts[reason] += lost
+
+    def _range(self, plan: EpochPlan, start: int, end: int, count: bool) -> Iterator[dict]:
+        cum = 0
+        for si in plan.order:
+            n = self.shards.sizes[si]
+            a, b = max(start - cum, 0), min(end - cum, n)
+            if a < b:
+                yield from self._read(si, a, b, count)
+            cum += n
+            if cum >= end:
+                break
+
+    def _stream(self, plan: EpochPlan, w: int) -> Iterator[_Item]:
+        """The worker's raw samples in post-shuffle order (the positions recorded for resume)."""
+        base = (self.seed, self.epoch, self.rank, w)
+        if plan.order is None:  # resampled
+            rng = random.Random(_mix(*base, 1))
+            weights = self.shards.draw_weights()
+            ids = list(range(len(self.shards.urls)))
+
+            def shards_forever():
+                empty = 0
+                while True:
+                    si = rng.choices(ids, weights=weights, k=1)[0]
+                    got = 0
+                    for files in self._read(si, 0, None, True):
+                        got += 1
+                        yield _Item(files, 0)
+                    empty = 0 if got else empty + 1
+                    if empty > 2 * len(ids) + 8:
+                        raise DataError(f"no readable samples in {empty} shards drawn in a row (e.g. {self.shards.urls[si]})")
+
+            yield from _shuffle(shards_forever(), self.cfg.shuffle_buffer, random.Random(_mix(*base, 2)))
+            return
+        B = self.batch
+        start = (self.rank * plan.batches + sum(plan.quotas[:w])) * B
+        end = start + plan.quotas[w] * B
+        pass_no = 0
+        while True:
+            self._pass_good = 0
+            count = pass_no == 0
+            items = (_Item(f, pass_no) for f in self._range(plan, start, end, count))
+            yield from _shuffle(items, self.cfg.shuffle_buffer, random.Random(_mix(*base, 3, pass_no)))
+            if self._pass_good == 0:
+                raise DataError(f"no readable samples in this worker's share of epoch {self.epoch} "
+                                f"(shards {self.shards.urls[plan.order[0]]} ...); skipped: {dict(self._counts)}")
+            pass_no += 1
+
+    # ---- samples -----------------------------------------------------------------------------
+    def _sample(self, files: dict, rng: random.Random):
+        img = next((files[e] for e in IMAGE_EXTS if e in files), None)
+        if img is None:
+            raise SkipSample(E.MISSING_IMAGE)
+        text = self.picker(files, rng)
+        return self.transform(img, rng), text
+
+    def _check(self, good: int) -> None:
+        bad = sum(self._counts.values())
+        seen = good + bad
+        if seen >= MIN_SEEN_FOR_ABORT and bad > self.cfg.max_bad_fraction * seen:
+            raise DataError(_bad_message(bad, seen, self._counts, self.cfg.max_bad_fraction))
+
+    def __iter__(self):
+        info = get_worker_info()
+        w = info.id if info is not None else 0
+        plan = self.plan_fn(self.epoch)
+        quota = plan.quotas[w]
+        r = self.resume.get(w, {})
+        pos0, produced, good = int(r.get("pos", 0)), int(r.get("produced", 0)), int(r.get("good", 0))
+        if produced >= quota:
+            return
+        self._counts = Counter()
+        B = self.batch
+        imgs, texts = [], []
+        pos = 0
+        stream = self._stream(plan, w)
+        if pos0:
+            self._pass_good = 1
+            for _ in range(pos0):
+                if next(stream, None) is None:
+                    raise DataError("loader state does not match the data (stream ended before the saved position)")
+                self._pass_good = 1
+            pos = pos0
+            # replaying re-counted the shard-level losses up to this point; the saved counters are exact
+            self._counts = Counter({k: int(v) for k, v in r.get("counts", {}).items()})
+        for item in stream:
+            pos += 1
+            rng = random.Random(_mix(self.seed, self.epoch, self.rank, w, pos, 4))
+            try:
+                img, text = self._sample(item.files, rng)
+            except SkipSample as s:
+                if item.pass_no == 0:
+                    self._counts[s.reason] += 1
+                    self._check(good)
+                continue
+            imgs.append(img)
+            texts.append(text)
+            good += 1
+            self._pass_good += 1
+            if len(imgs) == B:
+                produced += 1
+                meta = {"worker": w, "pos": pos, "produced": produced, "good": good, "counts": dict(self._counts)}
+                batch = (self.transform.finish(imgs), self.tokenizer(texts), meta)
+                imgs, texts = [], []
+                yield batch
+                if produced >= quota:
+                    return
+
+
+def _bad_message(bad: int, seen: int, counts: dict, limit: float) -> str:
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
+    return (f"{bad} of {seen} samples were unreadable ({bad / max(seen, 1):.1%} > --max-bad-fraction {limit}): "
+            f"{detail}; check the shards with `python -m data_tools.inspect_shards`")
+
+
+class TrainLoader:
+    """Iterate for one epoch of (images, texts) batches; see the module docstring for the guarantees."""
+
+    def __init__(self, cfg: DataConfig, preprocess: Any, tokenizer: Callable, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shards: Optional[ShardSet] = None):
+        if not cfg.train_data:
+            raise DataError("--train-data is required")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}")
+        self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
+        self.tokenizer = tokenizer
+        self.n_workers = max(1, cfg.workers)
+        self.shards = shards or load_shards(cfg.train_data, cfg.train_data_upsampling_factors)
+        if cfg.dataset_resampled and not cfg.train_num_samples:
+            cfg_n = self.shards.total
+        else:
+            cfg_n = cfg.train_num_samples
+        self._resampled_n = cfg_n
+        self.transform = build_transform(
+            preprocess, rrc_scale=cfg.rrc_scale, strong=cfg.strong_views,
+            strong_scale=getattr(cfg, "strong_rrc_scale", (0.08, 1.0)), fast=getattr(cfg, "fast_decode", True))
+        self.picker = CaptionPicker(cfg.use_rewrites, cfg.rewrites_field, cfg.text_aug)
+        self._plans: dict[int, EpochPlan] = {}
+        self._epoch = 0
+        self._batches_done = 0
+        self._workers_state: dict[int, dict] = {}
+        self._prev_counts: Counter = Counter()
+        # shards missing at build time with no recorded size cannot be counted per sample: one each
+        self._base_counts = Counter({E.MISSING_SHARD: sum(1 for u in self.shards.missing
+                                                          if self.shards.sizes[self.shards.urls.index(u)] == 0)})
+        self.plan(0)  # fail early (too few samples for one global batch, ...)
+
+    # ---- the epoch plan (pure function of the data, seed and epoch) ---------------------------
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch in self._plans:
+            return self._plans[epoch]
+        B, R, W = self.cfg.batch_size, self.world_size, self.n_workers
+        if self.cfg.dataset_resampled:
+            order, n = None, int(self._resampled_n)
+        else:
+            order = self.shards.epoch_order(self.seed, epoch)
+            n = sum(self.shards.sizes[i] for i in order)
+            if self.cfg.train_num_samples:
+                n = min(n, int(self.cfg.train_num_samples))
+        nb = n // (B * R)
+        if nb < 1:
+            raise DataError(f"epoch {epoch} has {n} samples, fewer than one global batch "
+                            f"({B} x {R} ranks): lower --batch-size or add data")
+        quotas = [(nb - w + W - 1) // W if nb > w else 0 for w in range(W)]
+        p = EpochPlan(order, n, nb, quotas)
+        self._plans = {epoch: p}
+        return p
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per rank in the current epoch."""
+        return self.plan(self._epoch).batches
+
+    @property
+    def num_batches(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples drawn per epoch over all ranks (batches_per_epoch * batch_size * world_size)."""
+        return self.batches_per_epoch * self.cfg.batch_size * self.world_size
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration draws; a new epoch starts at its first batch."""
+        if epoch != self._epoch:
+            self._prev_counts += self._current_counts()
+            self._epoch = epoch
+            self._batches_done = 0
+            self._workers_state = {}
+
+    # ---- counters -----------------------------------------------------------------------------
+    def _current_counts(self) -> Counter:
+        c: Counter = Counter()
+        for m in self._workers_state.values():
+            c.update({k: int(v) for k, v in m.get("counts", {}).items()})
+        return c
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples skipped by reason since the loader was built (or as restored from a checkpoint)."""
+        c = self._prev_counts + self._current_counts() + self._base_counts
+        return {k: int(v) for k, v in sorted(c.items()) if v}
+
+    def _check_bad(self, final: bool) -> None:
+        counts = self._current_counts()
+        bad = sum(counts.values())
+        seen = bad + sum(int(m.get("good", 0)) for m in self._workers_state.values())
+        if (final or seen >= MIN_SEEN_FOR_ABORT) and bad > self.cfg.max_bad_fraction * seen:
+            raise DataError(_bad_message(bad, seen, counts, self.cfg.max_bad_fraction))
+
+    # ---- iteration ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan = self.plan(self._epoch)
+        if self._batches_done >= plan.batches:
+            return
+        W = self.n_workers
+        ds = _Stream(self)
+        ds.epoch = self._epoch
+        ds.resume = {}
+        for w in range(W):
+            produced = len(range(w, self._batches_done, W))
+            m = self._workers_state.get(w)
+            if produced:
+                if m is None or int(m.get("produced", -1)) != produced:
+                    raise DataError("loader state is inconsistent with its batch count; cannot resume exactly")
+                ds.resume[w] = {"pos": m["pos"], "produced": produced, "good": m.get("good", 0),
+                                "counts": m.get("counts", {})}
+        dl = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.workers,
+                        persistent_workers=False, prefetch_factor=4 if self.cfg.workers > 0 else None)
+        try:
+            for images, texts, meta in dl:
+                self._workers_state[int(meta["worker"])] = meta
+                self._batches_done += 1
+                self._check_bad(final=self._batches_done >= plan.batches)
+                yield images, texts
+        except DataError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            last = lines[-1] if lines else "data error"
+            raise DataError(last.split("DataError: ", 1)[-1]) from None
+
+    # ---- exact resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "batches_done": self._batches_done,
+            "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+            "workers": self.n_workers, "batch_size": self.cfg.batch_size,
+            "resampled": bool(self.cfg.dataset_resampled),
+            "worker_state": [
+                [int(w), int(m["pos"]), int(m["produced"]), int(m.get("good", 0)),
+                 {str(k): int(v) for k, v in m.get("counts", {}).items()}]
+                for w, m in sorted(self._workers_state.items())],
+            "prev_counts": {str(k): int(v) for k, v in self._prev_counts.items()},
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        if int(d.get("version", -1)) != STATE_VERSION:
+            raise DataError(f"loader state version {d.get('version')} is not {STATE_VERSION}")
+        for key, mine in (("seed", self.seed), ("world_size", self.world_size), ("workers", self.n_workers),
+                          ("batch_size", self.cfg.batch_size), ("resampled", bool(self.cfg.dataset_resampled)),
+                          ("rank", self.rank)):
+            if d.get(key) != mine:
+                raise DataError(f"cannot resume the data loader exactly: saved with {key}={d.get(key)}, now {mine}")
+        self._epoch = int(d["epoch"])
+        self._batches_done = int(d["batches_done"])
+        self._workers_state = {
+            int(w): {"worker": int(w), "pos": int(pos), "produced": int(prod), "good": int(good),
+                     "counts": dict(counts)}
+            for w, pos, prod, good, counts in d.get("worker_state", [])}
+        self._prev_counts = Counter({k: int(v) for k, v in d.get("prev_counts", {}).items()})
+
+
+def build_train_loader(cfg: DataConfig, preprocess: Any, tokenizer: Callable, *, rank: int = 0,
+                       world_size: int = 1, seed: int = 0) -> TrainLoader:
+    """The training loader of the contract (docs/contracts.md)."""
+    return TrainLoader(cfg, preprocess, tokenizer, rank=rank, world_size=world_size, seed=seed)
