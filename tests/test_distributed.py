@@ -69,6 +69,19 @@ def run_case(cfg: LossConfig, rank: int, world: int) -> dict:
             "values": {k: v.detach() for k, v in out.items()}, "features": (image.detach(), text.detach())}
 
 
+def _open_clip_losses():
+    """open_clip/loss.py loaded on its own (it needs only torch): importing the open_clip package
+    costs each spawned worker several seconds."""
+    import importlib.util
+
+    pkg = importlib.util.find_spec("open_clip")
+    path = os.path.join(pkg.submodule_search_locations[0], "loss.py")
+    spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.ClipLoss, mod.SigLipLoss
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -84,7 +97,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         r["values_mean"] = {k: distributed.reduce_mean(v) for k, v in r["values"].items()}
         results[name] = r
     # open_clip's own losses on the same shards, for the per-rank values
-    from open_clip.loss import ClipLoss, SigLipLoss
+    ClipLoss, SigLipLoss = _open_clip_losses()
 
     image, text = results["clip_gwg"]["features"]
     s = torch.tensor(2.3, dtype=torch.float64).exp()

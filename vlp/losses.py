@@ -245,6 +245,8 @@ def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1
     def loss_fn(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: Optional[torch.Tensor] = None) -> LossOutput:
         if distributed_:
+            if not distributed.is_initialized():
+                raise RuntimeError(f"build_loss(world_size={world_size}) needs an initialised torch.distributed group")
             if not with_grad:
                 # Only the local slot carries gradient: restore the factor W the gathered-with-grad
                 # path gets from summing every rank's (identical) loss. See module docstring.
