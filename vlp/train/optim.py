@@ -4,9 +4,9 @@ Weight decay is *not* applied to (`no_decay_reason` gives the rule that fired):
   * every parameter with fewer than 2 dimensions (biases, norm gains, class embedding, logit scale/bias),
   * anything named `*bias`, `logit_scale`, `logit_bias`,
   * parameters of normalisation layers (LayerNorm/GroupNorm/BatchNorm/RMSNorm...), whatever their shape,
-  * embeddings: `nn.Embedding` weights (the text token embedding) and parameters whose name says they
-    are a positional/class/token embedding (`positional_embedding`, `class_embedding`, `pos_embed`,
-    `cls_token`, `cls_emb`, `reg_token`, `*embeddings.*` as in Hugging Face towers).
+  * embeddings: `nn.Embedding` weights (the text token embedding; Hugging Face word/position
+    embeddings) and parameters named as a positional/class/token embedding (`positional_embedding`,
+    `class_embedding`, `token_embedding`, timm's `pos_embed`, `cls_token`, `reg_token`, ...).
 open_clip_train excludes `ndim < 2 or "bn"/"ln" in name or "bias" in name or "logit_scale" in name`;
 on open_clip models everything it excludes is excluded here too (its "bn"/"ln" substring rule only
 ever hits 1-D tensors there). Going beyond it: the token embedding and the 2-D positional embeddings,
@@ -44,7 +44,7 @@ _NORM_TYPES: tuple[type, ...] = (
 
 _EMBEDDING_NAME = re.compile(
     r"(^|\.)(positional_embedding|class_embedding|token_embedding|pos_embed|cls_token|cls_emb|reg_token|"
-    r"dist_token|mask_token)(\.|$)|(^|\.)\w*embeddings\.")
+    r"dist_token|mask_token)(\.|$)")
 
 
 def no_decay_reason(name: str, param: torch.Tensor, module: Optional[torch.nn.Module] = None) -> Optional[str]:
