@@ -1,0 +1,176 @@
+"""Evaluation benchmark: vlp vs CLIP_benchmark on zero-shot classification, and retrieval memory at scale.
+
+    .venv/bin/python benchmarks/eval.py                       # defaults below, ~2-4 min on 2 CPU cores
+    .venv/bin/python benchmarks/eval.py --classes 200 --images 200 --captions 20000   # quick look
+
+1. Zero-shot classification, same model (random-weight `vlp-tiny` unless --checkpoint) and the same
+   webdataset eval set (written here in CLIP_benchmark's layout: ImageNet class names, --templates OpenAI
+   templates, demo-world images), same batch size, fp32 (CLIP_benchmark's CPU default autocasts to bf16), one
+   process, 0 workers. Timed: classifier build + scoring of every image, for each side, after one warm-up
+   forward. CLIP_benchmark's side is its own `zero_shot_classifier` + `run_classification` on its own wds
+   loader (`build_dataset("wds/..")`); its `accuracy()` breaks under NumPy 2.x, so top-1 is computed from its
+   logits with `.item()`. Prints both times, the ratio (target >= 3x), and whether acc1 agrees.
+2. Retrieval at --captions captions (5 per image), random unit embeddings of --dim: peak resident memory
+   added by vlp's chunked retrieval metrics (target < 2 GB), against the N x N float32 score matrix that
+   CLIP_benchmark materialises (plus its boolean positive matrix), which is reported, not run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def make_wds_set(root: Path, n_images: int, n_classes: int, n_templates: int, image_size: int) -> None:
+    import webdataset as wds
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    from vlp.data import demo_world as W
+
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    (root / "classnames.txt").write_text("\n".join(IMAGENET_CLASSNAMES[:n_classes]) + "\n")
+    temps = [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES[:n_templates]]
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(temps) + "\n")
+    (root / "dataset_type.txt").write_text("zeroshot_classification\n")
+    rng = random.Random(0)
+    with wds.ShardWriter(str(root / "test" / "%d.tar"), maxcount=max(1, n_images // 2), verbose=0) as sink:
+        for i in range(n_images):
+            img = W.render(W.random_scene(rng), image_size, rng)
+            sink.write({"__key__": f"s{i:07d}", "webp": _webp(img), "cls": str(i % n_classes)})
+    (root / "test" / "nshards.txt").write_text(f"{len(list((root / 'test').glob('*.tar')))}\n")
+
+
+def _webp(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="webp", lossless=True)
+    return buf.getvalue()
+
+
+def time_vlp(bundle, root: Path, batch_size: int) -> tuple[float, dict]:
+    from vlp.eval import evaluate
+    from vlp.eval.encode import clear_cache
+
+    clear_cache()
+    t0 = time.perf_counter()
+    res = evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_val, [str(root)], batch_size=batch_size,
+                   amp=False, geometry=False, cache_images=False)
+    return time.perf_counter() - t0, res[0]["metrics"]
+
+
+def time_clip_benchmark(bundle, root: Path, batch_size: int) -> tuple[float, dict]:
+    from clip_benchmark.datasets.builder import build_dataset
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    t0 = time.perf_counter()
+    ds = build_dataset("wds/" + root.name, root=str(root), transform=bundle.preprocess_val, split="test",
+                       task="zeroshot_classification")
+    loader = torch.utils.data.DataLoader(ds.batched(batch_size), batch_size=None, shuffle=False, num_workers=0)
+    clf = zc.zero_shot_classifier(bundle.model, bundle.tokenizer, ds.classes, ds.templates, "cpu", amp=False)
+    logits, target = zc.run_classification(bundle.model, clf, loader, "cpu", amp=False)
+    seconds = time.perf_counter() - t0
+    pred = logits.topk(min(5, logits.shape[1]), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    acc1 = correct[:1].reshape(-1).float().sum().item() / len(target)
+    acc5 = correct[:5].reshape(-1).float().sum().item() / len(target)
+    return seconds, {"acc1": acc1, "acc5": acc5}
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def retrieval_memory(n_captions: int, per_image: int, dim: int) -> dict:
+    from vlp.eval.retrieval import retrieval_metrics
+
+    n_images = n_captions // per_image
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(img.repeat_interleave(per_image, 0) + 0.9 * torch.randn(n_captions, dim, generator=g), dim=-1)
+    t2i = torch.arange(n_images).repeat_interleave(per_image)
+    gc.collect()
+    base = _rss_kb("VmRSS")
+    try:  # reset the peak-RSS counter so VmHWM measures this step only (Linux)
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    t0 = time.perf_counter()
+    m = retrieval_metrics(img, txt, t2i)
+    seconds = time.perf_counter() - t0
+    peak = _rss_kb("VmHWM")
+    cb_bytes = n_captions * n_images * (4 + 1)   # float32 scores + bool positives, before its top-k one-hots
+    return {"captions": n_captions, "images": n_images, "dim": dim, "seconds": round(seconds, 2),
+            "peak_rss_added_mb": round((peak - base) / 1024, 1) if reset else None,
+            "peak_rss_mb": round(peak / 1024, 1), "embeddings_mb": round((img.numel() + txt.numel()) * 4 / 2**20, 1),
+            "clip_benchmark_score_matrix_mb": round(cb_bytes / 2**20, 1),
+            "R@1 t2i": round(m["image_retrieval_recall@1"], 4), "R@1 i2t": round(m["text_retrieval_recall@1"], 4)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="configs/models/vlp-tiny.json")
+    p.add_argument("--checkpoint", default=None, help="vlp checkpoint (default: random weights)")
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--templates", type=int, default=4)
+    p.add_argument("--images", type=int, default=500)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--captions", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--skip-classification", action="store_true")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    out: dict = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+
+    if not a.skip_classification:
+        from vlp.models import create_model, load_checkpoint
+
+        bundle = load_checkpoint(a.checkpoint) if a.checkpoint else create_model(a.model)
+        bundle.model.eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "bench_cls"
+            make_wds_set(root, a.images, a.classes, a.templates, a.image_size)
+            with torch.no_grad():  # warm-up: first-call allocations should not count against either side
+                bundle.model.encode_text(bundle.tokenizer(["warm up"] * 8))
+            t_cb, m_cb = time_clip_benchmark(bundle, root, a.batch_size)
+            t_vlp, m_vlp = time_vlp(bundle, root, a.batch_size)
+        out["classification"] = {
+            "model": a.checkpoint or a.model, "classes": a.classes, "templates": a.templates, "images": a.images,
+            "prompts": a.classes * a.templates, "clip_benchmark_s": round(t_cb, 2), "vlp_s": round(t_vlp, 2),
+            "speedup": round(t_cb / t_vlp, 2), "acc1_vlp": m_vlp["acc1"], "acc1_clip_benchmark": m_cb["acc1"],
+            "acc5_vlp": m_vlp["acc5"], "acc5_clip_benchmark": m_cb["acc5"],
+            "same_acc": m_vlp["acc1"] == m_cb["acc1"] and m_vlp["acc5"] == m_cb["acc5"]}
+        c = out["classification"]
+        print(f"zero-shot classification ({c['classes']} classes x {c['templates']} templates, {c['images']} images): "
+              f"CLIP_benchmark {c['clip_benchmark_s']:.2f} s, vlp {c['vlp_s']:.2f} s, speed-up {c['speedup']:.2f}x "
+              f"(target >= 3x); acc1 {c['acc1_vlp']:.4f} vs {c['acc1_clip_benchmark']:.4f}, same: {c['same_acc']}")
+
+    r = retrieval_memory(a.captions, 5, a.dim)
+    out["retrieval"] = r
+    print(f"retrieval ({r['captions']} captions x {r['images']} images, d={r['dim']}): peak memory added "
+          f"{r['peak_rss_added_mb']} MB (target < 2048 MB; embeddings {r['embeddings_mb']} MB), {r['seconds']} s; "
+          f"CLIP_benchmark's score+positive matrices alone: {r['clip_benchmark_score_matrix_mb']} MB")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""`evaluate`: the one code path behind `eval_zeroshot.py`, the trainer's in-loop evaluation and the benchmark."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from vlp.eval import geometry as G
+from vlp.eval import retrieval as R
+from vlp.eval import zeroshot as Z
+from vlp.eval.datasets import CLASSIFICATION, RETRIEVAL, EvalError, EvalSet, open_eval_set
+from vlp.eval.encode import encode_images, encode_texts
+from vlp.eval.report import make_result
+
+
+def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequence[Union[str, EvalSet]], *,
+             device="cpu", batch_size: int = 256, model_name: str = "", pretrained: str = "",
+             amp: Optional[bool] = None, num_workers: int = 0, recall_k: Sequence[int] = (1, 5, 10),
+             geometry: bool = True, per_class: bool = False, classnames: Optional[str] = None,
+             templates: Optional[str] = None, progress: bool = False, step: Optional[int] = None,
+             cache_images: bool = True) -> list[dict]:
+    """Score `model` on every eval set; one CLIP_benchmark-schema dict per (dataset, task).
+
+    `eval_data` entries are spec strings (see `vlp.eval.datasets`: a wds root, an image folder, a CSV/JSONL,
+    each optionally `?name=..&classnames=..&templates=..&task=..`) or opened `EvalSet`s. `metrics` holds
+    CLIP_benchmark's names plus `geometry/*` and the retrieval ranks. The model is put in eval mode for the
+    call and its mode restored. `amp=None` means autocast on CUDA and fp32 elsewhere. Raises `EvalError`
+    (one line) on bad input.
+    """
+    sets = [s if isinstance(s, EvalSet) else open_eval_set(s, classnames, templates) for s in eval_data]
+    was_training = model.training
+    model.eval()
+    if amp is None:
+        amp = torch.device(device).type == "cuda"
+    kw = dict(device=device, batch_size=batch_size, amp=amp, progress=progress)
+    cache = {"cache": cache_images}
+    results = []
+    try:
+        for es in sets:
+            t0 = time.perf_counter()
+            if es.task == CLASSIFICATION:
+                metrics, extra = _classification(model, tokenizer, preprocess, es, num_workers, geometry, per_class,
+                                                 {**kw, **cache})
+            elif es.task == RETRIEVAL:
+                metrics, extra = _retrieval(model, tokenizer, preprocess, es, num_workers, geometry, recall_k, {**kw, **cache})
+            else:  # pragma: no cover - open_eval_set validates the task
+                raise EvalError(f"{es.name}: unsupported task {es.task}")
+            extra["seconds"] = round(time.perf_counter() - t0, 3)
+            if step is not None:
+                extra["step"] = int(step)
+            per = extra.pop("per_class", None)
+            results.append(make_result(es.name, es.task, metrics, model=model_name, pretrained=pretrained,
+                                       vlp=extra, per_class=per))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _images(model, preprocess, es: EvalSet, num_workers: int, kw: dict) -> torch.Tensor:
+    kw = dict(kw)
+    key = es.fingerprint() if kw.pop("cache") else None
+    return encode_images(model, preprocess, es.samples(), num_workers=num_workers, cache_key=key,
+                         desc=f"{es.name} images", **kw)
+
+
+def _text(kw: dict) -> dict:
+    return {k: v for k, v in kw.items() if k != "cache"}
+
+
+def _classification(model, tokenizer, preprocess, es: EvalSet, num_workers, geometry, per_class, kw):
+    samples = es.samples()
+    target = torch.tensor([int(s.target) for s in samples], dtype=torch.long)
+    classifier = Z.build_classifier(model, tokenizer, es.classnames, es.templates, **_text(kw))
+    img = _images(model, preprocess, es, num_workers, kw)
+    logits = Z.logits(img, classifier)
+    metrics = Z.classification_metrics(logits, target, len(es.classnames))
+    if geometry:
+        metrics.update(G.geometry_metrics(img, classifier[target], img, classifier))
+    extra = {"n_images": len(samples), "n_classes": len(es.classnames),
+             "n_prompts": sum(len(es.templates[c]) for c in es.classnames) if isinstance(es.templates, dict)
+             else len(es.templates) * len(es.classnames)}
+    if per_class:
+        extra["per_class"] = Z.per_class_report(logits, target, es.classnames)
+    return metrics, extra
+
+
+def _retrieval(model, tokenizer, preprocess, es: EvalSet, num_workers, geometry, recall_k, kw):
+    samples = es.samples()
+    texts = [c for s in samples for c in s.target]
+    if not texts:
+        raise EvalError(f"{es.name}: no captions in the retrieval set")
+    t2i = torch.tensor([i for i, s in enumerate(samples) for _ in s.target], dtype=torch.long)
+    img = _images(model, preprocess, es, num_workers, kw)
+    txt = encode_texts(model, tokenizer, texts, desc=f"{es.name} captions", **_text(kw))
+    metrics = R.retrieval_metrics(img, txt, t2i, recall_k=recall_k, device=kw["device"])
+    if geometry:
+        metrics.update(G.geometry_metrics(img[t2i], txt, img, txt))
+    return metrics, {"n_images": len(samples), "n_texts": len(texts)}

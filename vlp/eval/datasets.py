@@ -1,0 +1,427 @@
+"""Evaluation sets: CLIP_benchmark's webdataset layout, ImageNet-style image folders, caption files.
+
+An eval set is named by a *spec* string: a path, optionally followed by `?key=value&key=value`:
+
+    /data/wds_imagenet1k                       CLIP_benchmark wds root (task from dataset_type.txt)
+    /data/imagenet/val?classnames=imagenet     image folder (one sub-folder per class, sorted)
+    /data/coco_val.csv?name=coco&root=/data/coco  image path + caption(s) per row -> retrieval
+
+Keys: `name` (the `dataset` field of the result; default `wds/<folder>` for a wds root, the folder name
+for an image folder, the file stem for a caption file), `task` (`zeroshot_classification` or
+`zeroshot_retrieval`; default from the layout), `split` (wds split, default `test`), `classnames`
+(a file: one name per line or a JSON list / {dataset: list}; `imagenet` for open_clip's 1000 names;
+`folders` to use the sub-folder names), `templates` (a file: one template with `{c}` per line, or JSON list /
+{classname: [prompts]} / {dataset: ...}; `openai` (80) or `simple` for open_clip's ImageNet sets),
+`root` (folder that relative image paths of a caption file are resolved against; default its folder).
+
+Images are decoded and preprocessed in `iter_batches`; each sample carries its index, so several
+workers may decode in parallel while the order of results stays that of the set.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+from urllib.parse import parse_qsl
+
+import torch
+
+IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
+FOLDER_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
+CLASSIFICATION = "zeroshot_classification"
+RETRIEVAL = "zeroshot_retrieval"
+TASKS = (CLASSIFICATION, RETRIEVAL)
+SPEC_KEYS = {"name", "task", "split", "classnames", "templates", "root"}
+CAPTION_FILE_EXTS = {".csv", ".tsv", ".jsonl", ".json"}
+
+Template = Union[str, Callable[[str], str]]
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (missing class names, empty set, undecodable image...); the message is one line."""
+
+
+@dataclass
+class Sample:
+    """One image to score: where its bytes come from, and its class index or its captions."""
+
+    key: str
+    target: Union[int, list[str]]
+    data: Optional[bytes] = None     # raw bytes (wds) ...
+    path: Optional[str] = None       # ... or a file (image folder, caption file)
+    where: str = ""                  # shard or file, for error messages
+
+
+@dataclass
+class EvalSet:
+    spec: str
+    name: str
+    task: str
+    kind: str                        # "wds", "folder", "captions"
+    root: Path
+    classnames: Optional[list[str]] = None
+    templates: Optional[Union[list[Template], dict[str, list[str]]]] = None
+    options: dict[str, str] = field(default_factory=dict)
+    _samples: Optional[list[Sample]] = field(default=None, repr=False)
+
+    def samples(self) -> list[Sample]:
+        """All samples (image bytes of a wds set are read into memory once; folders keep paths)."""
+        if self._samples is None:
+            if self.kind == "wds":
+                items = list(_read_wds(self))
+            elif self.kind == "folder":
+                items = _read_folder(self)
+            else:
+                items = _read_caption_file(self)
+            if not items:
+                raise EvalError(f"{self.name}: the eval set is empty ({self.root})")
+            if self.task == CLASSIFICATION:
+                n_cls = len(self.classnames or [])
+                bad = next((s for s in items if not 0 <= int(s.target) < n_cls), None)
+                if bad is not None:
+                    raise EvalError(f"{self.name}: sample {bad.key} has class {bad.target} but there are "
+                                    f"{n_cls} class names")
+            self._samples = items
+        return self._samples
+
+    def fingerprint(self) -> tuple:
+        """Identifies the set's content on disk (for caching decoded images)."""
+        files = [self.root] if self.root.is_file() else sorted(self.root.rglob("*"))[:10000]
+        return (self.spec, tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.is_file()))
+
+
+# ---------------------------------------------------------------------------------------------- spec
+
+def parse_spec(spec: str) -> tuple[Path, dict[str, str]]:
+    path, sep, query = spec.partition("?")
+    opts = dict(parse_qsl(query, keep_blank_values=True)) if sep else {}
+    unknown = set(opts) - SPEC_KEYS
+    if unknown:
+        raise EvalError(f"{spec}: unknown option(s) {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
+    if "task" in opts and opts["task"] not in TASKS:
+        raise EvalError(f"{spec}: task must be one of {TASKS}")
+    return Path(path).expanduser(), opts
+
+
+def open_eval_set(spec: str, classnames: Optional[str] = None, templates: Optional[str] = None) -> EvalSet:
+    """Resolve a spec to an eval set and read its metadata (class names, templates); samples load lazily.
+
+    `classnames`/`templates` are defaults for sets whose spec does not name its own (CLI `--classnames`)."""
+    path, opts = parse_spec(spec)
+    if classnames and "classnames" not in opts:
+        opts["classnames"] = classnames
+    if templates and "templates" not in opts:
+        opts["templates"] = templates
+    if not path.exists():
+        raise EvalError(f"eval data not found: {path}")
+    if path.is_file():
+        if path.suffix.lower() not in CAPTION_FILE_EXTS:
+            raise EvalError(f"{path}: a caption file must be .csv, .tsv, .jsonl or .json")
+        es = EvalSet(spec, opts.get("name", path.stem), opts.get("task", RETRIEVAL), "captions", path, options=opts)
+        if es.task != RETRIEVAL:
+            raise EvalError(f"{spec}: a caption file can only be used for retrieval")
+        return es
+    split = opts.get("split", "test")
+    if (path / split / "nshards.txt").is_file() or (path / "dataset_type.txt").is_file():
+        return _open_wds(spec, path, opts, split)
+    return _open_folder(spec, path, opts)
+
+
+def _open_wds(spec: str, root: Path, opts: dict, split: str) -> EvalSet:
+    if not (root / split / "nshards.txt").is_file():
+        raise EvalError(f"{root}: not a CLIP_benchmark webdataset root (missing {split}/nshards.txt)")
+    dtype = "classification"
+    if (root / "dataset_type.txt").is_file():
+        dtype = (root / "dataset_type.txt").read_text().strip().lower()
+    if dtype == "multilabel":
+        raise EvalError(f"{root}: multi-label classification sets are not supported")
+    task = opts.get("task", RETRIEVAL if dtype == "retrieval" else CLASSIFICATION)
+    es = EvalSet(spec, opts.get("name", "wds/" + root.name), task, "wds", root, options=opts)
+    if task == CLASSIFICATION:
+        es.classnames = _classnames(es, root / "classnames.txt")
+        es.templates = _templates(es, root / "zeroshot_classification_templates.txt")
+    return es
+
+
+def _open_folder(spec: str, root: Path, opts: dict) -> EvalSet:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise EvalError(f"{root}: neither a CLIP_benchmark wds root nor an image folder with class sub-folders")
+    if opts.get("task", CLASSIFICATION) != CLASSIFICATION:
+        raise EvalError(f"{spec}: an image folder can only be used for classification")
+    es = EvalSet(spec, opts.get("name", root.name), CLASSIFICATION, "folder", root, options=opts)
+    es.options["_folders"] = json.dumps(classes)
+    if "classnames" not in opts and not (root / "classnames.txt").is_file() and len(classes) == 1000:
+        opts["classnames"] = "imagenet"
+    es.classnames = _classnames(es, root / "classnames.txt", folders=classes)
+    if len(es.classnames) != len(classes):
+        raise EvalError(f"{es.name}: {len(es.classnames)} class names for {len(classes)} class folders")
+    default_t = "openai"
+    es.templates = _templates(es, root / "zeroshot_classification_templates.txt", default=default_t)
+    return es
+
+
+# ------------------------------------------------------------------------------- class names, templates
+
+def _classnames(es: EvalSet, default_file: Path, folders: Optional[list[str]] = None) -> list[str]:
+    src = es.options.get("classnames")
+    if src == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return list(IMAGENET_CLASSNAMES)
+    if src == "folders":
+        if folders is None:
+            raise EvalError(f"{es.name}: classnames=folders only applies to image folders")
+        return list(folders)
+    path = Path(src) if src else default_file
+    if not path.is_file():
+        hint = "give classnames=FILE, classnames=imagenet or classnames=folders" if folders is not None \
+            else f"expected {default_file}"
+        raise EvalError(f"{es.name}: no class names ({hint})")
+    names = _read_list(path, es.name)
+    if not names:
+        raise EvalError(f"{es.name}: class name file {path} is empty")
+    return [str(n).strip() for n in names]
+
+
+def _templates(es: EvalSet, default_file: Path, default: Optional[str] = None):
+    src = es.options.get("templates")
+    if src is None and not default_file.is_file():
+        src = default
+    if src in ("openai", "simple"):
+        from open_clip import zero_shot_metadata as zm
+
+        return list(zm.OPENAI_IMAGENET_TEMPLATES if src == "openai" else zm.SIMPLE_IMAGENET_TEMPLATES)
+    path = Path(src) if src else default_file
+    if not path.is_file():
+        raise EvalError(f"{es.name}: no zero-shot templates (expected {path}; or give templates=openai)")
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and es.classnames and set(es.classnames) <= set(data):
+            return {c: list(data[c]) for c in es.classnames}        # class-specific prompts (CuPL)
+        if isinstance(data, dict):
+            for key in (es.name, es.name.removeprefix("wds/")):
+                if key in data:
+                    data = data[key]
+                    break
+            else:
+                raise EvalError(f"{es.name}: template file {path} has no entry for this dataset")
+        if isinstance(data, dict):
+            return {c: list(data[c]) for c in es.classnames or []}
+        templates = list(data)
+    else:
+        templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not templates:
+        raise EvalError(f"{es.name}: template file {path} is empty")
+    return templates
+
+
+def _read_list(path: Path, name: str) -> list:
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}: not valid JSON ({e.msg})") from None
+        if isinstance(data, dict):
+            for key in (name, name.removeprefix("wds/")):
+                if key in data:
+                    return list(data[key])
+            raise EvalError(f"{path}: no entry for dataset '{name}'")
+        return list(data)
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def fill_templates(classnames: list[str], templates) -> tuple[list[str], list[int]]:
+    """All prompts, class by class, and how many each class has (same order as CLIP_benchmark)."""
+    prompts: list[str] = []
+    counts: list[int] = []
+    for c in classnames:
+        if isinstance(templates, dict):
+            texts = list(templates[c])
+        else:
+            texts = [t(c) if callable(t) else t.format(c=c) for t in templates]
+        if not texts:
+            raise EvalError(f"no prompts for class '{c}'")
+        prompts.extend(texts)
+        counts.append(len(texts))
+    return prompts, counts
+
+
+# ------------------------------------------------------------------------------------------ readers
+
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")   # webdataset's key/extension split
+
+
+def _read_wds(es: EvalSet) -> Iterator[Sample]:
+    split = es.options.get("split", "test")
+    sdir = es.root / split
+    try:
+        n = int((sdir / "nshards.txt").read_text().strip())
+    except ValueError:
+        raise EvalError(f"{sdir / 'nshards.txt'}: not a number") from None
+    for i in range(n):
+        shard = sdir / f"{i}.tar"
+        if not shard.is_file():
+            raise EvalError(f"{es.name}: shard missing: {shard}")
+        try:
+            yield from _read_shard(es, shard)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise EvalError(f"{es.name}: cannot read shard {shard}: {e}") from None
+
+
+def _read_shard(es: EvalSet, shard: Path) -> Iterator[Sample]:
+    cur_key, cur = None, {}
+    with tarfile.open(shard, "r|*") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            match = _KEY_RE.match(m.name)
+            if not match or os.path.basename(m.name).startswith("__"):
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            if key != cur_key:
+                if cur:
+                    yield _wds_sample(es, cur_key, cur, shard)
+                cur_key, cur = key, {}
+            cur[ext] = tf.extractfile(m).read()
+    if cur:
+        yield _wds_sample(es, cur_key, cur, shard)
+
+
+def _wds_sample(es: EvalSet, key: str, rec: dict, shard: Path) -> Sample:
+    img = next((rec[e] for e in IMAGE_EXTS if e in rec), None)
+    if img is None:
+        raise EvalError(f"{es.name}: sample {key} in {shard} has no image ({'/'.join(IMAGE_EXTS)})")
+    if es.task == RETRIEVAL:
+        if "txt" not in rec:
+            raise EvalError(f"{es.name}: sample {key} in {shard} has no .txt captions")
+        return Sample(key, rec["txt"].decode("utf-8").splitlines(), data=img, where=str(shard))
+    if "cls" not in rec:
+        raise EvalError(f"{es.name}: sample {key} in {shard} has no .cls label")
+    try:
+        label = int(rec["cls"].decode().strip())
+    except ValueError:
+        raise EvalError(f"{es.name}: sample {key} in {shard} has a non-integer .cls") from None
+    return Sample(key, label, data=img, where=str(shard))
+
+
+def _read_folder(es: EvalSet) -> list[Sample]:
+    classes = json.loads(es.options["_folders"])
+    out = []
+    for ci, c in enumerate(classes):
+        for p in sorted((es.root / c).rglob("*")):
+            if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_EXTS:
+                out.append(Sample(str(p.relative_to(es.root)), ci, path=str(p), where=str(p)))
+    return out
+
+
+_IMAGE_COLS = ("image", "filepath", "image_path", "path", "file", "filename", "img")
+_CAPTION_COLS = ("caption", "captions", "text", "title", "txt", "sentence", "sentences")
+
+
+def _read_caption_file(es: EvalSet) -> list[Sample]:
+    path = es.root
+    base = Path(es.options.get("root", path.parent))
+    groups: dict[str, list[str]] = {}
+    if path.suffix.lower() in (".jsonl", ".json"):
+        text = path.read_text()
+        try:
+            rows = json.loads(text) if path.suffix.lower() == ".json" else \
+                [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise EvalError(f"{path}: entry {i + 1} is not an object")
+            img = next((row[k] for k in _IMAGE_COLS if k in row), None)
+            caps = next((row[k] for k in _CAPTION_COLS if k in row), None)
+            if img is None or caps is None:
+                raise EvalError(f"{path}: entry {i + 1} needs an image key ({_IMAGE_COLS[0]}) and a caption key "
+                                f"({_CAPTION_COLS[0]}/{_CAPTION_COLS[1]})")
+            caps = [caps] if isinstance(caps, str) else [str(c) for c in caps]
+            groups.setdefault(str(img), []).extend(caps)
+    else:
+        delim = "\t" if path.suffix.lower() == ".tsv" else ","
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh, delimiter=delim))
+        if not rows:
+            raise EvalError(f"{path}: the caption file is empty")
+        header = [h.strip().lower() for h in rows[0]]
+        icol = next((header.index(k) for k in _IMAGE_COLS if k in header), None)
+        ccols = [i for i, h in enumerate(header) if h in _CAPTION_COLS or re.fullmatch(r"caption_?\d+", h)]
+        if icol is None or not ccols:
+            icol, ccols = 0, list(range(1, len(rows[0])))   # no header: image, caption[, caption ...]
+        else:
+            rows = rows[1:]
+        for i, row in enumerate(rows):
+            if len(row) <= max(icol, *ccols) and len(row) < 2:
+                raise EvalError(f"{path}: row {i + 1} needs an image path and a caption")
+            caps = [line for c in ccols if c < len(row) for line in row[c].splitlines() if line.strip()]
+            groups.setdefault(row[icol], []).extend(caps)
+    out = []
+    for img, caps in groups.items():
+        p = Path(img) if os.path.isabs(img) else base / img
+        out.append(Sample(img, caps, path=str(p), where=str(p)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+def decode_image(sample: Sample):
+    from PIL import Image
+
+    try:
+        if sample.data is not None:
+            img = Image.open(io.BytesIO(sample.data))
+        else:
+            img = Image.open(sample.path)
+        img.load()
+        return img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise EvalError(f"cannot decode image {sample.key} ({sample.where}): {first}") from None
+
+
+class _Decoded(torch.utils.data.IterableDataset):
+    """Decode + preprocess; worker w takes samples w, w+W, ... and tags each with its index."""
+
+    def __init__(self, samples: list[Sample], preprocess: Callable):
+        self.samples, self.preprocess = samples, preprocess
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(wid, len(self.samples), nw):
+            try:
+                x = self.preprocess(decode_image(self.samples[i]))
+            except EvalError as e:
+                yield i, None, str(e)        # raised in the main process, so the message stays one line
+                return
+            yield i, x, None
+
+
+def _collate(batch):
+    return batch
+
+
+def iter_batches(samples: list[Sample], preprocess: Callable, batch_size: int, num_workers: int = 0
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(indices [B], images [B,3,H,W]) batches; with workers the order of batches may interleave."""
+    ds = _Decoded(samples, preprocess)
+    if num_workers > 0:
+        per_worker = (len(samples) + num_workers - 1) // num_workers
+        num_workers = max(1, min(num_workers, per_worker // 8 or 1))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                                         persistent_workers=False)
+    for batch in loader:
+        for _, x, err in batch:
+            if err is not None:
+                raise EvalError(err)
+        idx = torch.tensor([b[0] for b in batch], dtype=torch.long)
+        yield idx, torch.stack([b[1] for b in batch])

@@ -1,0 +1,152 @@
+"""Results in CLIP_benchmark's JSON schema, written all-or-nothing; a summary table; metric-vs-step plots.
+
+A result is `{"dataset", "model", "pretrained", "task", "metrics", "language"}` exactly as CLIP_benchmark's
+CLI dumps it (so `clip_benchmark build` reads vlp's files); vlp adds `"vlp"` (step, checkpoint, sizes,
+seconds) and, on request, `"per_class"`. Metric names are CLIP_benchmark's; vlp's extra figures are the
+`*_mean_rank` / `*_median_rank` retrieval keys and the `geometry/*` keys.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+MAIN_METRICS = {
+    "zeroshot_classification": ["acc1", "acc5", "mean_per_class_recall"],
+    "zeroshot_retrieval": ["image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
+                           "text_retrieval_recall@5"],
+}
+SHORT = {"image_retrieval_recall@1": "t2i@1", "image_retrieval_recall@5": "t2i@5",
+         "text_retrieval_recall@1": "i2t@1", "text_retrieval_recall@5": "i2t@5",
+         "mean_per_class_recall": "mpcr", "geometry/modality_gap": "gap", "geometry/mean_paired_cosine": "pair_cos"}
+
+
+def make_result(dataset: str, task: str, metrics: dict, *, model: str = "", pretrained: str = "",
+                language: str = "en", **extra) -> dict:
+    out = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
+           "language": language}
+    out.update({k: v for k, v in extra.items() if v is not None})
+    return out
+
+
+def _slug(s: str) -> str:
+    return str(s).replace("/", "_").replace(os.sep, "_") or "none"
+
+
+def result_filename(r: dict) -> str:
+    """CLIP_benchmark's default `{dataset}_{pretrained}_{model}_{language}_{task}.json`; the pretrained slug
+    is the checkpoint's file name (a run folder's checkpoints differ by their step)."""
+    pre = r.get("pretrained") or "none"
+    pre = os.path.basename(pre) if os.path.sep in pre or os.path.isfile(pre) else pre
+    return f"{_slug(r['dataset'])}_{_slug(pre)}_{_slug(Path(r['model']).stem if r['model'].endswith('.json') else r['model'])}" \
+           f"_{r['language']}_{r['task']}.json"
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def write_results(results: list[dict], out_dir: str | os.PathLike, plot: bool = False) -> list[Path]:
+    """Write every result (and the plot) to a temporary folder first, then move them in: an error before the
+    end leaves nothing behind, and no file is ever half-written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".vlp-eval-", dir=out))
+    written: list[Path] = []
+    try:
+        names = {}
+        for r in results:
+            name = result_filename(r)
+            if name in names:
+                raise ValueError(f"two results would be written to {name}")
+            names[name] = r
+            # NaN (acc5 with < 5 classes) is written as CLIP_benchmark's json.dump writes it
+            (tmp / name).write_text(json.dumps(r, default=_json_default))
+        if plot:
+            plot_metrics_vs_step(results, tmp / "metrics_vs_step.png")
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+            written.append(out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def summary_table(results: Iterable[dict]) -> str:
+    """A plain-text table: one row per result, the main metrics of its task plus the modality gap."""
+    results = list(results)
+    if not results:
+        return "(no results)"
+    cols = ["checkpoint", "dataset", "task"]
+    metric_cols: list[str] = []
+    for r in results:
+        for k in MAIN_METRICS.get(r["task"], []) + ["geometry/modality_gap", "geometry/mean_paired_cosine"]:
+            if k in r["metrics"] and k not in metric_cols:
+                metric_cols.append(k)
+    rows = []
+    for r in results:
+        info = r.get("vlp", {})
+        ck = f"step {info['step']}" if info.get("step") is not None else (os.path.basename(r.get("pretrained") or "")
+                                                                          or r.get("model", ""))
+        task = {"zeroshot_classification": "zs-cls", "zeroshot_retrieval": "retrieval"}.get(r["task"], r["task"])
+        rows.append([ck, r["dataset"], task] + [_fmt(r["metrics"].get(k)) for k in metric_cols])
+    header = cols + [SHORT.get(k, k) for k in metric_cols]
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def plot_metrics_vs_step(results: list[dict], path: str | os.PathLike) -> Optional[Path]:
+    """One panel per metric, one line per dataset, x = training step."""
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in results:
+        step = r.get("vlp", {}).get("step")
+        if step is None:
+            continue
+        for k, v in r["metrics"].items():
+            if isinstance(v, (int, float)) and not math.isnan(v):
+                series.setdefault(k, {}).setdefault(r["dataset"], []).append((int(step), float(v)))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(series, key=lambda k: (k.startswith("geometry/"), k))
+    ncol = 4
+    nrow = (len(keys) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 2.8 * nrow), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for ds, pts in sorted(series[key].items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ds)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    all_ds = sorted({ds for s in series.values() for ds in s})
+    if len(all_ds) > 1:
+        for ax in axes.flat[:len(keys)]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
