@@ -110,7 +110,7 @@ def train(cfg: Config) -> dict:
     bundle = create_model(cfg.model.model, pretrained=cfg.model.pretrained, tokenizer=cfg.model.tokenizer,
                           aug_cfg={"scale": tuple(cfg.data.rrc_scale)})
     model = bundle.model
-    prepare_model_for_loss(model, cfg.loss)
+    prepare_model_for_loss(model, cfg.loss, model_cfg=bundle.model_cfg)  # records a SigLIP bias in the config
     if cfg.model.lock_image:
         model.lock_image_tower()
     if cfg.model.lock_text:
@@ -217,7 +217,8 @@ def train(cfg: Config) -> dict:
                 break  # epoch exhausted (a partial accumulation is dropped)
             losses = train_step(model, micro, loss_fn, backward=accelerator.backward,
                                 autocast=accelerator.autocast, no_sync=lambda: accelerator.no_sync(model))
-            if not torch.isfinite(losses["loss"]):
+            # Every rank must agree, or one would raise while the others wait in a collective.
+            if reduce_mean(torch.isfinite(losses["loss"]).float()).item() < 1:
                 optimizer.zero_grad(set_to_none=True)
                 path = save(step)
                 raise TrainingError(f"loss is {losses['loss'].item()} at step {step + 1}; "
