@@ -120,6 +120,7 @@ class _Stream(IterableDataset):
         self.exts = exts
         self.epoch = 0
         self.resume: dict[int, dict] = {}
+        self.rotation = 0
         # per-iteration state
         self._counts: Counter = Counter()
         self._pass_good = 0
@@ -200,7 +201,9 @@ class _Stream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        w = info.id if info is not None else 0
+        # DataLoader worker j yields first; it plays logical worker (j + rotation) % W, so that after a resume at
+        # batch b the round-robin continues with batch b's worker (batch i always comes from worker i % W)
+        w = ((info.id if info is not None else 0) + self.rotation) % self.n_workers
         plan = self.plan_fn(self.epoch)
         quota = plan.quotas[w]
         r = self.resume.get(w, {})
@@ -361,6 +364,7 @@ class TrainLoader:
         ds = _Stream(self)
         ds.epoch = self._epoch
         ds.resume = {}
+        ds.rotation = self._batches_done % W
         for w in range(W):
             produced = len(range(w, self._batches_done, W))
             m = self._workers_state.get(w)

@@ -179,7 +179,7 @@ class ShardWriter:
         self.mtime = time.time() if os.environ.get("VLP_TAR_MTIME_NOW") else 0
 
     def _open(self) -> None:
-        path = self.pattern % self.index
+        path = self.pattern % self.index if "%" in self.pattern else self.pattern
         self.index += 1
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)

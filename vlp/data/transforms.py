@@ -36,6 +36,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
+# torchvision 0.29 marks its image decoders deprecated (in favour of torchcodec) on every call
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
 
 
 def rrc_params(w: int, h: int, scale: Sequence[float], ratio: Sequence[float],

@@ -1,0 +1,166 @@
+"""Check webdataset shards: counts, caption and image statistics, duplicates, unreadable members.
+
+    python -m data_tools.inspect_shards 'shards/{00000..00099}.tar'
+    python -m data_tools.inspect_shards shards/ --json report.json
+
+Exit status 0 when every shard reads cleanly, 1 when something is broken (missing or truncated shard,
+corrupt header, unreadable image, missing/empty/non-UTF-8 caption, duplicate key, count differing from
+sizes.json / _stats.json), 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+from vlp.data.errors import DataError
+from vlp.data.shards import expand_spec, shard_size
+from vlp.data.tario import TarError, iter_samples
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _urls(spec: str) -> list[str]:
+    p = Path(spec)
+    if p.is_dir():
+        urls = sorted(str(x) for x in p.glob("*.tar"))
+        if not urls:
+            raise DataError(f"no .tar files in {spec}")
+        return urls
+    return [u for src in expand_spec(spec) for u in src]
+
+
+def _check_image(data: bytes, decode: bool) -> tuple[Optional[str], Optional[tuple[int, int]]]:
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        size = im.size
+    except Exception:  # noqa: BLE001
+        return "not_image", None
+    if decode:
+        try:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.load()
+        except Exception:  # noqa: BLE001
+            return "corrupt_image", size
+    return None, size
+
+
+def _stats(xs: list[float]) -> dict:
+    if not xs:
+        return {}
+    return {"min": min(xs), "mean": round(statistics.fmean(xs), 2), "median": statistics.median(xs), "max": max(xs)}
+
+
+def inspect(spec: str, decode: bool = True, rewrites_field: str = "rewrites", max_report: int = 20) -> dict:
+    urls = _urls(spec)
+    seen_keys: dict[str, str] = {}
+    cap_words, widths, heights, n_rewrites = [], [], [], []
+    total = Counter()
+    shards = []
+    examples: list[str] = []
+    for url in urls:
+        rep = {"shard": url, "samples": 0, "problems": Counter()}
+        try:
+            for _, key, files in iter_samples(url, exts=list(IMAGE_EXTS) + ["txt", "json"]):
+                rep["samples"] += 1
+                prob = []
+                if key in seen_keys:
+                    prob.append("duplicate_key")
+                seen_keys.setdefault(key, url)
+                img = next((files[e] for e in IMAGE_EXTS if e in files), None)
+                if img is None:
+                    prob.append("missing_image")
+                else:
+                    err, size = _check_image(img, decode)
+                    if err:
+                        prob.append(err)
+                    if size:
+                        widths.append(size[0])
+                        heights.append(size[1])
+                if "txt" not in files:
+                    prob.append("missing_caption")
+                else:
+                    try:
+                        cap = files["txt"].decode("utf-8").strip()
+                        if not cap:
+                            prob.append("empty_caption")
+                        cap_words.append(len(cap.split()))
+                    except UnicodeDecodeError:
+                        prob.append("bad_caption_encoding")
+                if "json" in files:
+                    try:
+                        rw = json.loads(files["json"]).get(rewrites_field)
+                        n_rewrites.append(len(rw) if isinstance(rw, list) else 0)
+                    except (ValueError, AttributeError, UnicodeDecodeError):
+                        prob.append("bad_json")
+                for pr in prob:
+                    rep["problems"][pr] += 1
+                    if len(examples) < max_report:
+                        examples.append(f"{url}: {key}: {pr}")
+        except TarError as e:
+            kind = {"missing": "missing_shard", "truncated": "truncated_tar"}.get(e.kind, "bad_tar")
+            rep["problems"][kind] += 1
+            examples.append(f"{url}: {kind} after {e.next_index} samples")
+        expected = shard_size(url)
+        rep["expected"] = expected
+        if expected is not None and expected != rep["samples"] and "missing_shard" not in rep["problems"]:
+            rep["problems"]["count_mismatch"] += 1
+            examples.append(f"{url}: size file says {expected}, shard holds {rep['samples']}")
+        total.update(rep["problems"])
+        rep["problems"] = dict(rep["problems"])
+        shards.append(rep)
+    return {
+        "shards": len(urls),
+        "samples": sum(s["samples"] for s in shards),
+        "problems": dict(sorted(total.items())),
+        "caption_words": _stats(cap_words),
+        "image_width": _stats(widths),
+        "image_height": _stats(heights),
+        "samples_with_rewrites": sum(1 for n in n_rewrites if n),
+        "per_shard": shards,
+        "examples": examples,
+        "ok": not total,
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("shards", help="shard spec (brace expansion, '::' sources) or a folder of .tar files")
+    p.add_argument("--no-decode", action="store_true", help="only read image headers (faster; misses corrupt data)")
+    p.add_argument("--rewrites-field", default="rewrites", help="json field holding rewrites")
+    p.add_argument("--json", help="also write the full report to this file")
+    p.add_argument("--quiet", action="store_true", help="no per-shard lines")
+    a = p.parse_args(argv)
+    try:
+        r = inspect(a.shards, decode=not a.no_decode, rewrites_field=a.rewrites_field)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not a.quiet:
+        for s in r["per_shard"]:
+            probs = ", ".join(f"{k} {v}" for k, v in s["problems"].items()) or "ok"
+            print(f"{s['shard']}: {s['samples']} samples (size file: {s['expected']}): {probs}")
+    print(f"{r['shards']} shards, {r['samples']} samples, {r['samples_with_rewrites']} with rewrites")
+    print(f"caption words: {r['caption_words']}")
+    print(f"image width: {r['image_width']}  height: {r['image_height']}")
+    if r["ok"]:
+        print("no problems found")
+    else:
+        print("PROBLEMS: " + ", ".join(f"{k} {v}" for k, v in r["problems"].items()))
+        for ex in r["examples"]:
+            print("  " + ex)
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=1))
+    return 0 if r["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
