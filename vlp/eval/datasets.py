@@ -53,8 +53,9 @@ class Sample:
 
     key: str
     target: Union[int, list[str]]
-    data: Optional[bytes] = None     # raw bytes (wds) ...
-    path: Optional[str] = None       # ... or a file (image folder, caption file)
+    data: Optional[bytes] = None     # raw bytes ...
+    path: Optional[str] = None       # ... or a file (image folder, caption file) ...
+    span: Optional[tuple[int, int]] = None   # ... or (offset, size) of the image inside tar `path` (wds)
     where: str = ""                  # shard or file, for error messages
 
 
@@ -71,7 +72,7 @@ class EvalSet:
     _samples: Optional[list[Sample]] = field(default=None, repr=False)
 
     def samples(self) -> list[Sample]:
-        """All samples (image bytes of a wds set are read into memory once; folders keep paths)."""
+        """All samples, indexed once: labels and captions in memory, images read when decoded."""
         if self._samples is None:
             if self.kind == "wds":
                 items = list(_read_wds(self))
@@ -276,8 +277,11 @@ def _read_wds(es: EvalSet) -> Iterator[Sample]:
 
 
 def _read_shard(es: EvalSet, shard: Path) -> Iterator[Sample]:
+    """Index a shard: labels/captions are read now, images only as (offset, size) to read when decoded."""
     cur_key, cur = None, {}
-    with tarfile.open(shard, "r|*") as tf:
+    with tarfile.open(shard, "r:*") as tf:
+        seekable = tf.fileobj is not None and getattr(tf, "_mode", None) is not None and \
+            not str(shard).endswith((".gz", ".bz2", ".xz"))
         for m in tf:
             if not m.isfile():
                 continue
@@ -289,7 +293,10 @@ def _read_shard(es: EvalSet, shard: Path) -> Iterator[Sample]:
                 if cur:
                     yield _wds_sample(es, cur_key, cur, shard)
                 cur_key, cur = key, {}
-            cur[ext] = tf.extractfile(m).read()
+            if ext in IMAGE_EXTS and seekable:
+                cur[ext] = (m.offset_data, m.size)
+            else:
+                cur[ext] = tf.extractfile(m).read()
     if cur:
         yield _wds_sample(es, cur_key, cur, shard)
 
@@ -298,17 +305,18 @@ def _wds_sample(es: EvalSet, key: str, rec: dict, shard: Path) -> Sample:
     img = next((rec[e] for e in IMAGE_EXTS if e in rec), None)
     if img is None:
         raise EvalError(f"{es.name}: sample {key} in {shard} has no image ({'/'.join(IMAGE_EXTS)})")
+    where = dict(data=img) if isinstance(img, bytes) else dict(path=str(shard), span=img)
     if es.task == RETRIEVAL:
         if "txt" not in rec:
             raise EvalError(f"{es.name}: sample {key} in {shard} has no .txt captions")
-        return Sample(key, rec["txt"].decode("utf-8").splitlines(), data=img, where=str(shard))
+        return Sample(key, rec["txt"].decode("utf-8").splitlines(), where=str(shard), **where)
     if "cls" not in rec:
         raise EvalError(f"{es.name}: sample {key} in {shard} has no .cls label")
     try:
         label = int(rec["cls"].decode().strip())
     except ValueError:
         raise EvalError(f"{es.name}: sample {key} in {shard} has a non-integer .cls") from None
-    return Sample(key, label, data=img, where=str(shard))
+    return Sample(key, label, where=str(shard), **where)
 
 
 def _read_folder(es: EvalSet) -> list[Sample]:
@@ -379,6 +387,10 @@ def decode_image(sample: Sample):
     try:
         if sample.data is not None:
             img = Image.open(io.BytesIO(sample.data))
+        elif sample.span is not None:
+            with open(sample.path, "rb") as fh:
+                fh.seek(sample.span[0])
+                img = Image.open(io.BytesIO(fh.read(sample.span[1])))
         else:
             img = Image.open(sample.path)
         img.load()

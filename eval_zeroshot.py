@@ -1,0 +1,169 @@
+"""Zero-shot classification, retrieval and embedding geometry for vlp / open_clip checkpoints.
+
+    python eval_zeroshot.py --checkpoint logs/run1/checkpoints/step_00001000.pt --data demo/eval/demo_colors
+    python eval_zeroshot.py --checkpoint logs/run1 --data demo/eval/*          # every checkpoint of a run, + plot
+    python eval_zeroshot.py --checkpoint ViT-B-32.pt --model ViT-B-32 \\
+        --data /data/imagenet/val?classnames=imagenet /data/coco_5k.csv?name=coco --output results/
+
+--checkpoint: a vlp checkpoint (knows its model), an export folder, an open_clip weights file (give --model),
+or a run folder (evaluates RUN/checkpoints/step_*.pt in step order; output defaults to RUN/eval and a
+metrics_vs_step.png is drawn). Without --checkpoint, --model is scored with random weights.
+--data: CLIP_benchmark wds roots, image folders (one sub-folder per class) or CSV/TSV/JSONL caption files, each
+optionally followed by `?name=..&task=..&classnames=..&templates=..&split=..&root=..` (see vlp/eval/datasets.py).
+Writes one CLIP_benchmark-schema JSON per (checkpoint, dataset, task) and prints a summary table.
+Bad input ends with one line on stderr and exit status 2; nothing is written unless everything succeeded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", "--pretrained", dest="checkpoint", default=None,
+                   help="vlp checkpoint, export folder, open_clip weights file (with --model), or run folder")
+    p.add_argument("--model", default=None, help="open_clip model name or JSON config (needed for open_clip files)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer spec (hf:DIR / spm:FILE); default: the checkpoint's")
+    p.add_argument("--data", "--dataset", dest="data", nargs="+", required=True, help="eval set specs")
+    p.add_argument("--output", default=None,
+                   help="output folder (default: RUN/eval for a run folder, else ./eval_results)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
+    p.add_argument("--workers", "--num_workers", dest="workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image decoding worker processes")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "amp"], default="auto",
+                   help="amp = autocast (fp16 on CUDA, bf16 on CPU); auto = amp on CUDA, fp32 on CPU")
+    p.add_argument("--classnames", default=None,
+                   help="class names for sets that do not name their own: FILE, 'imagenet' or 'folders'")
+    p.add_argument("--templates", default=None, help="templates for sets that do not name their own: FILE, 'openai', 'simple'")
+    p.add_argument("--recall-k", "--recall_k", dest="recall_k", type=int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--per-class", action="store_true", help="add per-class accuracy and top confusions to the JSON")
+    p.add_argument("--no-geometry", action="store_true", help="skip the geometry figures")
+    p.add_argument("--steps", default=None, help="run folder only: evaluate only these steps, e.g. '1000,2000'")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def find_checkpoints(path: Path) -> Optional[list[tuple[int, Path]]]:
+    """A run folder's (or checkpoints folder's) step checkpoints in step order; None if `path` is neither."""
+    if not path.is_dir():
+        return None
+    ckdir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = sorted((int(m.group(1)), p) for p in ckdir.iterdir() if (m := STEP_RE.match(p.name)))
+    if found or (path / "checkpoints").is_dir():
+        return found
+    return None
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    from vlp.config import ConfigError
+    from vlp.eval.datasets import EvalError
+
+    try:
+        return run(a)
+    except (EvalError, ConfigError) as e:
+        print(f"eval_zeroshot: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eval_zeroshot: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+def run(a: argparse.Namespace) -> int:
+    import torch
+
+    from vlp.eval import evaluate
+    from vlp.eval.datasets import EvalError, open_eval_set
+    from vlp.eval.report import summary_table, write_results
+    from vlp.models import create_model, load_checkpoint, read_checkpoint_meta
+
+    if a.batch_size < 1:
+        raise EvalError("--batch-size must be >= 1")
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    amp = {"auto": None, "fp32": False, "amp": True}[a.precision]
+
+    # Everything that can be checked without scoring is checked first.
+    sets = [open_eval_set(spec, a.classnames, a.templates) for spec in a.data]
+    for es in sets:
+        es.samples()
+    names = [(es.name, es.task) for es in sets]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise EvalError(f"two eval sets are both named '{dup[0]}' ({dup[1]}): give one ?name=...")
+
+    run_dir = None
+    jobs: list[tuple[Optional[int], Optional[str]]]          # (step, checkpoint path)
+    if a.checkpoint is None:
+        if not a.model:
+            raise EvalError("give --checkpoint (or --model alone to score random weights)")
+        jobs = [(None, None)]
+    else:
+        ck = Path(a.checkpoint)
+        if not ck.exists():
+            raise EvalError(f"checkpoint not found: {ck}")
+        steps = find_checkpoints(ck)
+        if steps is not None:
+            if not steps:
+                raise EvalError(f"{ck}: no step_XXXXXXXX.pt checkpoints in it")
+            if a.steps:
+                wanted = {int(s) for s in a.steps.split(",") if s.strip()}
+                steps = [(s, p) for s, p in steps if s in wanted]
+                if not steps:
+                    raise EvalError(f"{ck}: none of the steps {sorted(wanted)} has a checkpoint")
+            run_dir = ck.parent if ck.name == "checkpoints" else ck
+            jobs = [(s, str(p)) for s, p in steps]
+            if a.model is None and read_checkpoint_meta(jobs[0][1]) is None:
+                raise EvalError(f"{jobs[0][1]} is not a vlp checkpoint: give --model")
+        else:
+            jobs = [(None, str(ck))]
+    out_dir = Path(a.output) if a.output else (run_dir / "eval" if run_dir else Path("eval_results"))
+
+    results = []
+    for i, (step, path) in enumerate(jobs):
+        if path is None:
+            bundle = create_model(a.model, tokenizer=a.tokenizer, device=device)
+            pretrained = "random"
+        else:
+            bundle = load_checkpoint(path, model_name=a.model, tokenizer=a.tokenizer, device=device)
+            pretrained = path
+        if step is None and path is not None:
+            meta_step = _stored_step(path)
+            step = meta_step
+        if len(jobs) > 1 and not a.quiet:
+            print(f"[{i + 1}/{len(jobs)}] {path}", file=sys.stderr)
+        results += evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_val, sets, device=device,
+                            batch_size=a.batch_size, model_name=bundle.model_name, pretrained=pretrained, amp=amp,
+                            num_workers=a.workers, recall_k=a.recall_k, geometry=not a.no_geometry,
+                            per_class=a.per_class, progress=not a.quiet, step=step)
+        for r in results[-len(sets):]:
+            r["vlp"]["checkpoint"] = path
+        del bundle
+    written = write_results(results, out_dir, plot=run_dir is not None)
+    print(summary_table(results))
+    print(f"wrote {len(written)} file(s) to {out_dir}", file=sys.stderr)
+    return 0
+
+
+def _stored_step(path: str) -> Optional[int]:
+    """The `step` a vlp checkpoint records (None for other files)."""
+    import torch
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001
+        return None
+    step = ck.get("step") if isinstance(ck, dict) and "model_cfg" in ck else None
+    return int(step) if isinstance(step, (int, float)) or hasattr(step, "item") else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
