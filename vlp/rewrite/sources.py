@@ -25,7 +25,7 @@ class Record:
     key: str
     caption: str
     rewrites: list[str] = field(default_factory=list)  # from a shard sample's .json, when present
-    extra: Optional[str] = None  # CSV: the relpath column
+    extra: Optional[str] = None  # the CSV relpath column; for shards the sample's json `source`, if any
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -61,27 +61,34 @@ def _clean_line(s: str) -> str:
 
 
 def iter_shards(urls: list[str], field_name: str = "rewrites") -> Iterator[Record]:
-    """Samples with a `.txt`, keyed by `__key__` (read with webdataset, which groups tar members by key)."""
+    """Every sample, keyed by `__key__` (read with webdataset, which groups tar members by key); the caption is
+    its `.txt`, else the `caption` in its `.json`, else empty (so that row i is always the i-th sample)."""
     import webdataset as wds
 
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None,
                         handler=_raise_one_line)
     for sample in ds:
-        txt = sample.get("txt")
-        if txt is None:  # webdataset 1.x emits an empty record at the end of each shard; also members without text
+        fields = [k for k in sample if not k.startswith("__")]
+        if not fields:  # webdataset 1.x emits an empty record at the end of each shard
             continue
-        caption = _clean_line(txt.decode("utf-8", errors="replace") if isinstance(txt, bytes) else str(txt))
-        rewrites: list[str] = []
+        meta = None
         raw = sample.get("json")
         if raw is not None:
             try:
                 meta = json.loads(raw)
-                got = meta.get(field_name) if isinstance(meta, dict) else None
-                if isinstance(got, list):
-                    rewrites = [_clean_line(str(r)) for r in got if str(r).strip()]
             except (ValueError, UnicodeDecodeError):
-                pass
-        yield Record(key=str(sample["__key__"]), caption=caption, rewrites=rewrites)
+                meta = None
+        meta = meta if isinstance(meta, dict) else {}
+        txt = sample.get("txt")
+        if txt is not None:
+            caption = txt.decode("utf-8", errors="replace") if isinstance(txt, bytes) else str(txt)
+        else:  # keep the sample (and the row order) even without a .txt
+            caption = str(meta.get("caption", ""))
+        got = meta.get(field_name)
+        rewrites = [_clean_line(str(r)) for r in got if str(r).strip()] if isinstance(got, list) else []
+        source = meta.get("source")
+        yield Record(key=str(sample["__key__"]), caption=_clean_line(caption), rewrites=rewrites,
+                     extra=str(source) if source is not None else None)
 
 
 def _raise_one_line(exn):
