@@ -36,13 +36,15 @@ def _urls(spec: str) -> list[str]:
 
 
 def _check_image(data: bytes, decode: bool) -> tuple[Optional[str], Optional[tuple[int, int]]]:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         im = Image.open(io.BytesIO(data))
         size = im.size
-    except Exception:  # noqa: BLE001
+    except (UnidentifiedImageError, ValueError, TypeError):
         return "not_image", None
+    except Exception:  # noqa: BLE001 - recognised but unreadable (e.g. truncated header)
+        return "corrupt_image", None
     if decode:
         try:
             if im.format == "JPEG":

@@ -120,7 +120,7 @@ def _init(opts):
 
 def process(rec: dict):
     """-> (jpeg bytes, caption, info) or (None, reason, None)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     cap = rec["caption"]
     if cap is None:
@@ -141,8 +141,10 @@ def process(rec: dict):
         return None, "missing_image", None
     try:
         im = Image.open(io.BytesIO(data))
-    except Exception:  # noqa: BLE001
+    except (UnidentifiedImageError, ValueError, TypeError):
         return None, "not_image", None
+    except Exception:  # noqa: BLE001 - recognised but unreadable (e.g. truncated header)
+        return None, "corrupt_image", None
     try:
         w0, h0 = im.size
         shorter, longest = _OPTS.get("resize_shorter"), _OPTS.get("resize_max")

@@ -1,0 +1,79 @@
+"""Corrupt inputs: each is skipped under the right reason and counted; too many abort with one line."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.test_data_fixtures import IdTokenizer, cfg, collect, jpeg, preprocess, write_shards
+from vlp.data.errors import DataError
+from vlp.data.pipeline import build_train_loader
+
+
+def test_each_corruption_has_its_reason_and_count(tmp_path):
+    good = jpeg(0)
+    bad = {
+        1: {"jpg": good[: len(good) // 2]},          # truncated JPEG data
+        2: {"jpg": good[:200] + b"\x00" * 50 + good[250:400]},  # corrupt JPEG
+        3: {"jpg": b"<html>not an image</html>"},   # non-image bytes
+        4: {"txt": b"   "},                         # empty caption
+        5: {"txt": b"caf\xe9 \xff"},                 # not UTF-8
+        6: {"jpg": None},                            # no image member
+        7: {"txt": None, "json": None},              # no caption at all
+    }
+    paths = write_shards(tmp_path / "sh", 40, 10, bad=bad)
+    # truncate the last shard in the middle of its 6th sample: samples 35..39 are lost
+    data = open(paths[3], "rb").read()
+    offsets = []
+    import tarfile
+
+    with tarfile.open(paths[3]) as tf:
+        offsets = [m.offset for m in tf.getmembers() if m.name.startswith("000035")]
+    open(paths[3], "wb").write(data[: offsets[0] + 700])
+    # a shard listed in the spec (and in sizes.json) that is missing: its 10 samples are lost
+    sizes = json.loads((tmp_path / "sh" / "sizes.json").read_text())
+    sizes["00004.tar"] = 10
+    (tmp_path / "sh" / "sizes.json").write_text(json.dumps(sizes))
+    c = cfg(str(tmp_path / "sh" / "{00000..00004}.tar"), batch_size=4, workers=2)
+    L = build_train_loader(c, preprocess(), IdTokenizer())
+    batches = collect(L)
+    counts = L.skip_counts()
+    assert counts == {"corrupt_image": 2, "not_image": 1, "empty_caption": 1, "bad_caption_encoding": 1,
+                      "missing_image": 1, "missing_caption": 1, "truncated_tar": 5, "missing_shard": 10}
+    ids = [int(i) for _, t in batches for i in t[:, 0]]
+    assert not set(ids) & {1, 2, 3, 4, 5, 6, 7, 35, 36, 37, 38, 39}
+    assert len(batches) == L.batches_per_epoch == 50 // 4
+
+
+def test_bad_fraction_aborts_with_one_line(tmp_path):
+    bad = {i: {"jpg": b"garbage"} for i in range(0, 40, 3)}
+    write_shards(tmp_path / "sh", 40, 10, bad=bad)
+    c = cfg(str(tmp_path / "sh" / "{00000..00003}.tar"), batch_size=4, workers=2, max_bad_fraction=0.2)
+    with pytest.raises(DataError) as e:
+        collect(build_train_loader(c, preprocess(), IdTokenizer()))
+    msg = str(e.value)
+    assert "\n" not in msg and "not_image 14" in msg and "max-bad-fraction" in msg
+    # under the threshold the same data trains
+    c.max_bad_fraction = 0.5
+    L = build_train_loader(c, preprocess(), IdTokenizer())
+    collect(L)
+    assert L.skip_counts() == {"not_image": 14}
+
+
+def test_all_bad_worker_share_raises_instead_of_hanging(tmp_path):
+    bad = {i: {"txt": b""} for i in range(20)}
+    write_shards(tmp_path / "sh", 20, 10, bad=bad)
+    c = cfg(str(tmp_path / "sh" / "{00000..00001}.tar"), batch_size=4, workers=0)
+    with pytest.raises(DataError):
+        collect(build_train_loader(c, preprocess(), IdTokenizer()))
+
+
+def test_non_tar_file_is_counted(tmp_path):
+    write_shards(tmp_path / "sh", 20, 10)
+    with open(tmp_path / "sh" / "00001.tar", "wb") as fh:
+        fh.write(os.urandom(4096))
+    c = cfg(str(tmp_path / "sh" / "{00000..00001}.tar"), batch_size=4, workers=0)
+    L = build_train_loader(c, preprocess(), IdTokenizer())
+    assert len(collect(L)) == 5
+    assert L.skip_counts() == {"bad_tar": 10}
