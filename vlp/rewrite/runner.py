@@ -21,7 +21,7 @@ import csv
 import io
 import json
 import os
-from collections import Counter
+from collections import Counter, deque
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -158,13 +158,13 @@ def run_rewrites(records: Iterable[Record], rewriter, out_dir: str, *, name: str
     if limit is not None:
         it = islice(it, limit)
         total = min(total, limit) if total is not None else limit
-    skipped = list(islice(it, done - 1)) if done > 1 else []
+    if done > 1:
+        deque(islice(it, done - 1), maxlen=0)  # skip what is done without holding it
     if done:
         last = next(it, None)
         if last is None or last.key != state.get("last_key"):
             raise InputError(f"the input changed since the interrupted run (sample {done} is "
                              f"{getattr(last, 'key', 'missing')!r}, was {state.get('last_key')!r}); use --overwrite")
-    del skipped
     bar = tqdm(total=total, initial=done, desc=f"rewriting ({', '.join(rewriter.sources)})", unit="caption",
                disable=not progress, dynamic_ncols=True)
     try:
