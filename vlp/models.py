@@ -93,6 +93,13 @@ def create_model(
         load_weights(net, pretrained)
     ctx = model_cfg.get("text_cfg", {}).get("context_length")
     tok = build_tokenizer(tokenizer, name, context_length=ctx)
+    if tokenizer and tokenizer.startswith("spm:"):
+        from vlp.tokenizers import check_model_cfg
+
+        problem = check_model_cfg(model_cfg, tok)  # else the text tower pools at the wrong position
+        if problem:
+            raise ConfigError(f"model '{name}' does not fit tokenizer {tokenizer}: {problem} "
+                              "(data_tools.train_tokenizer writes a matching config)")
     return ModelBundle(net, pre_train, pre_val, tok, name, model_cfg)
 
 
