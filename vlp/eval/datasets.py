@@ -27,7 +27,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 from urllib.parse import parse_qsl
 
 import torch
@@ -163,8 +163,7 @@ def _open_folder(spec: str, root: Path, opts: dict) -> EvalSet:
     es.classnames = _classnames(es, root / "classnames.txt", folders=classes)
     if len(es.classnames) != len(classes):
         raise EvalError(f"{es.name}: {len(es.classnames)} class names for {len(classes)} class folders")
-    default_t = "openai"
-    es.templates = _templates(es, root / "zeroshot_classification_templates.txt", default=default_t)
+    es.templates = _templates(es, root / "zeroshot_classification_templates.txt", default="openai")
     return es
 
 

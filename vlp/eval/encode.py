@@ -48,8 +48,6 @@ def _encode_text_prefix(model, tok: torch.Tensor) -> torch.Tensor:
 
     With a causal mask no position attends to later ones, so the padding after the pooled token cannot
     change the output: the result equals `encode_text(tok)` up to float rounding, at a fraction of the cost."""
-    import open_clip
-
     idx = _pool_index(model, tok)
     n = int(idx.max()) + 1
     t = tok[:, :n]

@@ -141,7 +141,6 @@ def plot_metrics_vs_step(results: list[dict], path: str | os.PathLike) -> Option
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
     all_ds = sorted({ds for s in series.values() for ds in s})
     if len(all_ds) > 1:
         for ax in axes.flat[:len(keys)]:

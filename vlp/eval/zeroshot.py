@@ -6,7 +6,7 @@ L2-normalise each, average, re-normalise. vlp encodes the prompts of *all* class
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -88,12 +88,3 @@ def per_class_report(logits: torch.Tensor, target: torch.Tensor, classnames: lis
     worst = sorted((a, n) for n, a in acc.items() if a is not None)[:10]
     return {"accuracy": acc, "support": {classnames[i]: int(support[i]) for i in range(c)},
             "top_confusions": confusions, "worst_classes": [n for _, n in worst]}
-
-
-def pairs_for_geometry(classifier: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Each image's paired text embedding in a classification set: its class's classifier row."""
-    return classifier[target]
-
-
-def check_classifier(classifier: Optional[torch.Tensor], n: int) -> None:  # pragma: no cover - guard
-    assert classifier is not None and classifier.shape[0] == n
