@@ -192,7 +192,10 @@ class FastTransform:
         return x
 
     def finish(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        batch = torch.stack(xs).float()
+        # one uint8->float pass straight into the batch, then an in-place normalise
+        batch = torch.empty((len(xs),) + tuple(xs[0].shape), dtype=torch.float32)
+        for i, x in enumerate(xs):
+            batch[i].copy_(x)
         return batch.sub_(self.mean).mul_(self.inv_std)
 
 
