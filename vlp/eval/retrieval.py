@@ -48,9 +48,16 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_ima
         for i0 in range(0, n, image_chunk):
             i1 = min(n, i0 + image_chunk)
             s = tx @ img_d[i0:i1].T                                            # [texts, images] block
-            is_pos = own[:, None] == torch.arange(i0, i1, device=dev)[None, :]
-            acc_t += ((s > pt[:, None]) & ~is_pos).sum(dim=1)
-            above_i[i0:i1] += ((s > best_i_d[None, i0:i1]) & ~is_pos).sum(dim=0).cpu()
+            # count everything above the positive's score, then take back the positives themselves
+            # (a gather of one score per text: cheaper than masking the whole block)
+            acc_t += (s > pt[:, None]).sum(dim=1)
+            col_i = (s > best_i_d[None, i0:i1]).sum(dim=0)
+            inside = ((own >= i0) & (own < i1)).nonzero().squeeze(1)
+            if inside.numel():
+                own_s = s[inside, own[inside] - i0]
+                acc_t[inside] -= (own_s > pt[inside]).long()
+                col_i.index_add_(0, own[inside] - i0, -(own_s > best_i_d[own[inside]]).long())
+            above_i[i0:i1] += col_i.cpu()
         above_t[t0:t1] = acc_t.cpu()
     return above_t + 1, above_i + 1
 
