@@ -39,7 +39,7 @@ def test_training_lowers_loss_and_beats_chance(demo_data, micro_model_json, tmp_
     result = train(cfg)
     losses = _losses(Path(result["run_dir"]))
     assert losses[120] < 0.7 * losses[10], losses
-    acc = result["eval/demo_colors/acc1"]
+    acc = result["eval/wds/demo_colors/acc1"]
     assert acc > 0.3, f"held-out colour accuracy {acc} (chance 0.125)"
     # The final model is exported in a form open_clip loads by itself.
     import open_clip
@@ -85,3 +85,27 @@ def test_refuses_to_overwrite_a_run(demo_data, micro_model_json, tmp_path):
     proc = subprocess.run([sys.executable, str(repo_root() / "train.py"), *flags], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--resume latest" in proc.stderr
+
+
+def test_nonfinite_loss_stops_with_message_and_checkpoint(demo_data, micro_model_json, tmp_path, monkeypatch):
+    import torch
+
+    import vlp.train.loop as loop
+    from vlp.train import checkpoint as ckpt
+
+    calls = {"n": 0}
+    real_step = loop.train_step
+
+    def step_that_blows_up(*args, **kwargs):
+        calls["n"] += 1
+        losses = real_step(*args, **kwargs)
+        if calls["n"] == 3:
+            losses["loss"] = torch.tensor(float("nan"))
+        return losses
+
+    monkeypatch.setattr(loop, "train_step", step_that_blows_up)
+    cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "nan", "--max-steps", "10"))
+    with pytest.raises(loop.TrainingError, match=r"loss is nan at step 3; the state before this step is saved in"):
+        train(cfg)
+    saved = ckpt.resolve_resume("latest", tmp_path / "nan" / "checkpoints")
+    assert ckpt.load_state(saved)["step"] == 2

@@ -33,17 +33,23 @@ def ensure_data(out: Path, train_samples: int) -> dict:
     return paths
 
 
+SHOWN = ("acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "image_retrieval_recall@5",
+         "text_retrieval_recall@1", "text_retrieval_recall@5", "geometry/modality_gap", "geometry/mean_paired_cosine")
+
+
 def summary_rows(result: dict) -> list[tuple[str, str, str]]:
     """(dataset, metric, value) rows of the final evaluation for the printed table."""
     rows = []
     for key, value in sorted(result.items()):
         if not key.startswith("eval/"):
             continue
-        _, dataset, metric = key.split("/", 2)
-        if metric in ("acc1", "acc5", "mean_per_class_recall") or "recall@" in metric:
-            rows.append((dataset, metric, f"{value:.3f}"))
-        if metric == "acc1" and dataset in CHANCE:
-            rows.append((dataset, "chance acc1", f"{CHANCE[dataset]:.3f}"))
+        for metric in SHOWN:
+            if key.endswith("/" + metric):
+                dataset = key[len("eval/"):-len(metric) - 1]
+                rows.append((dataset, metric, f"{value:.3f}"))
+                short = dataset.rsplit("/", 1)[-1]
+                if metric == "acc1" and short in CHANCE:
+                    rows.append((dataset, "acc1 at chance", f"{CHANCE[short]:.3f}"))
     return rows
 
 
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = extra[1:]
 
     from vlp.config import ConfigError, parse_config
+    from vlp.data.errors import DataError
     from vlp.train.loop import TrainingError, train
 
     out = Path(args.out)
@@ -72,15 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(flags + extra)
         result = train(cfg)
-    except (ConfigError, TrainingError) as e:
+    except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = summary_rows(result)
     print(f"\nvlp demo ({'with' if args.rewrites else 'without'} rewrites), {time.time() - t0:.0f} s in all; "
           f"run folder {result['run_dir']}")
-    print(f"{'dataset':<16} {'metric':<36} value")
+    print(f"{'dataset':<20} {'metric':<30} value")
     for dataset, metric, value in rows:
-        print(f"{dataset:<16} {metric:<36} {value}")
+        print(f"{dataset:<20} {metric:<30} {value}")
     return 0
 
 
