@@ -3,13 +3,14 @@
     python eval_zeroshot.py --checkpoint logs/run1/checkpoints/step_00001000.pt --data demo/eval/demo_colors
     python eval_zeroshot.py --checkpoint logs/run1 --data demo/eval/*          # every checkpoint of a run, + plot
     python eval_zeroshot.py --checkpoint ViT-B-32.pt --model ViT-B-32 \\
-        --data /data/imagenet/val?classnames=imagenet /data/coco_5k.csv?name=coco --output results/
+        --data '/data/imagenet/val?classnames=imagenet' '/data/coco_5k.csv?name=coco' --output results/
 
 --checkpoint: a vlp checkpoint (knows its model), an export folder, an open_clip weights file (give --model),
 or a run folder (evaluates RUN/checkpoints/step_*.pt in step order; output defaults to RUN/eval and a
 metrics_vs_step.png is drawn). Without --checkpoint, --model is scored with random weights.
 --data: CLIP_benchmark wds roots, image folders (one sub-folder per class) or CSV/TSV/JSONL caption files, each
-optionally followed by `?name=..&task=..&classnames=..&templates=..&split=..&root=..` (see vlp/eval/datasets.py).
+optionally followed by `?name=..&task=..&classnames=..&templates=..&split=..&root=..` (quote it in the shell;
+see vlp/eval/datasets.py).
 Writes one CLIP_benchmark-schema JSON per (checkpoint, dataset, task) and prints a summary table.
 Bad input ends with one line on stderr and exit status 2; nothing is written unless everything succeeded.
 """

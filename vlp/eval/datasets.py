@@ -367,7 +367,9 @@ def _read_caption_file(es: EvalSet) -> list[Sample]:
         else:
             rows = rows[1:]
         for i, row in enumerate(rows):
-            if len(row) <= max(icol, *ccols) and len(row) < 2:
+            if not row:
+                continue
+            if len(row) < 2:
                 raise EvalError(f"{path}: row {i + 1} needs an image path and a caption")
             caps = [line for c in ccols if c < len(row) for line in row[c].splitlines() if line.strip()]
             groups.setdefault(row[icol], []).extend(caps)
