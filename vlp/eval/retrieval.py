@@ -22,7 +22,7 @@ import torch
 
 @torch.no_grad()
 def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, *,
-                    text_chunk: int = 2048, image_chunk: int = 8192, device="cpu"
+                    text_chunk: int = 1024, image_chunk: int = 4096, device="cpu"
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rank of each text's image among all images [M], rank of each image's best caption among all texts [N]).
 
@@ -32,7 +32,8 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_ima
     img = image_emb.float()
     txt = text_emb.float()
     # Score of each text with its own image, and each image's best caption score.
-    pos_t = (txt * img[t2i]).sum(dim=1)
+    pos_t = torch.cat([(txt[c:c + text_chunk] * img[t2i[c:c + text_chunk]]).sum(dim=1)
+                       for c in range(0, m, text_chunk)]) if m else torch.empty(0)
     best_i = torch.full((n,), float("-inf")).scatter_reduce(0, t2i, pos_t, reduce="amax", include_self=True)
     above_t = torch.zeros(m, dtype=torch.long)    # images scoring above each text's image
     above_i = torch.zeros(n, dtype=torch.long)    # non-captions scoring above each image's best caption
