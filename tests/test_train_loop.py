@@ -109,3 +109,19 @@ def test_nonfinite_loss_stops_with_message_and_checkpoint(demo_data, micro_model
         train(cfg)
     saved = ckpt.resolve_resume("latest", tmp_path / "nan" / "checkpoints")
     assert ckpt.load_state(saved)["step"] == 2
+
+
+def test_alignment_and_uniformity_close_the_modality_gap(demo_data, micro_model_json, tmp_path):
+    """CUA (CLIP + alignment + uniformity, the contrastive-gap paper) vs plain CLIP, same seed and budget."""
+    retrieval = demo_data["eval_data"][2]
+    gap, cosine = {}, {}
+    for name, extra in {"clip": [], "cua": ["--alignment-weight", "1", "--uniformity-weight", "1"]}.items():
+        cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, name, "--max-steps", "40",
+                                  "--log-every", "40", "--eval-data", retrieval, *extra))
+        result = train(cfg)
+        gap[name] = result["eval/wds/demo_retrieval/geometry/modality_gap"]
+        cosine[name] = result["eval/wds/demo_retrieval/geometry/mean_paired_cosine"]
+        if name == "cua":
+            assert result["train/alignment"] > 0 and result["train/uniformity"] < 0
+    assert gap["cua"] < 0.7 * gap["clip"], gap
+    assert cosine["cua"] > cosine["clip"], cosine
