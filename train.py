@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=1, sort_keys=True))
+    if os.environ.get("RANK", "0") == "0":  # one summary, not one per process
+        print(json.dumps(result, indent=1, sort_keys=True))
     return 0
 
 

@@ -96,7 +96,9 @@ def train(cfg: Config) -> dict:
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.run.precision]
     paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
     report_to = None if cfg.run.report_to in (None, "none") else cfg.run.report_to
-    accelerator = Accelerator(mixed_precision=precision, log_with=report_to, project_dir=str(paths.root))
+    # cpu=True on machines without CUDA: accelerate then sets up multi-process CPU runs (gloo) under torchrun.
+    accelerator = Accelerator(mixed_precision=precision, log_with=report_to, project_dir=str(paths.root),
+                              cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -141,8 +143,11 @@ def train(cfg: Config) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
-        step, epoch, loader_state = state["step"], state["epoch"], state["loader"]
-        ckpt.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        if len(state["rng"]) != world:
+            raise ConfigError(f"{resume_from} was written by {len(state['rng'])} processes; resume it with as many "
+                              f"(this run has {world})")
+        step, epoch, loader_state = state["step"], state["epoch"], state["loader"][rank]
+        ckpt.set_rng_state(state["rng"][rank])
         if main:
             print(f"resumed from {resume_from} at step {step}")
 
@@ -155,7 +160,8 @@ def train(cfg: Config) -> dict:
     identity = model_identity(bundle, cfg.model.tokenizer)
 
     def save(at_step: int) -> Path:
-        gathered_rng = _gather_rng(accelerator)
+        # Each rank has its own RNG streams and loader position; all of them go into the checkpoint.
+        rngs, loaders = _per_rank(accelerator, ckpt.rng_state()), _per_rank(accelerator, loader.state_dict())
         path = None
         if main:
             state = {
@@ -163,7 +169,7 @@ def train(cfg: Config) -> dict:
                 "model": accelerator.unwrap_model(model).state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "rng": gathered_rng, "loader": loader.state_dict(),
+                "rng": rngs, "loader": loaders,
                 "config": json.dumps(cfg.to_dict()), **identity,
             }
             path = ckpt.save_checkpoint(paths.checkpoints, at_step, state, cfg.run.keep_checkpoints)
@@ -228,7 +234,7 @@ def train(cfg: Config) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            clamp_logit_scale(accelerator.unwrap_model(model))
+            clamp_logit_scale(model)  # unwraps DDP/compile itself
             step += 1
             bar.update(1)
 
@@ -270,13 +276,12 @@ def train(cfg: Config) -> dict:
     return last
 
 
-def _gather_rng(accelerator) -> list:
-    """Every rank's RNG state (rank order), so each resumes its own stream."""
-    state = ckpt.rng_state()
+def _per_rank(accelerator, obj) -> list:
+    """`obj` from every rank, in rank order (a one-element list in a single process)."""
     if accelerator.num_processes == 1:
-        return [state]
+        return [obj]
     import torch.distributed as dist
 
     out = [None] * accelerator.num_processes
-    dist.all_gather_object(out, state)
+    dist.all_gather_object(out, obj)
     return out
