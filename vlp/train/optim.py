@@ -93,7 +93,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     groups = param_groups(model, cfg.wd)
     if not groups:
         raise ConfigError("the model has no trainable parameters (both towers locked?)")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # The fused kernel (CPU and CUDA) updates each tensor in one pass without temporaries: the token
+    # embedding's update dominated the tiny model's step otherwise.
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 # ----------------------------------------------------------------------------- schedules
