@@ -80,10 +80,13 @@ def iter_members(f, path: str = "?") -> Iterator[tuple[str, int, int]]:
             raise TarError("truncated", path, -1, "short header")
         if hdr == _ZERO:
             return
-        chk = _octal(hdr[148:156])
+        try:  # random bytes usually fail the octal parse before the checksum comparison
+            chk = _octal(hdr[148:156])
+            size = _octal(hdr[124:136])
+        except ValueError:
+            raise TarError("bad_header", path, -1, f"unreadable header at byte {pos}") from None
         if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
             raise TarError("bad_header", path, -1, f"checksum mismatch at byte {pos}")
-        size = _octal(hdr[124:136])
         typ = hdr[156:157]
         data_off = pos + BLOCK
         pos = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
