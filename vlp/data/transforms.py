@@ -95,14 +95,19 @@ def transform_params(preprocess: Any) -> dict:
     return out
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Fully decoded RGB PIL image; SkipSample(not_image | corrupt_image)."""
+def open_image(data: bytes) -> Image.Image:
+    """A lazily decoded PIL image (header read only); SkipSample(not_image | corrupt_image)."""
     try:
-        im = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, ValueError, TypeError):
         raise E.SkipSample(E.NOT_IMAGE) from None
     except Exception as e:  # noqa: BLE001
         raise E.SkipSample(E.CORRUPT_IMAGE, str(e)) from None
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Fully decoded RGB PIL image; SkipSample(not_image | corrupt_image)."""
+    im = open_image(data)
     try:
         im.load()
         return im.convert("RGB")
@@ -132,12 +137,7 @@ class FastTransform:
 
     def decode_crop(self, data: bytes, rng: random.Random) -> torch.Tensor:
         S = self.size
-        try:
-            im = Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, ValueError, TypeError):
-            raise E.SkipSample(E.NOT_IMAGE) from None
-        except Exception as e:  # noqa: BLE001
-            raise E.SkipSample(E.CORRUPT_IMAGE, str(e)) from None
+        im = open_image(data)
         w, h = im.size
         x0, y0, cw, ch = self._box(w, h, rng)
         try:
