@@ -6,7 +6,9 @@ or as `local-dir:PATH` (an exported vlp/open_clip folder).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +88,10 @@ def create_model(
     hf_dir = text_cfg.get("hf_model_name")
     if hf_dir and not Path(hf_dir).is_dir():
         raise ConfigError(f"Hugging Face text tower '{hf_dir}' must be a local folder (vlp downloads nothing)")
-    net, pre_train, pre_val = open_clip.create_model_and_transforms(
-        name, device=device, aug_cfg=aug_cfg, output_dict=True,
-        pretrained_text=bool(hf_dir) and text_cfg.get("hf_model_pretrained", True))
+    with _quiet_root_logger():  # open_clip warns that no pretrained weights were named: vlp loads its own
+        net, pre_train, pre_val = open_clip.create_model_and_transforms(
+            name, device=device, aug_cfg=aug_cfg, output_dict=True,
+            pretrained_text=bool(hf_dir) and text_cfg.get("hf_model_pretrained", True))
     if pretrained:
         load_weights(net, pretrained)
     ctx = model_cfg.get("text_cfg", {}).get("context_length")
@@ -101,6 +104,17 @@ def create_model(
             raise ConfigError(f"model '{name}' does not fit tokenizer {tokenizer}: {problem} "
                               "(data_tools.train_tokenizer writes a matching config)")
     return ModelBundle(net, pre_train, pre_val, tok, name, model_cfg)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _model_cfg(name: str) -> dict:

@@ -155,7 +155,7 @@ def train(cfg: Config) -> dict:
         paths.root.mkdir(parents=True, exist_ok=True)
         (paths.root / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
     if report_to:
-        accelerator.init_trackers(paths.root.name, config=_flatten("", cfg.to_dict()))
+        accelerator.init_trackers("tensorboard", config=_flatten("", cfg.to_dict()))  # -> RUN/tensorboard/
     metrics = MetricsLog(paths.metrics, accelerator, main)
     identity = model_identity(bundle, cfg.model.tokenizer)
 
