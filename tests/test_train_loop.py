@@ -125,3 +125,20 @@ def test_alignment_and_uniformity_close_the_modality_gap(demo_data, micro_model_
             assert result["train/alignment"] > 0 and result["train/uniformity"] < 0
     assert gap["cua"] < 0.7 * gap["clip"], gap
     assert cosine["cua"] > cosine["clip"], cosine
+
+
+def test_locked_image_tower_stays_fixed_under_bf16_and_checkpointing(demo_data, micro_model_json, tmp_path):
+    """LiT-style locking, activation checkpointing and bf16 autocast together: the text tower learns,
+    the image tower does not move."""
+    import torch
+
+    from vlp.models import read_state_dict
+
+    cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "lit", "--max-steps", "4", "--save-every", "1",
+                              "--keep-checkpoints", "10", "--lock-image", "--grad-checkpointing",
+                              "--precision", "bf16"))
+    train(cfg)
+    ckpts = tmp_path / "lit" / "checkpoints"
+    first, last = read_state_dict(str(ckpts / "step_00000001.pt")), read_state_dict(str(ckpts / "step_00000004.pt"))
+    assert all(torch.equal(first[k], last[k]) for k in first if k.startswith("visual."))
+    assert not torch.equal(first["text_projection"], last["text_projection"])
