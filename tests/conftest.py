@@ -35,3 +35,10 @@ def demo_data(tmp_path_factory) -> dict:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # The same two harmless warnings vlp.data.transforms silences for users (pytest resets filters):
+    # torchvision 0.29 deprecating its JPEG decoder, and decode_jpeg reading a read-only bytes buffer.
+    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
+    config.addinivalue_line("filterwarnings", "ignore:The given buffer is not writable:UserWarning")

@@ -5,6 +5,7 @@ single-process code calls it unconditionally.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -32,7 +33,9 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     over ranks and hands each rank the slice of its own input (reduce-scatter)."""
     if not is_initialized() or torch.distributed.get_world_size() == 1:
         return tensor
-    return torch.cat(torch.distributed.nn.all_gather(tensor), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the autograd-aware gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(torch.distributed.nn.all_gather(tensor), dim=0)
 
 
 def all_gather_no_grad(tensor: torch.Tensor, rank: Optional[int] = None) -> torch.Tensor:

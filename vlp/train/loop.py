@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,12 @@ def train(cfg: Config) -> dict:
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.run.precision]
     paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
     report_to = None if cfg.run.report_to in (None, "none") else cfg.run.report_to
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps process-wide state; a second run in this process (a sweep, a notebook)
+        # may ask for another precision.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     # cpu=True on machines without CUDA: accelerate then sets up multi-process CPU runs (gloo) under torchrun.
     accelerator = Accelerator(mixed_precision=precision, log_with=report_to, project_dir=str(paths.root),
                               cpu=not torch.cuda.is_available())
