@@ -19,6 +19,8 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 else
   # Reused environment: only (re)point the editable install at this clone.
-  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+  log=$(mktemp)
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
+  rm -f "$log"
 fi
 ln -sfn "$venv" .venv

@@ -140,12 +140,14 @@ def train(cfg: Config) -> dict:
     if cfg.model.torchcompile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # The plain module inside the DDP/compile wrappers (same parameters): what is saved, evaluated, clamped.
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)
     loss_fn = build_loss(cfg.loss, rank=rank, world_size=world)
 
     step, epoch, loader_state = 0, 0, None
     if resume_from is not None:
         state = ckpt.load_state(resume_from)
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if accelerator.scaler is not None and state.get("scaler"):
@@ -173,7 +175,7 @@ def train(cfg: Config) -> dict:
         if main:
             state = {
                 "step": at_step, "epoch": epoch,
-                "model": accelerator.unwrap_model(model).state_dict(),
+                "model": net.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": rngs, "loader": loaders,
@@ -188,7 +190,6 @@ def train(cfg: Config) -> dict:
             return {}
         from vlp.eval import evaluate
 
-        net = accelerator.unwrap_model(model)
         was_training = net.training
         net.eval()
         flat = {}
@@ -241,7 +242,7 @@ def train(cfg: Config) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            clamp_logit_scale(model)  # unwraps DDP/compile itself
+            clamp_logit_scale(net)
             step += 1
             bar.update(1)
 
@@ -249,7 +250,6 @@ def train(cfg: Config) -> dict:
                 now = time.perf_counter()
                 rate = samples_per_step * (step - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
-                net = accelerator.unwrap_model(model)
                 last = {f"train/{k}": reduce_mean(v.float()).item() for k, v in losses.items()}
                 last.update({
                     "train/logit_scale": net.logit_scale.exp().item(),
@@ -273,7 +273,6 @@ def train(cfg: Config) -> dict:
 
     save(step)
     if main:
-        net = accelerator.unwrap_model(model)
         import open_clip
 
         export_open_clip(net, bundle.model_cfg, open_clip.get_model_preprocess_cfg(net), paths.export)
