@@ -1,13 +1,12 @@
 """train.py under torchrun with 2 CPU processes (gloo): it runs, and a resumed run continues each rank's stream."""
-import json
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import repo_root
+from tests.test_train_loop import _losses
 
 
 def _free_port() -> int:
@@ -23,11 +22,6 @@ def _torchrun(args, logs):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def _losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 @pytest.mark.parametrize("loss_flags", [["--gather-with-grad", "--local-loss"]])
