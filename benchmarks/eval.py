@@ -124,7 +124,7 @@ def retrieval_memory(n_captions: int, per_image: int, dim: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="configs/models/vlp-tiny.json")
+    p.add_argument("--model", default="vlp-tiny")
     p.add_argument("--checkpoint", default=None, help="vlp checkpoint (default: random weights)")
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--templates", type=int, default=4)

@@ -92,7 +92,7 @@ PRECISION_TO_OPEN_CLIP = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "configs/models/vlp-tiny.json"),
+    p.add_argument("--model", default="vlp-tiny",
                    help="open_clip model name or JSON model config (the CPU comparison)")
     p.add_argument("--train-data", default=None,
                    help="shards to decode batches from (brace/glob pattern or folder); default: demo shards "

@@ -1,7 +1,7 @@
 """Train a small sentencepiece tokenizer on shard captions and write a matching open_clip model config.
 
     python -m data_tools.train_tokenizer --train-data 'demo_data/train/{00000..00019}.tar' \\
-        --vocab-size 2000 --out tok/demo --base-config configs/models/vlp-tiny.json
+        --vocab-size 2000 --out tok/demo --base-config vlp/model_configs/vlp-tiny.json
 
 writes `tok/demo.model` (+ `.vocab`) and `tok/demo.json`, an open_clip model config copied from the
 base config with `text_cfg` set to this vocabulary (`vocab_size`, `eos_id`, `pad_id`, `pool_type: eos`),
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rewrites", action="store_true", help="ignore the 'rewrites' list in each sample's .json")
     p.add_argument("--max-sentences", type=int, default=None, help="stop reading after this many sentences")
     p.add_argument("--base-config", default=None,
-                   help="open_clip model config JSON to derive OUT.json from (e.g. configs/models/vlp-tiny.json)")
+                   help="open_clip model config JSON to derive OUT.json from (e.g. vlp/model_configs/vlp-tiny.json)")
     p.add_argument("--context-length", type=int, default=None, help="override text_cfg.context_length in OUT.json")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -163,7 +163,7 @@ def test_bad_input(micro, micro_model_json, sets, tmp_path, capsys):
     # a checkpoint of another architecture
     other = tmp_path / "other.pt"
     torch.save({"state_dict": micro.model.state_dict()}, other)
-    assert "does not fit" in _fails(["--checkpoint", str(other), "--model", str(Path(__file__).resolve().parents[1] / "configs/models/vlp-tiny.json"),
+    assert "does not fit" in _fails(["--checkpoint", str(other), "--model", "vlp-tiny",
                                      "--data", sets["colors"]], capsys, tmp_path / "o5")
     # an open_clip file without a model name; a path that does not exist
     assert "--model" in _fails(["--checkpoint", str(other), "--data", sets["colors"]], capsys, tmp_path / "o6")

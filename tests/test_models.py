@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 
-from tests.conftest import MICRO_CFG, repo_root
+from tests.conftest import MICRO_CFG
 from vlp.config import ConfigError
 from vlp.models import create_model, export_open_clip, load_checkpoint, model_identity
 
@@ -92,5 +92,5 @@ def test_checkpoint_of_another_architecture_is_one_clear_error(micro_model_json,
     path = tmp_path / "other.pt"
     torch.save({"state_dict": bundle.model.state_dict()}, path)
     with pytest.raises(ConfigError) as err:
-        load_checkpoint(str(path), model_name=str(repo_root() / "configs" / "models" / "vlp-tiny.json"))
+        load_checkpoint(str(path), model_name="vlp-tiny")
     assert "does not fit this architecture" in str(err.value) and "\n" not in str(err.value)

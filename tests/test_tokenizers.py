@@ -18,7 +18,7 @@ def spm_dir(tmp_path_factory):
     write_train(d / "train", 60, 32, 30, seed=0, progress=False)
     rc = train_tokenizer.main(["--train-data", str(d / "train" / "{00000..00001}.tar"), "--vocab-size", "120",
                                "--out", str(d / "tok" / "demo-spm"), "--base-config",
-                               str(ROOT / "configs/models/vlp-tiny.json"), "--no-progress"])
+                               str(ROOT / "vlp/model_configs/vlp-tiny.json"), "--no-progress"])
     assert rc == 0
     return d / "tok"
 
@@ -53,7 +53,7 @@ def test_pickle_roundtrip(spm_dir):
 
 def test_model_config_written(spm_dir):
     cfg = json.loads((spm_dir / "demo-spm.json").read_text())
-    base = json.loads((ROOT / "configs/models/vlp-tiny.json").read_text())
+    base = json.loads((ROOT / "vlp/model_configs/vlp-tiny.json").read_text())
     tok = SentencePieceTokenizer(spm_dir / "demo-spm.model")
     assert cfg["vision_cfg"] == base["vision_cfg"]
     t = cfg["text_cfg"]

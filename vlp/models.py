@@ -19,6 +19,9 @@ import torch
 
 from vlp.config import ConfigError
 
+# vlp's own small architectures (`vlp-tiny`, for CPU runs) are known to open_clip by name.
+open_clip.add_model_config(Path(__file__).parent / "model_configs")
+
 EXPORT_CONFIG = "open_clip_config.json"
 EXPORT_WEIGHTS = "open_clip_model.safetensors"
 
