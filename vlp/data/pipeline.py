@@ -380,7 +380,7 @@ class TrainLoader:
                 self._workers_state[int(meta["worker"])] = meta
                 self._batches_done += 1
                 self._check_bad(final=self._batches_done >= plan.batches)
-                yield images, texts
+                yield self.transform.normalize(images), texts
         except DataError as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             last = lines[-1] if lines else "data error"
