@@ -43,6 +43,23 @@ def _pool_index(model, tok: torch.Tensor) -> Optional[torch.Tensor]:
     return None
 
 
+def _supports_prefix_sharing(model) -> bool:
+    """open_clip's plain causal text blocks: batch-first self-attention with packed q/k/v projections."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    blocks = getattr(getattr(model, "transformer", None), "resblocks", [])
+    return len(blocks) > 0 and all(
+        type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") and b.attn.batch_first
+        and b.attn._qkv_same_embed_dim and b.attn.bias_k is None and not b.attn.add_zero_attn for b in blocks)
+
+
+def _project(model, x: torch.Tensor) -> torch.Tensor:
+    proj = model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
 def _encode_text_prefix(model, tok: torch.Tensor) -> torch.Tensor:
     """open_clip `CLIP.encode_text` run on the first L tokens only, L = last pooled position + 1.
 
@@ -55,31 +72,98 @@ def _encode_text_prefix(model, tok: torch.Tensor) -> torch.Tensor:
     x = model.token_embedding(t).to(cast) + model.positional_embedding[:n].to(cast)
     x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
     x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), idx]
-    proj = model.text_projection
-    if proj is not None:
-        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-    return x
+    return _project(model, x[torch.arange(x.shape[0], device=x.device), idx])
+
+
+def _shared_prefix_len(tok: torch.Tensor, idx: torch.Tensor) -> int:
+    """How many leading tokens every row shares, kept short of every row's pooled position."""
+    same = (tok == tok[:1]).all(dim=0).int().cumprod(0)
+    return min(int(same.sum()), int(idx.min()))
+
+
+def _qkv(attn: torch.nn.MultiheadAttention, h: torch.Tensor):
+    """nn.MultiheadAttention's packed input projection, split into heads: 3 x [B, heads, L, head_dim]."""
+    B, L, D = h.shape
+    H = attn.num_heads
+    q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+class _SharedPrefix:
+    """The keys and values of a token prefix that several texts share (e.g. one template's "a photo of a"),
+    computed once per layer. With a causal mask a prefix's states do not depend on what follows it, so each
+    text then runs only its own suffix tokens, attending to the cached prefix: exact, not an approximation
+    (the same attention nn.MultiheadAttention computes, on fewer rows)."""
+
+    def __init__(self, model, prefix: torch.Tensor):
+        self.model, self.P = model, prefix.shape[1]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(prefix).to(cast) + model.positional_embedding[:self.P].to(cast)
+        self.kv = []
+        for blk in model.transformer.resblocks:
+            x, k, v = self._block(blk, x, None, model.attn_mask[:self.P, :self.P])
+            self.kv.append((k, v))
+
+    @staticmethod
+    def _block(blk, x, cached, mask):
+        h = blk.ln_1(x)
+        q, k, v = _qkv(blk.attn, h)
+        if cached is not None:
+            B = x.shape[0]
+            k = torch.cat([cached[0].expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([cached[1].expand(B, -1, -1, -1), v], dim=2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+        a = blk.attn.out_proj(a.transpose(1, 2).reshape(x.shape))
+        x = x + blk.ls_1(a)
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x))), k, v
+
+    def encode(self, tok: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Text features of rows `tok` (full token rows starting with the prefix), pooled at `idx`."""
+        m, P = self.model, self.P
+        end = int(idx.max()) + 1
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tok[:, P:end]).to(cast) + m.positional_embedding[P:end].to(cast)
+        mask = m.attn_mask[P:end, :end]
+        for blk, cached in zip(m.transformer.resblocks, self.kv):
+            x, _, _ = self._block(blk, x, cached, mask)
+        x = m.ln_final(x)
+        return _project(m, x[torch.arange(x.shape[0], device=x.device), idx - P])
 
 
 @torch.no_grad()
 def encode_texts(model, tokenizer: Callable, texts: list[str], *, device="cpu", batch_size: int = 256,
-                 amp: bool = False, progress: bool = False, desc: str = "texts", trim: bool = True) -> torch.Tensor:
+                 amp: bool = False, progress: bool = False, desc: str = "texts", trim: bool = True,
+                 groups: Optional[list[list[int]]] = None) -> torch.Tensor:
     """L2-normalised text embeddings [M, D] (float32, CPU) in the order of `texts`.
 
     With `trim` (default) and an open_clip CLIP text tower, texts are batched by token length and each batch
-    runs only up to its longest text's end-of-text token (see `_encode_text_prefix`)."""
+    runs only up to its longest text's end-of-text token (see `_encode_text_prefix`). `groups` (lists of
+    row indices, e.g. one template's prompts for every class) lets rows that share a token prefix run it once
+    (`_SharedPrefix`)."""
     if not texts:
         return torch.empty(0, 0)
     tok = tokenizer(texts)
     pool = _pool_index(model, tok) if trim else None
-    order = torch.argsort(pool, stable=True) if pool is not None else torch.arange(len(texts))
+    if pool is None or not groups or not _supports_prefix_sharing(model):
+        groups = [list(range(len(texts)))]
     out = None
-    for s in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
-        rows = order[s:s + batch_size]
+    jobs = []
+    for g in groups:
+        rows = torch.as_tensor(g, dtype=torch.long)
+        shared = _shared_prefix_len(tok[rows], pool[rows]) if pool is not None and len(groups) > 1 else 0
+        with autocast(device, amp):
+            prefix = _SharedPrefix(model, tok[rows[:1], :shared].to(device)) if shared >= 2 else None
+        rows = rows[torch.argsort(pool[rows], stable=True)] if pool is not None else rows
+        jobs += [(rows[s:s + batch_size], prefix) for s in range(0, len(rows), batch_size)]
+    for rows, prefix in tqdm(jobs, desc=desc, disable=not progress, unit="batch", leave=False):
         t = tok[rows].to(device)
         with autocast(device, amp):
-            feats = _encode_text_prefix(model, t) if pool is not None else model.encode_text(t)
+            if prefix is not None:
+                feats = prefix.encode(t, pool[rows].to(device))
+            elif pool is not None:
+                feats = _encode_text_prefix(model, t)
+            else:
+                feats = model.encode_text(t)
         feats = F.normalize(feats.float(), dim=-1).cpu()
         if out is None:
             out = torch.empty(len(texts), feats.shape[1])

@@ -23,8 +23,11 @@ def build_classifier(model, tokenizer: Callable, classnames: list[str], template
                      batch_size: int = 256, amp: bool = False, progress: bool = False) -> torch.Tensor:
     """Class embeddings W [C, D] (float32, unit norm, on CPU)."""
     prompts, counts = fill_templates(classnames, templates)
+    # One template's prompts (every class) share its leading words: encode them as a group.
+    T = counts[0]
+    groups = [list(range(j, len(prompts), T)) for j in range(T)] if len(set(counts)) == 1 else None
     emb = encode_texts(model, tokenizer, prompts, device=device, batch_size=batch_size, amp=amp,
-                       progress=progress, desc="class prompts")
+                       progress=progress, desc="class prompts", groups=groups)
     emb = F.normalize(emb, dim=-1)
     if len(set(counts)) == 1:
         w = emb.view(len(classnames), counts[0], -1).mean(dim=1)

@@ -1,0 +1,39 @@
+"""Fast text encoding paths equal open_clip's encode_text: trimmed batches and shared template prefixes."""
+import torch
+import torch.nn.functional as F
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+from vlp.eval.datasets import fill_templates
+from vlp.eval.encode import _SharedPrefix, encode_texts
+from vlp.eval.zeroshot import build_classifier
+from vlp.models import create_model
+
+
+def test_shared_prefix_encoding_equals_encode_text(micro_model_json):
+    torch.manual_seed(0)
+    bundle = create_model(micro_model_json)
+    model = bundle.model.eval()
+    classes, templates = IMAGENET_CLASSNAMES[:40], OPENAI_IMAGENET_TEMPLATES[:6]
+    prompts, counts = fill_templates(classes, templates)
+    groups = [list(range(j, len(prompts), counts[0])) for j in range(counts[0])]
+    with torch.no_grad():
+        ref = F.normalize(model.encode_text(bundle.tokenizer(prompts)), dim=-1)
+    calls = []
+    real_init = _SharedPrefix.__init__
+
+    def counting_init(self, m, prefix):
+        calls.append(prefix.shape[1])
+        real_init(self, m, prefix)
+
+    _SharedPrefix.__init__ = counting_init
+    try:
+        grouped = encode_texts(model, bundle.tokenizer, prompts, batch_size=16, groups=groups)
+    finally:
+        _SharedPrefix.__init__ = real_init
+    assert len(calls) == len(templates) and min(calls) >= 3  # one prefix per template, really shared
+    assert torch.allclose(grouped, ref, atol=2e-6)
+    assert torch.allclose(encode_texts(model, bundle.tokenizer, prompts, batch_size=16), ref, atol=2e-6)
+    # The classifier built this way is open_clip's template-ensemble classifier.
+    w = build_classifier(model, bundle.tokenizer, classes, templates, batch_size=16)
+    expected = F.normalize(ref.view(len(classes), len(templates), -1).mean(1), dim=-1)
+    assert torch.allclose(w, expected, atol=2e-6)
