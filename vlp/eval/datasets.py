@@ -423,43 +423,6 @@ def _collate(batch):
     return batch
 
 
-def _prefetched(iterable, depth: int = 2):
-    """Iterate `iterable` in a background thread, `depth` items ahead; its exceptions re-raise here."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for item in iterable:
-                if stop.is_set():
-                    return
-                q.put((item, None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put((None, e))
-        q.put((done, None))
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = q.get()
-            if err is not None:
-                raise err
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
-
 
 def iter_batches(samples: list[Sample], preprocess: Callable, batch_size: int, num_workers: int = 0
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -470,9 +433,7 @@ def iter_batches(samples: list[Sample], preprocess: Callable, batch_size: int, n
         num_workers = max(1, min(num_workers, per_worker // 8 or 1))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                                          persistent_workers=False)
-    # In-process decoding runs in a thread one batch ahead: PIL and torch release the GIL, so the next
-    # batch decodes while the model encodes this one.
-    for batch in (_prefetched(loader) if num_workers == 0 else loader):
+    for batch in loader:
         for _, x, err in batch:
             if err is not None:
                 raise EvalError(err)
