@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -289,9 +288,3 @@ def validate(cfg: Config) -> Config:
     if r.keep_checkpoints < 1:
         raise ConfigError("--keep-checkpoints must be at least 1")
     return cfg
-
-
-def main_error(exc: Exception) -> None:
-    """Print a one-line error and exit non-zero (used by the CLIs)."""
-    print(f"error: {exc}", file=sys.stderr)
-    raise SystemExit(2)
