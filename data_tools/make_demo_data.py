@@ -16,35 +16,31 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-import webdataset as wds
 from tqdm import tqdm
 
 from vlp.data import demo_world as W
+from vlp.data.tario import ShardWriter
 
 
-def _shards(out_dir: Path, pattern: str, maxcount: int) -> wds.ShardWriter:
+def _shards(out_dir: Path, pattern: str, maxcount: int) -> ShardWriter:
     out_dir.mkdir(parents=True, exist_ok=True)
-    return wds.ShardWriter(str(out_dir / pattern), maxcount=maxcount, verbose=0)
+    return ShardWriter(str(out_dir / pattern), maxcount)
 
 
 def write_train(out: Path, n: int, image_size: int, per_shard: int, seed: int, progress: bool = True) -> None:
     rng = random.Random(seed)
-    sizes: dict[str, int] = {}
     with _shards(out, "%05d.tar", per_shard) as sink:
         for i in tqdm(range(n), desc="train shards", disable=not progress, unit="img"):
             things = W.random_scene(rng)
             captions = W.phrasings(things, rng)
             key = f"{i:09d}"
-            sink.write({
-                "__key__": key,
+            sink.write(key, {
                 "jpg": W.encode_jpeg(W.render(things, image_size, rng)),
-                "txt": captions[0],
+                "txt": captions[0].encode(),
                 "json": json.dumps({"key": key, "caption": captions[0], "rewrites": captions[1:],
-                                    "objects": [asdict(t) for t in things]}),
+                                    "objects": [asdict(t) for t in things]}).encode(),
             })
-            name = f"{i // per_shard:05d}.tar"
-            sizes[name] = sizes.get(name, 0) + 1
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    (out / "sizes.json").write_text(json.dumps(sink.sizes, indent=1))
 
 
 def _eval_root(root: Path, classnames: list[str] | None, templates: list[str] | None, dataset_type: str) -> Path:
@@ -74,7 +70,7 @@ def write_classification(root: Path, attribute: str, n: int, image_size: int, se
                 color=classes[cls] if attribute == "color" else rng.choice(list(W.COLORS)),
                 shape=classes[cls] if attribute == "shape" else rng.choice(W.SHAPES),
                 size=rng.choice(list(W.SIZES)), position=rng.choice(list(W.POSITIONS)))
-            sink.write({"__key__": f"s{i:07d}", "png": W.encode_png(W.render([t], image_size, rng)), "cls": str(cls)})
+            sink.write(f"s{i:07d}", {"png": W.encode_png(W.render([t], image_size, rng)), "cls": str(cls).encode()})
     _finish(split)
 
 
@@ -86,8 +82,8 @@ def write_retrieval(root: Path, n: int, image_size: int, seed: int, per_shard: i
         for i in range(n):
             things = W.random_scene(rng)
             captions = W.phrasings(things, rng)[1:4]
-            sink.write({"__key__": f"s{i:07d}", "png": W.encode_png(W.render(things, image_size, rng)),
-                        "txt": "\n".join(captions)})
+            sink.write(f"s{i:07d}", {"png": W.encode_png(W.render(things, image_size, rng)),
+                                     "txt": "\n".join(captions).encode()})
     _finish(split)
 
 
