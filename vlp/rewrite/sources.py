@@ -61,38 +61,35 @@ def _clean_line(s: str) -> str:
 
 
 def iter_shards(urls: list[str], field_name: str = "rewrites") -> Iterator[Record]:
-    """Every sample, keyed by `__key__` (read with webdataset, which groups tar members by key); the caption is
-    its `.txt`, else the `caption` in its `.json`, else empty (so that row i is always the i-th sample)."""
-    import webdataset as wds
+    """Every sample, keyed as the loader and `add_rewrites` key it (`vlp.data.tario`); the caption is its `.txt`,
+    else the `caption` in its `.json`, else empty (so that row i is always the i-th sample)."""
+    from vlp.data.tario import TarError, iter_samples
 
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None,
-                        handler=_raise_one_line)
-    for sample in ds:
-        fields = [k for k in sample if not k.startswith("__")]
-        if not fields:  # webdataset 1.x emits an empty record at the end of each shard
-            continue
-        meta = None
-        raw = sample.get("json")
-        if raw is not None:
-            try:
-                meta = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                meta = None
-        meta = meta if isinstance(meta, dict) else {}
-        txt = sample.get("txt")
-        if txt is not None:
-            caption = txt.decode("utf-8", errors="replace") if isinstance(txt, bytes) else str(txt)
-        else:  # keep the sample (and the row order) even without a .txt
-            caption = str(meta.get("caption", ""))
-        got = meta.get(field_name)
-        rewrites = [_clean_line(str(r)) for r in got if str(r).strip()] if isinstance(got, list) else []
-        source = meta.get("source")
-        yield Record(key=str(sample["__key__"]), caption=_clean_line(caption), rewrites=rewrites,
-                     extra=str(source) if source is not None else None)
+    for url in urls:
+        try:
+            for _, key, files in iter_samples(url, exts=("txt", "json")):
+                yield _shard_record(key, files, field_name)
+        except TarError as e:
+            raise InputError(f"cannot read shard: {str(e).splitlines()[0][:200]}") from None
 
 
-def _raise_one_line(exn):
-    raise InputError(f"cannot read shard: {str(exn).splitlines()[0][:200]}")
+def _shard_record(key: str, files: dict[str, bytes], field_name: str) -> Record:
+    meta = None
+    raw = files.get("json")
+    if raw is not None:
+        try:
+            meta = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            meta = None
+    meta = meta if isinstance(meta, dict) else {}
+    txt = files.get("txt")
+    # keep the sample (and the row order) even without a .txt
+    caption = txt.decode("utf-8", errors="replace") if txt is not None else str(meta.get("caption", ""))
+    got = meta.get(field_name)
+    rewrites = [_clean_line(str(r)) for r in got if str(r).strip()] if isinstance(got, list) else []
+    source = meta.get("source")
+    return Record(key=key, caption=_clean_line(caption), rewrites=rewrites,
+                  extra=str(source) if source is not None else None)
 
 
 def iter_csv(path: str) -> Iterator[Record]:
