@@ -137,8 +137,7 @@ def run(a: argparse.Namespace) -> int:
             bundle = load_checkpoint(path, model_name=a.model, tokenizer=a.tokenizer, device=device)
             pretrained = path
         if step is None and path is not None:
-            meta_step = _stored_step(path)
-            step = meta_step
+            step = (read_checkpoint_meta(path) or {}).get("step")
         if len(jobs) > 1 and not a.quiet:
             print(f"[{i + 1}/{len(jobs)}] {path}", file=sys.stderr)
         results += evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_val, sets, device=device,
@@ -152,18 +151,6 @@ def run(a: argparse.Namespace) -> int:
     print(summary_table(results))
     print(f"wrote {len(written)} file(s) to {out_dir}", file=sys.stderr)
     return 0
-
-
-def _stored_step(path: str) -> Optional[int]:
-    """The `step` a vlp checkpoint records (None for other files)."""
-    import torch
-
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001
-        return None
-    step = ck.get("step") if isinstance(ck, dict) and "model_cfg" in ck else None
-    return int(step) if isinstance(step, (int, float)) or hasattr(step, "item") else None
 
 
 if __name__ == "__main__":

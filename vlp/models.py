@@ -182,14 +182,16 @@ def load_checkpoint(path: str, model_name: Optional[str] = None, tokenizer: Opti
 
 
 def read_checkpoint_meta(path: str) -> Optional[dict]:
-    """The model identity stored in a vlp checkpoint, or None for other files."""
+    """The model identity (and training step) stored in a vlp checkpoint, or None for other files."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001
         return None
     if isinstance(ckpt, dict) and "model_cfg" in ckpt and "model_name" in ckpt:
+        step = ckpt.get("step")
         return {"model_name": ckpt["model_name"], "model_cfg": json.loads(ckpt["model_cfg"]),
-                "tokenizer": ckpt.get("tokenizer")}
+                "tokenizer": ckpt.get("tokenizer"),
+                "step": int(step) if isinstance(step, (int, float)) or hasattr(step, "item") else None}
     return None
 
 
