@@ -37,3 +37,37 @@ def test_shared_prefix_encoding_equals_encode_text(micro_model_json):
     w = build_classifier(model, bundle.tokenizer, classes, templates, batch_size=16)
     expected = F.normalize(ref.view(len(classes), len(templates), -1).mean(1), dim=-1)
     assert torch.allclose(w, expected, atol=2e-6)
+
+
+def test_cpu_chunks_fit_the_cache_and_change_nothing(micro_model_json, monkeypatch):
+    import vlp.eval.encode as E
+
+    torch.manual_seed(0)
+    bundle = create_model(micro_model_json)
+    model = bundle.model.eval()
+    prompts, counts = fill_templates(IMAGENET_CLASSNAMES[:60], OPENAI_IMAGENET_TEMPLATES[:3])
+    groups = [list(range(j, len(prompts), counts[0])) for j in range(counts[0])]
+    images = torch.randn(40, 3, 32, 32)
+    with torch.no_grad():
+        ref_txt = F.normalize(model.encode_text(bundle.tokenizer(prompts)), dim=-1)
+        ref_img = F.normalize(model.encode_image(images), dim=-1)
+    # A 16 KiB "L2": every call is cut down to the MIN_CHUNK_TOKENS floor.
+    monkeypatch.setattr(E, "_l2_bytes", lambda: 16 * 2**10)
+    tokens, width = E._image_tokens(model)
+    rows = E.cpu_chunk_rows("cpu", tokens, width)
+    assert rows == -(-E.MIN_CHUNK_TOKENS // tokens) < len(images) and E.cpu_chunk_rows("cuda", tokens, width) is None
+    sizes = []
+    real = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda x: sizes.append(len(x)) or real(x))
+    img = E._embed_tensor_batches(model, [(torch.arange(40), images)], 40, "cpu", False)
+    assert max(sizes) == rows and sum(sizes) == 40
+    assert torch.allclose(img, ref_img, atol=2e-6)
+
+    pool = E._pool_index(model, bundle.tokenizer(prompts))
+    order = torch.argsort(pool, stable=True)
+    chunks = list(E._chunks(order, pool, 64, "cpu", E._text_width(model)))
+    assert torch.equal(torch.cat(chunks), order) and len(chunks) > len(prompts) // 64 + 1
+    for c in chunks:
+        assert len(c) <= max(E.cpu_chunk_rows("cpu", int(pool[c].max()) + 1, E._text_width(model)), 1)
+    txt = encode_texts(model, bundle.tokenizer, prompts, batch_size=64, groups=groups)
+    assert torch.allclose(txt, ref_txt, atol=2e-6)

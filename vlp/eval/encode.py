@@ -18,6 +18,32 @@ from vlp.eval.datasets import Sample, iter_batches
 
 CACHE_BYTES = int(os.environ.get("VLP_EVAL_CACHE_MB", "1024")) * 2**20
 _image_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+MIN_CHUNK_TOKENS = 512   # below this many tokens per call the matmuls themselves get inefficient
+
+
+def _l2_bytes() -> int:
+    """One core's L2 cache (Linux sysfs), 1 MiB when unknown."""
+    try:
+        text = open("/sys/devices/system/cpu/cpu0/cache/index2/size").read().strip().upper()
+        mult = {"K": 2**10, "M": 2**20}.get(text[-1:], 1)
+        return int(text.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        return 2**20
+
+
+def cpu_chunk_rows(device, seq_len: int, width: int) -> Optional[int]:
+    """Rows per transformer call on CPU: few enough that one [rows, seq_len, width] float32 activation fits in
+    half a core's L2 cache, yet at least MIN_CHUNK_TOKENS tokens. None (one call per batch) elsewhere.
+
+    A CPU forward over a batch whose activations spill out of L2 runs from L3 or memory: on a 2-core EPYC
+    (1 MiB L2 per core), vlp-tiny's image tower took 0.51-0.57 s for 512 images in calls of 256 and
+    0.33 s in calls of 32; its text tower 0.33 s for 4000 prompts in calls of 256 and 0.23 s in calls of
+    128; ViT-B-32 7.6 s for 128 images in one call and 6.5 s in calls of 8. Results are the same up to
+    float rounding (each row is computed on its own)."""
+    if torch.device(device).type != "cpu" or seq_len <= 0 or width <= 0:
+        return None
+    fit = (_l2_bytes() // 2) // (seq_len * width * 4)
+    return max(1, fit, -(-MIN_CHUNK_TOKENS // seq_len))
 
 
 def autocast(device, amp: bool):
@@ -25,6 +51,19 @@ def autocast(device, amp: bool):
     if not amp:
         return contextlib.nullcontext()
     return torch.autocast(dev, dtype=torch.bfloat16 if dev == "cpu" else torch.float16)
+
+
+def _text_width(model) -> int:
+    return getattr(getattr(model, "transformer", None), "width", 0)
+
+
+def _image_tokens(model) -> tuple[int, int]:
+    """(tokens, width) of an open_clip ViT image tower's residual stream; (0, 0) for other towers."""
+    v = getattr(model, "visual", None)
+    grid, tf = getattr(v, "grid_size", None), getattr(v, "transformer", None)
+    if grid is None or not hasattr(tf, "width"):
+        return 0, 0
+    return int(grid[0]) * int(grid[1]) + 1, int(tf.width)
 
 
 def _pool_index(model, tok: torch.Tensor) -> Optional[torch.Tensor]:
@@ -133,16 +172,16 @@ class _SharedPrefix:
 @torch.no_grad()
 def encode_texts(model, tokenizer: Callable, texts: list[str], *, device="cpu", batch_size: int = 256,
                  amp: bool = False, progress: bool = False, desc: str = "texts", trim: bool = True,
-                 groups: Optional[list[list[int]]] = None) -> torch.Tensor:
+                 groups: Optional[list[list[int]]] = None, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L2-normalised text embeddings [M, D] (float32, CPU) in the order of `texts`.
 
     With `trim` (default) and an open_clip CLIP text tower, texts are batched by token length and each batch
     runs only up to its longest text's end-of-text token (see `_encode_text_prefix`). `groups` (lists of
     row indices, e.g. one template's prompts for every class) lets rows that share a token prefix run it once
-    (`_SharedPrefix`)."""
+    (`_SharedPrefix`). `tokens`: `tokenizer(texts)` when the caller already has it."""
     if not texts:
         return torch.empty(0, 0)
-    tok = tokenizer(texts)
+    tok = tokenizer(texts) if tokens is None else tokens
     pool = _pool_index(model, tok) if trim else None
     if pool is None or not groups or not _supports_prefix_sharing(model):
         groups = [list(range(len(texts)))]
@@ -154,7 +193,7 @@ def encode_texts(model, tokenizer: Callable, texts: list[str], *, device="cpu", 
         with autocast(device, amp):
             prefix = _SharedPrefix(model, tok[rows[:1], :shared].to(device)) if shared >= 2 else None
         rows = rows[torch.argsort(pool[rows], stable=True)] if pool is not None else rows
-        jobs += [(rows[s:s + batch_size], prefix) for s in range(0, len(rows), batch_size)]
+        jobs += [(chunk, prefix) for chunk in _chunks(rows, pool, batch_size, device, _text_width(model))]
     for rows, prefix in tqdm(jobs, desc=desc, disable=not progress, unit="batch", leave=False):
         t = tok[rows].to(device)
         with autocast(device, amp):
@@ -171,11 +210,28 @@ def encode_texts(model, tokenizer: Callable, texts: list[str], *, device="cpu", 
     return out
 
 
+def _chunks(rows: torch.Tensor, pool: Optional[torch.Tensor], batch_size: int, device, width: int):
+    """Consecutive slices of `rows` (sorted by pooled position when `pool` is given) of at most `batch_size`,
+    and on CPU at most `cpu_chunk_rows` for the slice's longest text."""
+    s = 0
+    while s < len(rows):
+        n = min(batch_size, len(rows) - s)
+        while pool is not None:
+            cap = cpu_chunk_rows(device, int(pool[rows[s + n - 1]]) + 1, width)
+            if cap is None or cap >= n:
+                break
+            n = cap
+        yield rows[s:s + n]
+        s += n
+
+
 def _embed_tensor_batches(model, batches, n: int, device, amp: bool) -> torch.Tensor:
     feats = None
+    rows = cpu_chunk_rows(device, *_image_tokens(model))
     for idx, x in batches:
+        x = x.to(device, non_blocking=True)
         with autocast(device, amp):
-            f = model.encode_image(x.to(device, non_blocking=True))
+            f = torch.cat([model.encode_image(c) for c in x.split(rows or len(x))])
         f = F.normalize(f.float(), dim=-1).cpu()
         if feats is None:
             feats = torch.empty(n, f.shape[1])

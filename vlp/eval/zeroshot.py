@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from vlp.eval.datasets import fill_templates
 from vlp.eval.encode import encode_texts
+from vlp.eval.prompt_tokens import tokenize_prompts
 
 LOGIT_SCALE = 100.0   # CLIP_benchmark's fixed scale for zero-shot logits (order-preserving; kept for parity)
 
@@ -27,7 +28,8 @@ def build_classifier(model, tokenizer: Callable, classnames: list[str], template
     T = counts[0]
     groups = [list(range(j, len(prompts), T)) for j in range(T)] if len(set(counts)) == 1 else None
     emb = encode_texts(model, tokenizer, prompts, device=device, batch_size=batch_size, amp=amp,
-                       progress=progress, desc="class prompts", groups=groups)
+                       progress=progress, desc="class prompts", groups=groups,
+                       tokens=tokenize_prompts(tokenizer, prompts, classnames, templates))
     emb = F.normalize(emb, dim=-1)
     if len(set(counts)) == 1:
         w = emb.view(len(classnames), counts[0], -1).mean(dim=1)
