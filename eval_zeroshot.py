@@ -6,8 +6,8 @@
         --data '/data/imagenet/val?classnames=imagenet' '/data/coco_5k.csv?name=coco' --output results/
 
 --checkpoint: a vlp checkpoint (knows its model), an export folder, an open_clip weights file (give --model),
-or a run folder (evaluates RUN/checkpoints/step_*.pt in step order; output defaults to RUN/eval and a
-metrics_vs_step.png is drawn). Without --checkpoint, --model is scored with random weights.
+or a run folder (vlp's RUN/checkpoints/step_*.pt in step order, or open_clip_train's epoch_N.pt in epoch
+order, given --model; output defaults to RUN/eval and a metrics_vs_step.png is drawn). Without --checkpoint, --model is scored with random weights.
 --data: CLIP_benchmark wds roots, image folders (one sub-folder per class) or CSV/TSV/JSONL caption files, each
 optionally followed by `?name=..&task=..&classnames=..&templates=..&split=..&root=..` (quote it in the shell;
 see vlp/eval/datasets.py).
@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+# What a run folder's checkpoint names count: vlp writes step_XXXXXXXX.pt, open_clip_train epoch_N.pt
+# (its epoch_latest.pt repeats the newest one and is skipped).
+RUN_CHECKPOINTS = (("step", re.compile(r"^step_(\d+)\.pt$")), ("epoch", re.compile(r"^epoch_(\d+)\.pt$")))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,20 +50,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recall-k", "--recall_k", dest="recall_k", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--per-class", action="store_true", help="add per-class accuracy and top confusions to the JSON")
     p.add_argument("--no-geometry", action="store_true", help="skip the geometry figures")
-    p.add_argument("--steps", default=None, help="run folder only: evaluate only these steps, e.g. '1000,2000'")
+    p.add_argument("--steps", default=None,
+                   help="run folder only: evaluate only these steps (epochs for open_clip_train runs), e.g. '1000,2000'")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
-def find_checkpoints(path: Path) -> Optional[list[tuple[int, Path]]]:
-    """A run folder's (or checkpoints folder's) step checkpoints in step order; None if `path` is neither."""
+def find_checkpoints(path: Path) -> Optional[tuple[str, list[tuple[int, Path]]]]:
+    """A run folder's (or checkpoints folder's) checkpoints in order, with what their number counts ("step" or
+    "epoch"); None if `path` is not a folder."""
     if not path.is_dir():
         return None
     ckdir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = sorted((int(m.group(1)), p) for p in ckdir.iterdir() if (m := STEP_RE.match(p.name)))
-    if found or (path / "checkpoints").is_dir():
-        return found
-    return None
+    names = list(ckdir.iterdir())
+    for unit, pattern in RUN_CHECKPOINTS:
+        found = sorted((int(m.group(1)), p) for p in names if (m := pattern.match(p.name)))
+        if found:
+            return unit, found
+    return ("step", []) if (path / "checkpoints").is_dir() else None
 
 
 def main(argv=None) -> int:
@@ -101,7 +107,7 @@ def run(a: argparse.Namespace) -> int:
     if dup:
         raise EvalError(f"two eval sets are both named '{dup[0]}' ({dup[1]}): give one ?name=...")
 
-    run_dir = None
+    run_dir, unit = None, "step"
     jobs: list[tuple[Optional[int], Optional[str]]]          # (step, checkpoint path)
     if a.checkpoint is None:
         if not a.model:
@@ -111,15 +117,15 @@ def run(a: argparse.Namespace) -> int:
         ck = Path(a.checkpoint)
         if not ck.exists():
             raise EvalError(f"checkpoint not found: {ck}")
-        steps = find_checkpoints(ck)
+        unit, steps = find_checkpoints(ck) or ("step", None)
         if steps is not None:
             if not steps:
-                raise EvalError(f"{ck}: no step_XXXXXXXX.pt checkpoints in it")
+                raise EvalError(f"{ck}: no step_XXXXXXXX.pt (vlp) or epoch_N.pt (open_clip_train) checkpoints in it")
             if a.steps:
                 wanted = {int(s) for s in a.steps.split(",") if s.strip()}
                 steps = [(s, p) for s, p in steps if s in wanted]
                 if not steps:
-                    raise EvalError(f"{ck}: none of the steps {sorted(wanted)} has a checkpoint")
+                    raise EvalError(f"{ck}: none of the {unit}s {sorted(wanted)} has a checkpoint")
             run_dir = ck.parent if ck.name == "checkpoints" else ck
             jobs = [(s, str(p)) for s, p in steps]
             if a.model is None and read_checkpoint_meta(jobs[0][1]) is None:
@@ -129,7 +135,8 @@ def run(a: argparse.Namespace) -> int:
     out_dir = Path(a.output) if a.output else (run_dir / "eval" if run_dir else Path("eval_results"))
 
     results = []
-    for i, (step, path) in enumerate(jobs):
+    for i, (at, path) in enumerate(jobs):
+        step = at if unit == "step" else None
         if path is None:
             bundle = create_model(a.model, tokenizer=a.tokenizer, device=device)
             pretrained = "random"
@@ -146,6 +153,8 @@ def run(a: argparse.Namespace) -> int:
                             per_class=a.per_class, progress=not a.quiet, step=step)
         for r in results[-len(sets):]:
             r["vlp"]["checkpoint"] = path
+            if at is not None and unit != "step":
+                r["vlp"][unit] = at
         del bundle
     written = write_results(results, out_dir, plot=run_dir is not None)
     print(summary_table(results))

@@ -168,3 +168,21 @@ def test_bad_input(micro, micro_model_json, sets, tmp_path, capsys):
     # an open_clip file without a model name; a path that does not exist
     assert "--model" in _fails(["--checkpoint", str(other), "--data", sets["colors"]], capsys, tmp_path / "o6")
     assert "not found" in _fails(args + ["--data", str(tmp_path / "nope")], capsys, tmp_path / "o7")
+
+
+def test_open_clip_train_run_folder_is_scored_by_epoch(micro, sets, tmp_path, capsys):
+    run = tmp_path / "oc_run"
+    (run / "checkpoints").mkdir(parents=True)
+    state = {f"module.{k}": v for k, v in micro.model.state_dict().items()}     # as DDP training saves it
+    for epoch in (1, 2):
+        torch.save({"epoch": epoch, "name": "oc_run", "state_dict": state}, run / "checkpoints" / f"epoch_{epoch}.pt")
+    torch.save({"epoch": 2, "name": "oc_run", "state_dict": state}, run / "checkpoints" / "epoch_latest.pt")
+    rc = eval_zeroshot.main(["--checkpoint", str(run), "--model", "vlp-micro", "--data", sets["colors"], "--quiet",
+                             "--workers", "0"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "epoch 1" in table and "epoch 2" in table and "latest" not in table
+    res = [json.loads(p.read_text()) for p in (run / "eval").glob("*.json")]
+    assert sorted(r["vlp"]["epoch"] for r in res) == [1, 2] and all("step" not in r["vlp"] for r in res)
+    assert (run / "eval" / "metrics_vs_step.png").is_file()
+    assert res[0]["metrics"] == res[1]["metrics"]                               # same weights, same numbers

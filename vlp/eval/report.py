@@ -99,9 +99,8 @@ def summary_table(results: Iterable[dict]) -> str:
                 metric_cols.append(k)
     rows = []
     for r in results:
-        info = r.get("vlp", {})
-        ck = f"step {info['step']}" if info.get("step") is not None else (os.path.basename(r.get("pretrained") or "")
-                                                                          or r.get("model", ""))
+        at = progress(r)
+        ck = f"{at[0]} {at[1]}" if at else (os.path.basename(r.get("pretrained") or "") or r.get("model", ""))
         task = {"zeroshot_classification": "zs-cls", "zeroshot_retrieval": "retrieval"}.get(r["task"], r["task"])
         rows.append([ck, r["dataset"], task] + [_fmt(r["metrics"].get(k)) for k in metric_cols])
     header = cols + [SHORT.get(k, k) for k in metric_cols]
@@ -110,13 +109,24 @@ def summary_table(results: Iterable[dict]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def progress(result: dict) -> Optional[tuple[str, int]]:
+    """("step", n) for a vlp checkpoint's result, ("epoch", n) for an open_clip_train run's, else None."""
+    info = result.get("vlp", {})
+    for unit in ("step", "epoch"):
+        if info.get(unit) is not None:
+            return unit, int(info[unit])
+    return None
+
+
 def plot_metrics_vs_step(results: list[dict], path: str | os.PathLike) -> Optional[Path]:
-    """One panel per metric, one line per dataset, x = training step."""
+    """One panel per metric, one line per dataset, x = training step (or epoch)."""
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    unit = "step"
     for r in results:
-        step = r.get("vlp", {}).get("step")
-        if step is None:
+        at = progress(r)
+        if at is None:
             continue
+        unit, step = at
         for k, v in r["metrics"].items():
             if isinstance(v, (int, float)) and not math.isnan(v):
                 series.setdefault(k, {}).setdefault(r["dataset"], []).append((int(step), float(v)))
@@ -136,7 +146,7 @@ def plot_metrics_vs_step(results: list[dict], path: str | os.PathLike) -> Option
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ds)
         ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel(unit, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
