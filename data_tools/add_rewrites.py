@@ -158,7 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--shards", required=True, help="input shard spec or folder")
-    p.add_argument("--output", required=True, help="folder for the new shards (not the input folder)")
+    p.add_argument("--output", "--out", dest="output", required=True, help="folder for the new shards (not the input folder)")
     p.add_argument("--laclip-csv", help="LaCLIP original CSV (relpath,caption; no header)")
     p.add_argument("--laclip-texts", nargs="+", help="LaCLIP rewrite files, one rewrite per line, row-aligned")
     p.add_argument("--jsonl", help="JSONL with {'key': ..., 'rewrites': [...]} per line")

@@ -104,7 +104,7 @@ def make_demo_data(out: str | Path, train_samples: int = 20000, eval_samples: in
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--output", "--out", dest="out", required=True, help="output folder")
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--eval-samples", type=int, default=800)
     p.add_argument("--image-size", type=int, default=64)

@@ -230,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog="Keys are input row numbers; sizes.json makes --train-num-samples unnecessary.")
     p.add_argument("--input", required=True, help="CSV/TSV/parquet/JSONL table, or a folder of image+caption pairs")
-    p.add_argument("--output", required=True, help="folder for the shards")
+    p.add_argument("--output", "--out", dest="output", required=True, help="folder for the shards")
     p.add_argument("--per-shard", type=int, default=10000, help="samples per shard (default 10000)")
     p.add_argument("--image-col", help="column with image paths (default: first of %s)" % ", ".join(IMAGE_COLS))
     p.add_argument("--caption-col", help="column with captions (default: first of %s)" % ", ".join(CAPTION_COLS))

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--input", required=True, help="shard spec (brace-expanded, '::'-joined), a .csv or a .txt file")
     p.add_argument("--input-format", default="auto", choices=["auto", "shards", "csv", "txt"])
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--output", "--out", dest="out", required=True, help="output folder")
     p.add_argument("--name", default="captions", help="file name prefix in the output folder (default: captions)")
     p.add_argument("--format", default="lines", choices=["lines", "jsonl"],
                    help="lines: LaCLIP's line-aligned files; jsonl: {key, rewrites} per sample")

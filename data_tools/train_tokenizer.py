@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", action="append", required=True,
                    help="shard spec (brace-expanded, sources joined by '::'), a relpath,caption CSV, or a text "
                         "file with one caption per line; may be repeated")
-    p.add_argument("--out", required=True, help="output prefix: writes OUT.model, OUT.vocab and OUT.json")
+    p.add_argument("--output", "--out", dest="out", required=True, help="output prefix: writes OUT.model, OUT.vocab and OUT.json")
     p.add_argument("--vocab-size", type=int, default=4000)
     p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"])
     p.add_argument("--character-coverage", type=float, default=1.0)

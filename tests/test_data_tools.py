@@ -44,7 +44,7 @@ def test_make_shards_from_folder_and_inspect(tmp_path, capsys):
     for i in range(5):
         (src / f"x{i}.jpg").write_bytes(jpeg(i))
         (src / f"x{i}.txt").write_text(f"caption number {i}")
-    assert make_shards.main(["--input", str(src), "--output", str(tmp_path / "sh"), "--per-shard", "2",
+    assert make_shards.main(["--input", str(src), "--out", str(tmp_path / "sh"), "--per-shard", "2",
                              "--no-progress"]) == 0
     assert load_shards(str(tmp_path / "sh" / "{00000..00002}.tar")).sizes == [2, 2, 1]
     capsys.readouterr()

@@ -163,7 +163,7 @@ def test_rule_based_csv_input_keeps_relpaths(tmp_path):
     with open(src, "w", newline="") as f:
         csv.writer(f).writerows([["img/0.jpg", "a red, round circle"], ["img/1.jpg", 'a "quoted" square']])
     out = tmp_path / "o"
-    assert rewrite_captions.main(["--input", str(src), "--rule-based", "--num-rewrites", "1", "--out", str(out),
+    assert rewrite_captions.main(["--input", str(src), "--rule-based", "--num-rewrites", "1", "--output", str(out),
                                   "--no-progress", "--format", "jsonl"]) == 0
     recs = [json.loads(x) for x in _lines(out / "captions_rewrites.jsonl")]
     assert [r["key"] for r in recs] == ["img/0.jpg", "img/1.jpg"] and all(len(r["rewrites"]) == 1 for r in recs)

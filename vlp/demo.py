@@ -1,6 +1,6 @@
 """The built-in demo: procedural shapes data -> a tiny CLIP trained on CPU -> zero-shot and retrieval figures.
 
-    python -m vlp.demo [--out demo_out] [--no-rewrites] [-- extra train.py flags]
+    python -m vlp.demo [--output demo_out] [--no-rewrites] [-- extra train.py flags]
 
 It writes the demo data once (`OUT/data`), trains with `configs/demo.yaml` (a few minutes on
 2 CPU cores) and evaluates on the held-out eval sets at the end; the run folder is `OUT/runs/NAME`.
@@ -55,7 +55,7 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Train and evaluate vlp's demo model on procedural shapes (CPU).")
-    p.add_argument("--out", default="demo_out", help="folder for data and runs")
+    p.add_argument("--output", "--out", dest="out", default="demo_out", help="folder for data and runs")
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--name", default=None, help="run name (default: demo or demo-rewrites, timestamped)")
     p.add_argument("--rewrites", action=argparse.BooleanOptionalAction, default=True,
