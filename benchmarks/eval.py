@@ -11,6 +11,10 @@
    CLIP_benchmark's side is its own `zero_shot_classifier` + `run_classification` on its own wds
    loader (`build_dataset("wds/..")`); its `accuracy()` breaks under NumPy 2.x, so top-1 is computed from its
    logits with `.item()`. Prints both times, the ratio (target >= 3x), and whether acc1 agrees.
+   Where vlp's time goes down: prompts tokenised from their pieces (`vlp.eval.prompt_tokens`), each
+   template's shared prefix encoded once, text batches trimmed at their last end-of-text token, and on CPU
+   each --batch-size batch run in L2-sized calls (`vlp.eval.encode.cpu_chunk_rows`); CLIP_benchmark runs
+   its own code unchanged, one class's prompts per call and each image batch in one call.
 2. Retrieval at --captions captions (5 per image), random unit embeddings of --dim: peak resident memory
    added by vlp's chunked retrieval metrics (target < 2 GB), against the N x N float32 score matrix that
    CLIP_benchmark materialises (plus its boolean positive matrix), which is reported, not run.
