@@ -168,6 +168,10 @@ def test_bad_input(micro, micro_model_json, sets, tmp_path, capsys):
     # an open_clip file without a model name; a path that does not exist
     assert "--model" in _fails(["--checkpoint", str(other), "--data", sets["colors"]], capsys, tmp_path / "o6")
     assert "not found" in _fails(args + ["--data", str(tmp_path / "nope")], capsys, tmp_path / "o7")
+    # a template file that is not JSON
+    (tmp_path / "t.json").write_text("{not json")
+    assert "not valid JSON" in _fails(args + ["--data", sets["colors"] + f"?templates={tmp_path / 't.json'}"], capsys,
+                                      tmp_path / "o8")
 
 
 def test_open_clip_train_run_folder_is_scored_by_epoch(micro, sets, tmp_path, capsys):

@@ -32,6 +32,8 @@ from urllib.parse import parse_qsl
 
 import torch
 
+from vlp.data.tario import split_key
+
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 FOLDER_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 CLASSIFICATION = "zeroshot_classification"
@@ -202,16 +204,11 @@ def _templates(es: EvalSet, default_file: Path, default: Optional[str] = None):
     if not path.is_file():
         raise EvalError(f"{es.name}: no zero-shot templates (expected {path}; or give templates=openai)")
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
+        data = _load_json(path)
         if isinstance(data, dict) and es.classnames and set(es.classnames) <= set(data):
             return {c: list(data[c]) for c in es.classnames}        # class-specific prompts (CuPL)
         if isinstance(data, dict):
-            for key in (es.name, es.name.removeprefix("wds/")):
-                if key in data:
-                    data = data[key]
-                    break
-            else:
-                raise EvalError(f"{es.name}: template file {path} has no entry for this dataset")
+            data = _dataset_entry(data, es.name, f"{es.name}: template file {path} has no entry for this dataset")
         if isinstance(data, dict):
             return {c: list(data[c]) for c in es.classnames or []}
         templates = list(data)
@@ -222,17 +219,26 @@ def _templates(es: EvalSet, default_file: Path, default: Optional[str] = None):
     return templates
 
 
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+def _dataset_entry(data: dict, name: str, missing: str):
+    """A `{dataset: ...}` file's entry for `name` (with or without its `wds/` prefix); EvalError(missing) if none."""
+    for key in (name, name.removeprefix("wds/")):
+        if key in data:
+            return data[key]
+    raise EvalError(missing)
+
+
 def _read_list(path: Path, name: str) -> list:
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{path}: not valid JSON ({e.msg})") from None
+        data = _load_json(path)
         if isinstance(data, dict):
-            for key in (name, name.removeprefix("wds/")):
-                if key in data:
-                    return list(data[key])
-            raise EvalError(f"{path}: no entry for dataset '{name}'")
+            return list(_dataset_entry(data, name, f"{path}: no entry for dataset '{name}'"))
         return list(data)
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
@@ -254,9 +260,6 @@ def fill_templates(classnames: list[str], templates) -> tuple[list[str], list[in
 
 
 # ------------------------------------------------------------------------------------------ readers
-
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")   # webdataset's key/extension split
-
 
 def _read_wds(es: EvalSet) -> Iterator[Sample]:
     split = es.options.get("split", "test")
@@ -284,10 +287,9 @@ def _read_shard(es: EvalSet, shard: Path) -> Iterator[Sample]:
         for m in tf:
             if not m.isfile():
                 continue
-            match = _KEY_RE.match(m.name)
-            if not match or os.path.basename(m.name).startswith("__"):
+            key, ext = split_key(m.name)
+            if key is None or os.path.basename(m.name).startswith("__"):
                 continue
-            key, ext = match.group(1), match.group(2).lower()
             if key != cur_key:
                 if cur:
                     yield _wds_sample(es, cur_key, cur, shard)
