@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from vlp.rewrite.prompt import GUARD_REASONS, guard, one_line
 from vlp.rewrite.sources import InputError, Record
+from vlp.train.checkpoint import atomic_write_bytes
 
 FORMATS = ("lines", "jsonl")
 
@@ -69,7 +70,7 @@ class Outputs:
             stray = [p for p in self.paths if p.exists()]
             if stray:
                 raise InputError(f"{stray[0]} exists but is not from a vlp rewrite run; use --overwrite")
-            _atomic_write(self.run_path, json.dumps(settings, indent=1))
+            atomic_write_bytes(self.run_path, json.dumps(settings, indent=1).encode())
         progress = {"done": 0, "last_key": None, "counts": {}}
         if self.progress_path.exists():
             progress = json.loads(self.progress_path.read_text())
@@ -98,16 +99,7 @@ class Outputs:
                 os.fsync(f.fileno())
 
     def save_progress(self, progress: dict) -> None:
-        _atomic_write(self.progress_path, json.dumps(progress))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        atomic_write_bytes(self.progress_path, json.dumps(progress).encode())
 
 
 def truncate_lines(path: Path, n: int, chunk: int = 1 << 20) -> int:
@@ -204,5 +196,5 @@ def run_rewrites(records: Iterable[Record], rewriter, out_dir: str, *, name: str
         "replaced_by_source": {s: counts[f"replaced_by_source/{s}"] for s in rewriter.sources},
         "outputs": [str(p) for p in outputs.paths],
     }
-    _atomic_write(outputs.summary_path, json.dumps(summary, indent=1))
+    atomic_write_bytes(outputs.summary_path, json.dumps(summary, indent=1).encode())
     return summary
