@@ -10,7 +10,6 @@ sizes.json / _stats.json), 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -18,11 +17,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from vlp.data.errors import DataError
+from vlp.data.errors import DataError, SkipSample
+from vlp.data.images import IMAGE_EXTS, open_image
 from vlp.data.shards import expand_spec, shard_size
 from vlp.data.tario import TarError, iter_samples
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def _urls(spec: str) -> list[str]:
@@ -36,15 +34,11 @@ def _urls(spec: str) -> list[str]:
 
 
 def _check_image(data: bytes, decode: bool) -> tuple[Optional[str], Optional[tuple[int, int]]]:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        im = Image.open(io.BytesIO(data))
-        size = im.size
-    except (UnidentifiedImageError, ValueError, TypeError):
-        return "not_image", None
-    except Exception:  # noqa: BLE001 - recognised but unreadable (e.g. truncated header)
-        return "corrupt_image", None
+        im = open_image(data)
+    except SkipSample as s:
+        return s.reason, None
+    size = im.size
     if decode:
         try:
             if im.format == "JPEG":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 from collections import Counter
 from multiprocessing import Pool
@@ -120,7 +119,10 @@ def _init(opts):
 
 def process(rec: dict):
     """-> (jpeg bytes, caption, info) or (None, reason, None)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from vlp.data.errors import SkipSample
+    from vlp.data.images import open_image
 
     cap = rec["caption"]
     if cap is None:
@@ -140,11 +142,9 @@ def process(rec: dict):
     except OSError:
         return None, "missing_image", None
     try:
-        im = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, ValueError, TypeError):
-        return None, "not_image", None
-    except Exception:  # noqa: BLE001 - recognised but unreadable (e.g. truncated header)
-        return None, "corrupt_image", None
+        im = open_image(data)
+    except SkipSample as s:
+        return None, s.reason, None
     try:
         w0, h0 = im.size
         shorter, longest = _OPTS.get("resize_shorter"), _OPTS.get("resize_max")

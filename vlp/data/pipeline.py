@@ -27,7 +27,6 @@ raises DataError.
 """
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -40,11 +39,11 @@ from vlp.config import DataConfig
 from vlp.data import errors as E
 from vlp.data.captions import CaptionPicker
 from vlp.data.errors import DataError, SkipSample
+from vlp.data.images import IMAGE_EXTS
 from vlp.data.shards import ShardSet, load_shards
 from vlp.data.tario import TarError, iter_samples
 from vlp.data.transforms import build_transform
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MIN_SEEN_FOR_ABORT = 256
 STATE_VERSION = 1
 _M64 = (1 << 64) - 1

@@ -16,7 +16,6 @@ grayscale p=0.2, Gaussian blur p=0.5 (sigma 0.1-2), horizontal flip p=0.5.
 """
 from __future__ import annotations
 
-import io
 import math
 import random
 import warnings
@@ -25,12 +24,12 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from vlp.data import errors as E
 from vlp.data.buffers import BufferPool
+from vlp.data.images import decode_rgb, open_image
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -94,26 +93,6 @@ def transform_params(preprocess: Any) -> dict:
                     out["mean"], out["std"] = tuple(op.mean), tuple(op.std)
                     out["recognised"] = True
     return out
-
-
-def open_image(data: bytes) -> Image.Image:
-    """A lazily decoded PIL image (header read only); SkipSample(not_image | corrupt_image)."""
-    try:
-        return Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, ValueError, TypeError):
-        raise E.SkipSample(E.NOT_IMAGE) from None
-    except Exception as e:  # noqa: BLE001
-        raise E.SkipSample(E.CORRUPT_IMAGE, str(e)) from None
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Fully decoded RGB PIL image; SkipSample(not_image | corrupt_image)."""
-    im = open_image(data)
-    try:
-        im.load()
-        return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt image
-        raise E.SkipSample(E.CORRUPT_IMAGE, str(e)) from None
 
 
 class FastTransform:

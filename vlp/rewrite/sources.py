@@ -10,7 +10,6 @@ import glob
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional
 
 from braceexpand import braceexpand
@@ -133,19 +132,8 @@ def _count_lines(path: str) -> int:
 
 
 def shard_total(urls: list[str]) -> Optional[int]:
-    """Samples in these shards from a `sizes.json` next to them (img2dataset/vlp layout), if it covers all."""
-    total = 0
-    cache: dict[str, dict] = {}
-    for u in urls:
-        d = str(Path(u).parent)
-        if d not in cache:
-            try:
-                cache[d] = json.loads((Path(d) / "sizes.json").read_text())
-            except (OSError, ValueError):
-                return None
-        n = cache[d].get(Path(u).name)
-        if not isinstance(n, int):
-            return None
-        total += n
-    return total
+    """Samples in these shards from their size files (`vlp.data.shards.shard_size`), if those cover all."""
+    from vlp.data.shards import shard_size
 
+    sizes = [shard_size(u) for u in urls]
+    return None if any(n is None for n in sizes) else sum(sizes)
