@@ -138,3 +138,20 @@ def test_too_little_data_is_one_line_error(tmp_path):
         build_train_loader(cfg(str(tmp_path / "sh" / "00000.tar"), batch_size=8), preprocess(), IdTokenizer())
     with pytest.raises(DataError, match="no shard"):
         build_train_loader(cfg(str(tmp_path / "nope" / "{0..3}.tar")), preprocess(), IdTokenizer())
+
+
+def test_device_normalize_hands_over_uint8_that_normalises_to_the_host_floats(tmp_path):
+    from vlp.data.transforms import normalize_uint8
+
+    write_shards(tmp_path / "sh", 40, 10)
+    c = cfg(str(tmp_path / "sh" / "{00000..00003}.tar"), batch_size=4, workers=2)
+    host = collect(build_train_loader(c, preprocess(), IdTokenizer(), seed=5))
+    L = build_train_loader(c, preprocess(), IdTokenizer(), seed=5, device_normalize=True)
+    mean, std = L.normalization
+    assert len(mean) == len(std) == 3 and 0.4 < mean[0] < 0.5
+    dev = collect(L)
+    assert len(dev) == len(host) == 10
+    for (xu, tu), (xf, tf) in zip(dev, host):
+        assert xu.dtype == torch.uint8 and xu.shape == (4, 3, 16, 16)
+        assert xu.is_pinned() == torch.cuda.is_available()
+        assert torch.equal(tu, tf) and torch.equal(normalize_uint8(xu, mean, std), xf)

@@ -257,7 +257,7 @@ class TrainLoader:
     """Iterate for one epoch of (images, texts) batches; see the module docstring for the guarantees."""
 
     def __init__(self, cfg: DataConfig, preprocess: Any, tokenizer: Callable, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shards: Optional[ShardSet] = None):
+                 seed: int = 0, shards: Optional[ShardSet] = None, device_normalize: bool = False):
         if not cfg.train_data:
             raise DataError("--train-data is required")
         if not 0 <= rank < world_size:
@@ -275,6 +275,8 @@ class TrainLoader:
             preprocess, rrc_scale=cfg.rrc_scale, strong=cfg.strong_views,
             strong_scale=getattr(cfg, "strong_rrc_scale", (0.08, 1.0)), fast=getattr(cfg, "fast_decode", True))
         self.picker = CaptionPicker(cfg.use_rewrites, cfg.rewrites_field, cfg.text_aug)
+        # uint8 batches for the consumer to normalise on its device (see `normalization`), pinned when CUDA is there
+        self.device_normalize = device_normalize and self.normalization is not None
         self._plans: dict[int, EpochPlan] = {}
         self._epoch = 0
         self._batches_done = 0
@@ -319,6 +321,13 @@ class TrainLoader:
     def samples_per_epoch(self) -> int:
         """Samples drawn per epoch over all ranks (batches_per_epoch * batch_size * world_size)."""
         return self.batches_per_epoch * self.cfg.batch_size * self.world_size
+
+    @property
+    def normalization(self) -> Optional[tuple[tuple[float, ...], tuple[float, ...]]]:
+        """(mean, std) per channel on the 0-1 scale, as torchvision's Normalize takes them: what the host path
+        applies and a `device_normalize` consumer must apply to `images.float() / 255`. None when the model's
+        preprocess is applied as is (its output is already normalised float)."""
+        return getattr(self.transform, "normalization", None)
 
     @property
     def epoch(self) -> int:
@@ -373,13 +382,15 @@ class TrainLoader:
                 ds.resume[w] = {"pos": m["pos"], "produced": produced, "good": m.get("good", 0),
                                 "counts": m.get("counts", {})}
         dl = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.workers,
-                        persistent_workers=False, prefetch_factor=4 if self.cfg.workers > 0 else None)
+                        persistent_workers=False, prefetch_factor=4 if self.cfg.workers > 0 else None,
+                        pin_memory=self.device_normalize and torch.cuda.is_available())
+        finish = (lambda x: x) if self.device_normalize else self.transform.normalize
         try:
             for images, texts, meta in dl:
                 self._workers_state[int(meta["worker"])] = meta
                 self._batches_done += 1
                 self._check_bad(final=self._batches_done >= plan.batches)
-                yield self.transform.normalize(images), texts
+                yield finish(images), texts
         except DataError as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             last = lines[-1] if lines else "data error"
@@ -419,6 +430,8 @@ class TrainLoader:
 
 
 def build_train_loader(cfg: DataConfig, preprocess: Any, tokenizer: Callable, *, rank: int = 0,
-                       world_size: int = 1, seed: int = 0) -> TrainLoader:
-    """The training loader of the contract (docs/contracts.md)."""
-    return TrainLoader(cfg, preprocess, tokenizer, rank=rank, world_size=world_size, seed=seed)
+                       world_size: int = 1, seed: int = 0, device_normalize: bool = False) -> TrainLoader:
+    """The training loader of the contract (docs/contracts.md). `device_normalize`: yield uint8 images (pinned
+    when CUDA is available) for the consumer to normalise on its device with `loader.normalization`."""
+    return TrainLoader(cfg, preprocess, tokenizer, rank=rank, world_size=world_size, seed=seed,
+                       device_normalize=device_normalize)

@@ -95,6 +95,14 @@ def transform_params(preprocess: Any) -> dict:
     return out
 
 
+def normalize_uint8(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [B,3,H,W] on any device -> float `(x - 255 mean) * (1 / (255 std))`: bit for bit what the loader's
+    host path (`FastTransform.normalize`) yields, for consumers of `build_train_loader(..., device_normalize=True)`."""
+    m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1) * 255
+    inv = 1.0 / (torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1) * 255)
+    return batch.float().sub_(m).mul_(inv)
+
+
 class FastTransform:
     """(image bytes, rng) -> uint8 [3, S, S]; `finish(list)` -> normalised float [B, 3, S, S]."""
 
@@ -107,6 +115,7 @@ class FastTransform:
         self.scale = tuple(strong_scale if strong else scale)
         self.ratio = tuple(ratio)
         self.interp = _INTERP[interpolation]
+        self.normalization = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
         self._out = BufferPool()
