@@ -3,17 +3,17 @@
 accelerate places the model and optimiser (CPU, one GPU, or many processes launched by
 `accelerate launch`/`torchrun`) and handles mixed precision; the data loader does its own
 split by rank and worker (so its position can be checkpointed); the loss gathers features
-across ranks itself. A run lives in `LOGS/NAME/` (see docs/contracts.md).
+across ranks itself. The loop calls small objects that each own one concern: the metrics
+sink (`run_log`), the checkpointer, the in-loop evaluator. A run lives in `LOGS/NAME/`
+(see docs/contracts.md).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import yaml
@@ -22,80 +22,23 @@ from tqdm import tqdm
 from vlp.config import Config, ConfigError
 from vlp.models import create_model, export_open_clip, model_identity
 from vlp.train import checkpoint as ckpt
+from vlp.train.checkpointer import Checkpointer
+from vlp.train.inloop_eval import InLoopEval
+from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
 from vlp.train.step import train_step
+
+__all__ = ["TrainingError", "train", "RunPaths", "run_name"]
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss became NaN); the message says why and where its state was saved."""
 
 
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def export(self) -> Path:
-        return self.root / "export"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-
-def run_name(cfg: Config) -> str:
-    if cfg.run.name:
-        return cfg.run.name
-    model = Path(cfg.model.model).stem if cfg.model.model.endswith(".json") else cfg.model.model
-    return f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-model_{model}-lr_{cfg.optim.lr:g}-b_{cfg.data.batch_size}"
-
-
-def _flatten(prefix: str, d: dict) -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_flatten(key, v))
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
-
-
-class MetricsLog:
-    """metrics.jsonl (every logged scalar) plus accelerate's trackers; main process only."""
-
-    def __init__(self, path: Path, accelerator, enabled: bool):
-        self.path, self.accelerator, self.enabled = path, accelerator, enabled
-
-    def log(self, step: int, scalars: dict) -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in scalars.items()}}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        numeric = {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        self.accelerator.log(numeric, step=step)
-
-
-def train(cfg: Config) -> dict:
-    """Run training as configured; returns the last logged scalars (and eval figures, if any)."""
+def make_accelerator(cfg: Config, paths: RunPaths):
+    """accelerate's Accelerator for this run's precision and trackers."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
-    from vlp.data.pipeline import build_train_loader
-    from vlp.distributed import reduce_mean
-    from vlp.losses import build_loss, clamp_logit_scale, prepare_model_for_loss
-    from vlp.train.optim import build_optimizer, build_scheduler
-
-    if not cfg.data.train_data:
-        raise ConfigError("--train-data is required")
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.run.precision]
-    paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
     report_to = None if cfg.run.report_to in (None, "none") else cfg.run.report_to
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # accelerate keeps process-wide state; a second run in this process (a sweep, a notebook)
@@ -104,17 +47,13 @@ def train(cfg: Config) -> dict:
 
         AcceleratorState._reset_state(reset_partial_state=True)
     # cpu=True on machines without CUDA: accelerate then sets up multi-process CPU runs (gloo) under torchrun.
-    accelerator = Accelerator(mixed_precision=precision, log_with=report_to, project_dir=str(paths.root),
-                              cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
+    return Accelerator(mixed_precision=precision, log_with=report_to, project_dir=str(paths.root),
+                       cpu=not torch.cuda.is_available())
 
-    resume_from: Optional[Path] = None
-    if cfg.run.resume:
-        resume_from = ckpt.resolve_resume(cfg.run.resume, paths.checkpoints)
-    elif ckpt.list_checkpoints(paths.checkpoints):
-        raise ConfigError(f"run folder {paths.root} already has checkpoints: pass --resume latest or a new --name")
-    set_seed(cfg.run.seed, device_specific=True)
+
+def build_model(cfg: Config):
+    """The model bundle as configured: towers, locks, activation checkpointing, loss-specific parameters."""
+    from vlp.losses import prepare_model_for_loss
 
     bundle = create_model(cfg.model.model, pretrained=cfg.model.pretrained, tokenizer=cfg.model.tokenizer,
                           aug_cfg={"scale": tuple(cfg.data.rrc_scale)})
@@ -126,7 +65,43 @@ def train(cfg: Config) -> dict:
         model.lock_text_tower()
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    return bundle
 
+
+def step_batches(batches: Iterator, accum: int, device) -> Optional[list]:
+    """The next `accum` micro-batches moved to `device`, or None when the epoch has fewer left."""
+    micro = []
+    for images, texts in batches:
+        micro.append((images.to(device, non_blocking=True), texts.to(device, non_blocking=True)))
+        if len(micro) == accum:
+            return micro
+    return None  # epoch exhausted (a partial accumulation is dropped)
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns the last logged scalars (and eval figures, if any)."""
+    from accelerate.utils import set_seed
+
+    from vlp.data.pipeline import build_train_loader
+    from vlp.distributed import reduce_mean
+    from vlp.losses import build_loss, clamp_logit_scale
+    from vlp.train.optim import build_optimizer, build_scheduler
+
+    if not cfg.data.train_data:
+        raise ConfigError("--train-data is required")
+    paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
+    accelerator = make_accelerator(cfg, paths)
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    resume_from: Optional[Path] = None
+    if cfg.run.resume:
+        resume_from = ckpt.resolve_resume(cfg.run.resume, paths.checkpoints)
+    elif ckpt.list_checkpoints(paths.checkpoints):
+        raise ConfigError(f"run folder {paths.root} already has checkpoints: pass --resume latest or a new --name")
+    set_seed(cfg.run.seed, device_specific=True)
+
+    bundle = build_model(cfg)
     loader = build_train_loader(cfg.data, bundle.preprocess_train, bundle.tokenizer,
                                 rank=rank, world_size=world, seed=cfg.run.seed)
     steps_per_epoch = loader.batches_per_epoch // cfg.optim.accum_freq
@@ -135,6 +110,7 @@ def train(cfg: Config) -> dict:
                           f"{cfg.optim.accum_freq}: lower --batch-size or add data")
     total_steps = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
 
+    model = bundle.model
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     if cfg.model.torchcompile:
@@ -143,68 +119,22 @@ def train(cfg: Config) -> dict:
     # The plain module inside the DDP/compile wrappers (same parameters): what is saved, evaluated, clamped.
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
     loss_fn = build_loss(cfg.loss, rank=rank, world_size=world)
+    checkpointer = Checkpointer(paths.checkpoints, accelerator, net, optimizer, scheduler, loader, cfg,
+                                model_identity(bundle, cfg.model.tokenizer))
 
     step, epoch, loader_state = 0, 0, None
     if resume_from is not None:
-        state = ckpt.load_state(resume_from)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        if len(state["rng"]) != world:
-            raise ConfigError(f"{resume_from} was written by {len(state['rng'])} processes; resume it with as many "
-                              f"(this run has {world})")
-        step, epoch, loader_state = state["step"], state["epoch"], state["loader"][rank]
-        ckpt.set_rng_state(state["rng"][rank])
+        step, epoch, loader_state = checkpointer.restore(resume_from)
         if main:
             print(f"resumed from {resume_from} at step {step}")
 
     if main:
         paths.root.mkdir(parents=True, exist_ok=True)
         (paths.root / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
-    if report_to:
-        accelerator.init_trackers("tensorboard", config=_flatten("", cfg.to_dict()))  # -> RUN/tensorboard/
+    if cfg.run.report_to not in (None, "none"):
+        accelerator.init_trackers("tensorboard", config=flatten("", cfg.to_dict()))  # -> RUN/tensorboard/
     metrics = MetricsLog(paths.metrics, accelerator, main)
-    identity = model_identity(bundle, cfg.model.tokenizer)
-
-    def save(at_step: int) -> Path:
-        # Each rank has its own RNG streams and loader position; all of them go into the checkpoint.
-        rngs, loaders = _per_rank(accelerator, ckpt.rng_state()), _per_rank(accelerator, loader.state_dict())
-        path = None
-        if main:
-            state = {
-                "step": at_step, "epoch": epoch,
-                "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "rng": rngs, "loader": loaders,
-                "config": json.dumps(cfg.to_dict()), **identity,
-            }
-            path = ckpt.save_checkpoint(paths.checkpoints, at_step, state, cfg.run.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return path
-
-    def evaluate_now(at_step: int) -> dict:
-        if not cfg.run.eval_data:
-            return {}
-        from vlp.eval import evaluate
-
-        was_training = net.training
-        net.eval()
-        flat = {}
-        if main:
-            with accelerator.autocast():
-                results = evaluate(net, bundle.tokenizer, bundle.preprocess_val, cfg.run.eval_data,
-                                   device=accelerator.device, batch_size=max(cfg.data.batch_size, 64),
-                                   model_name=bundle.model_name, pretrained=f"step {at_step}")
-            for r in results:
-                flat.update({f"eval/{r['dataset']}/{k}": v for k, v in r["metrics"].items()
-                             if isinstance(v, (int, float))})
-            metrics.log(at_step, flat)
-        net.train(was_training)
-        accelerator.wait_for_everyone()
-        return flat
+    evaluate_now = InLoopEval(cfg, bundle, accelerator, metrics)
 
     model.train()
     samples_per_step = cfg.data.batch_size * cfg.optim.accum_freq * world
@@ -221,20 +151,15 @@ def train(cfg: Config) -> dict:
         batches = iter(loader)
         step_at_epoch_start = step
         while step < total_steps:
-            micro = []
-            for images, texts in batches:
-                micro.append((images.to(accelerator.device, non_blocking=True),
-                              texts.to(accelerator.device, non_blocking=True)))
-                if len(micro) == cfg.optim.accum_freq:
-                    break
-            if len(micro) < cfg.optim.accum_freq:
-                break  # epoch exhausted (a partial accumulation is dropped)
+            micro = step_batches(batches, cfg.optim.accum_freq, accelerator.device)
+            if micro is None:
+                break
             losses = train_step(model, micro, loss_fn, backward=accelerator.backward,
                                 autocast=accelerator.autocast, no_sync=lambda: accelerator.no_sync(model))
             # Every rank must agree, or one would raise while the others wait in a collective.
             if reduce_mean(torch.isfinite(losses["loss"]).float()).item() < 1:
                 optimizer.zero_grad(set_to_none=True)
-                path = save(step)
+                path = checkpointer.save(step, epoch)
                 raise TrainingError(f"loss is {losses['loss'].item()} at step {step + 1}; "
                                     f"the state before this step is saved in {path}")
             if cfg.optim.grad_clip_norm:
@@ -260,9 +185,9 @@ def train(cfg: Config) -> dict:
                 metrics.log(step, last)
                 bar.set_postfix(loss=f"{last['train/loss']:.4f}", sps=f"{rate:.0f}")
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
-                last.update(evaluate_now(step))
+                last.update(evaluate_now(net, step))
             if step % cfg.run.save_every == 0 and step < total_steps:
-                save(step)
+                checkpointer.save(step, epoch)
         # A resumed run may start at the very end of an epoch; two empty epochs in a row mean no data.
         empty_epochs = empty_epochs + 1 if step == step_at_epoch_start else 0
         if empty_epochs >= 2:
@@ -271,23 +196,12 @@ def train(cfg: Config) -> dict:
             epoch += 1
     bar.close()
 
-    save(step)
+    checkpointer.save(step, epoch)
     if main:
         import open_clip
 
         export_open_clip(net, bundle.model_cfg, open_clip.get_model_preprocess_cfg(net), paths.export)
-    last.update(evaluate_now(step))
+    last.update(evaluate_now(net, step))
     accelerator.end_training()
     last["run_dir"] = str(paths.root)
     return last
-
-
-def _per_rank(accelerator, obj) -> list:
-    """`obj` from every rank, in rank order (a one-element list in a single process)."""
-    if accelerator.num_processes == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * accelerator.num_processes
-    dist.all_gather_object(out, obj)
-    return out
