@@ -1,0 +1,139 @@
+"""Live throughput telemetry: how fast the run goes, how much of it waits for data, how close to the
+device's peak it computes (MFU).
+
+`flops_per_sample` counts a model's forward FLOPs once (torch.utils.flop_counter over a forward on
+meta tensors: shapes only, no compute, no memory, the same figure on any device); `Meter` times the
+loop's steps and turns them into `perf/*` scalars for metrics.jsonl, TensorBoard and the progress bar.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+__all__ = ["PEAK_BF16_TFLOPS", "Meter", "flops_per_sample", "peak_flops"]
+
+# Peak dense bf16 tensor-core throughput, TFLOP/s (without 2:4 sparsity), from NVIDIA's data sheets:
+# H100 SXM5 989.4 and H100 PCIe 756 (the sheet's 1979/1513 are with sparsity), H100 NVL 835, H200 and
+# GH200 989.4 (same compute as H100 SXM), A100 312, L40S 362, A10G 70 (approx.), L4 121. The first
+# entry whose name is a substring of torch.cuda.get_device_name() wins (so "H100 PCIe" before "H100").
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("H100", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("L4", 121.0),
+]
+PEAK_ENV = "VLP_PEAK_TFLOPS"  # a GPU the table does not know: its peak dense bf16 TFLOP/s
+
+
+def peak_flops(device) -> Optional[float]:
+    """The device's peak dense bf16 FLOP/s, or None (CPU, unknown GPU): then MFU is not reported.
+    `VLP_PEAK_TFLOPS` overrides the table."""
+    if os.environ.get(PEAK_ENV):
+        return float(os.environ[PEAK_ENV]) * 1e12
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def _input_shapes(model: torch.nn.Module, image_size, context_length) -> tuple[tuple, int]:
+    if image_size is None:
+        image_size = getattr(getattr(model, "visual", None), "image_size", None)
+        if image_size is None:
+            import open_clip
+
+            image_size = open_clip.get_model_preprocess_cfg(model)["size"]
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    if context_length is None:
+        context_length = model.context_length
+    return tuple(image_size), int(context_length)
+
+
+def flops_per_sample(model: torch.nn.Module, image_size=None, context_length: Optional[int] = None) -> int:
+    """Forward FLOPs of one (image, text) pair through `model(images, texts)` (a multiply-add counts 2;
+    matmuls, convolutions and attention; elementwise ops not counted). Training costs about 3x this.
+
+    Counted on meta tensors standing in for the parameters (`torch.func.functional_call`): nothing is
+    computed or allocated, the model is left as it was, and attention is counted the same way on every
+    device (CPU kernels of fused attention are invisible to the counter). The model's train/eval mode
+    is used as is (patch dropout, for one, changes the count). Sizes default to the model's own."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    (h, w), ctx = _input_shapes(model, image_size, context_length)
+    meta = {name: torch.empty_like(t, device="meta")
+            for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    images = torch.zeros(1, 3, h, w, device="meta")
+    texts = torch.zeros(1, ctx, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        torch.func.functional_call(model, meta, (images, texts), tie_weights=True, strict=False)
+    return int(counter.get_total_flops())
+
+
+class Meter:
+    """Times the loop's steps and reports `perf/*` over the steps since the last report.
+
+    A step's time runs from when the loop starts waiting for its batches (`waiting()`) to when the
+    optimiser step is done (`step()`); time in between steps (logging, checkpoints, evaluation) is left
+    out, so the figures describe training itself. The loop syncs with the device every step (its
+    finite-loss check), so host wall time is the device's time too."""
+
+    def __init__(self, samples_per_step: int, world_size: int = 1, flops: Optional[int] = None, device="cpu",
+                 clock=time.perf_counter):
+        self.samples_per_step, self.world_size, self.clock = samples_per_step, world_size, clock
+        self.flops, self.device = flops, torch.device(device)
+        self.peak = peak_flops(self.device)
+        self._reset()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _reset(self) -> None:
+        self.steps, self.busy_s, self.wait_s = 0, 0.0, 0.0
+        self._start: Optional[float] = None
+
+    @contextmanager
+    def waiting(self):
+        """Around fetching (and moving) a step's batches: starts the step's clock, counts data wait."""
+        t0 = self.clock()
+        if self._start is None:  # an epoch's end (no batch) and the next epoch's first wait are one step's
+            self._start = t0
+        try:
+            yield
+        finally:
+            self.wait_s += self.clock() - t0
+
+    def step(self) -> None:
+        """The optimiser step is done."""
+        if self._start is not None:
+            self.busy_s += self.clock() - self._start
+            self._start = None
+            self.steps += 1
+
+    def report(self) -> dict:
+        """`perf/*` scalars over the steps since the last report (empty if none), then start afresh."""
+        if not self.steps or self.busy_s <= 0:
+            return {}
+        per_device = self.samples_per_step * self.steps / self.busy_s / self.world_size
+        out = {
+            "perf/samples_per_s": per_device * self.world_size,
+            "perf/samples_per_s_per_device": per_device,
+            "perf/data_wait_frac": min(1.0, self.wait_s / self.busy_s),
+            "perf/step_ms": 1e3 * self.busy_s / self.steps,
+        }
+        if self.flops and self.peak:
+            out["perf/mfu"] = 3 * self.flops * per_device / self.peak
+        if self.device.type == "cuda":
+            out["perf/max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        self._reset()
+        return out
