@@ -451,8 +451,9 @@ def peak_tflops(device_name: str, override=None):
 
 def flops_per_sample(runner: VlpRunner, images, texts) -> float:
     """FlopCounterMode over one forward + loss + backward of the unwrapped model, / batch size."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from vlp.compat import require_flop_counter
 
+    FlopCounterMode = require_flop_counter("MFU (FLOPs per sample)")
     net = runner.accelerator.unwrap_model(runner.model)
     counter = FlopCounterMode(display=False)
     with counter:

@@ -63,6 +63,9 @@ def build_tokenizer(spec: Optional[str], model_name: str, context_length: Option
     if kind == "hf":
         if not Path(arg).is_dir():
             raise ConfigError(f"tokenizer folder not found: {arg}")
+        from vlp.compat import require_module
+
+        require_module("transformers", "hf", "--tokenizer hf:DIR")
         return open_clip.tokenizer.HFTokenizer(arg, context_length=context_length or 77)
     if kind == "spm":
         from vlp.tokenizers import SentencePieceTokenizer

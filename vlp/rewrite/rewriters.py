@@ -73,6 +73,10 @@ class LLMRewriter:
                  device: str = "auto", dtype: str = "auto", attn_implementation: Optional[str] = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
+
+        from vlp.compat import require_module
+
+        require_module("transformers", "hf", "rewriting with an LLM (--model)")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not Path(model_dir).is_dir():
