@@ -43,7 +43,8 @@ def write_train(out: Path, n: int, image_size: int, per_shard: int, seed: int, p
     (out / "sizes.json").write_text(json.dumps(sink.sizes, indent=1))
 
 
-def _eval_root(root: Path, classnames: list[str] | None, templates: list[str] | None, dataset_type: str) -> Path:
+def eval_split_dir(root: Path, classnames: list[str] | None, templates: list[str] | None, dataset_type: str) -> Path:
+    """Write ROOT's class names, templates and dataset type (CLIP_benchmark wds layout); -> ROOT/test."""
     (root / "test").mkdir(parents=True, exist_ok=True)
     if classnames is not None:
         (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
@@ -52,7 +53,8 @@ def _eval_root(root: Path, classnames: list[str] | None, templates: list[str] | 
     return root / "test"
 
 
-def _finish(split_dir: Path) -> None:
+def finish_split(split_dir: Path) -> None:
+    """Record the split's shard count (nshards.txt), as CLIP_benchmark reads it."""
     n = len(list(split_dir.glob("*.tar")))
     (split_dir / "nshards.txt").write_text(f"{n}\n")
 
@@ -62,7 +64,7 @@ def write_classification(root: Path, attribute: str, n: int, image_size: int, se
     rng = random.Random(seed)
     classes = list(W.COLORS) if attribute == "color" else list(W.SHAPES)
     templates = W.COLOR_TEMPLATES if attribute == "color" else W.SHAPE_TEMPLATES
-    split = _eval_root(root, classes, [t.replace("{c}", "{c}") for t in templates], "zeroshot_classification")
+    split = eval_split_dir(root, classes, [t.replace("{c}", "{c}") for t in templates], "zeroshot_classification")
     with _shards(split, "%d.tar", per_shard) as sink:
         for i in range(n):
             cls = i % len(classes)
@@ -71,20 +73,20 @@ def write_classification(root: Path, attribute: str, n: int, image_size: int, se
                 shape=classes[cls] if attribute == "shape" else rng.choice(W.SHAPES),
                 size=rng.choice(list(W.SIZES)), position=rng.choice(list(W.POSITIONS)))
             sink.write(f"s{i:07d}", {"png": W.encode_png(W.render([t], image_size, rng)), "cls": str(cls).encode()})
-    _finish(split)
+    finish_split(split)
 
 
 def write_retrieval(root: Path, n: int, image_size: int, seed: int, per_shard: int) -> None:
     """Scenes with several captions each (CLIP_benchmark retrieval layout: newline-separated `txt`)."""
     rng = random.Random(seed)
-    split = _eval_root(root, None, None, "retrieval")
+    split = eval_split_dir(root, None, None, "retrieval")
     with _shards(split, "%d.tar", per_shard) as sink:
         for i in range(n):
             things = W.random_scene(rng)
             captions = W.phrasings(things, rng)[1:4]
             sink.write(f"s{i:07d}", {"png": W.encode_png(W.render(things, image_size, rng)),
                                      "txt": "\n".join(captions).encode()})
-    _finish(split)
+    finish_split(split)
 
 
 def make_demo_data(out: str | Path, train_samples: int = 20000, eval_samples: int = 800, image_size: int = 64,
