@@ -22,10 +22,12 @@ from tqdm import tqdm
 from vlp.config import Config, ConfigError
 from vlp.models import create_model, export_open_clip, model_identity
 from vlp.train import checkpoint as ckpt
+from vlp.train import device_batch
 from vlp.train.checkpointer import Checkpointer
 from vlp.train.inloop_eval import InLoopEval
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
 from vlp.train.step import train_step
+from vlp.train.telemetry import Meter
 
 __all__ = ["TrainingError", "train", "RunPaths", "run_name"]
 
@@ -68,11 +70,11 @@ def build_model(cfg: Config):
     return bundle
 
 
-def step_batches(batches: Iterator, accum: int, device) -> Optional[list]:
-    """The next `accum` micro-batches moved to `device`, or None when the epoch has fewer left."""
+def step_batches(batches: Iterator, accum: int, to_device) -> Optional[list]:
+    """The next `accum` micro-batches moved by `to_device` (a `DeviceBatch`), or None when the epoch has fewer left."""
     micro = []
     for images, texts in batches:
-        micro.append((images.to(device, non_blocking=True), texts.to(device, non_blocking=True)))
+        micro.append(to_device(images, texts))
         if len(micro) == accum:
             return micro
     return None  # epoch exhausted (a partial accumulation is dropped)
@@ -103,7 +105,10 @@ def train(cfg: Config) -> dict:
 
     bundle = build_model(cfg)
     loader = build_train_loader(cfg.data, bundle.preprocess_train, bundle.tokenizer,
-                                rank=rank, world_size=world, seed=cfg.run.seed)
+                                rank=rank, world_size=world, seed=cfg.run.seed,
+                                device_normalize=device_batch.wanted(accelerator.device))
+    to_device = device_batch.DeviceBatch(accelerator.device, loader.normalization if loader.device_normalize else None,
+                                         device_batch.COMPUTE_DTYPE[cfg.run.precision])
     steps_per_epoch = loader.batches_per_epoch // cfg.optim.accum_freq
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch holds {loader.batches_per_epoch} batches per process, fewer than --accum-freq "
@@ -138,6 +143,7 @@ def train(cfg: Config) -> dict:
 
     model.train()
     samples_per_step = cfg.data.batch_size * cfg.optim.accum_freq * world
+    meter = Meter.for_model(net, samples_per_step, world, accelerator.device)
     bar = tqdm(total=total_steps, initial=step, disable=not (main and cfg.run.progress), unit="step",
                dynamic_ncols=True, desc="train")
     last: dict = {}
@@ -151,7 +157,8 @@ def train(cfg: Config) -> dict:
         batches = iter(loader)
         step_at_epoch_start = step
         while step < total_steps:
-            micro = step_batches(batches, cfg.optim.accum_freq, accelerator.device)
+            with meter.waiting():
+                micro = step_batches(batches, cfg.optim.accum_freq, to_device)
             if micro is None:
                 break
             losses = train_step(model, micro, loss_fn, backward=accelerator.backward,
@@ -169,6 +176,7 @@ def train(cfg: Config) -> dict:
             optimizer.zero_grad(set_to_none=True)
             clamp_logit_scale(net)
             step += 1
+            meter.step()
             bar.update(1)
 
             if step % cfg.run.log_every == 0 or step == total_steps:
@@ -181,6 +189,7 @@ def train(cfg: Config) -> dict:
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/samples_per_s": rate, "train/epoch": epoch,
                     **{f"data/skipped/{k}": v for k, v in loader.skip_counts().items()},
+                    **meter.report(),
                 })
                 metrics.log(step, last)
                 bar.set_postfix(loss=f"{last['train/loss']:.4f}", sps=f"{rate:.0f}")

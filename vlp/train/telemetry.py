@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Optional
 
@@ -97,6 +98,17 @@ class Meter:
         self._reset()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, samples_per_step: int, world_size: int, device) -> "Meter":
+        """A Meter for training `model`; its FLOPs are counted only where MFU can be reported (known peak)."""
+        flops = None
+        if peak_flops(device):
+            try:
+                flops = flops_per_sample(model)
+            except Exception as e:  # an architecture the counter cannot trace: no MFU, training goes on
+                warnings.warn(f"FLOPs per sample not counted ({type(e).__name__}: {e}); perf/mfu left out")
+        return cls(samples_per_step, world_size, flops, device)
 
     def _reset(self) -> None:
         self.steps, self.busy_s, self.wait_s = 0, 0.0, 0.0

@@ -1,0 +1,95 @@
+"""The device-side data path (uint8 images normalised on the training device), run on CPU: it equals the
+host path batch for batch, and a training run on it never sees float images from the loader, logs the
+same losses as the host path, and logs perf/* telemetry."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_data_fixtures import IdTokenizer, cfg, collect, preprocess, write_shards
+from tests.test_train_loop import _flags, _losses
+from vlp.config import parse_config
+from vlp.data.pipeline import build_train_loader
+from vlp.train import device_batch, telemetry
+from vlp.train.device_batch import DeviceBatch
+
+
+def _pair_of_loaders(tmp_path):
+    write_shards(tmp_path / "sh", 40, 10)
+    c = cfg(str(tmp_path / "sh" / "{00000..00003}.tar"), batch_size=4, workers=2)
+    host = collect(build_train_loader(c, preprocess(), IdTokenizer(), seed=5))
+    loader = build_train_loader(c, preprocess(), IdTokenizer(), seed=5, device_normalize=True)
+    return host, collect(loader), loader.normalization
+
+
+def test_device_path_equals_host_path(tmp_path):
+    host, raw, norm = _pair_of_loaders(tmp_path)
+    assert len(raw) == len(host) == 10
+    fp32, bf16 = DeviceBatch("cpu", norm, torch.float32), DeviceBatch("cpu", norm, torch.bfloat16)
+    for (xu, tu), (xf, tf) in zip(raw, host):
+        assert xu.dtype == torch.uint8
+        x32, t32 = fp32(xu, tu)
+        assert x32.dtype == torch.float32 and torch.equal(t32, tf)
+        torch.testing.assert_close(x32, xf, rtol=0, atol=1e-6)  # one fused op vs the host's two: float rounding
+        x16, _ = bf16(xu, tu)
+        assert x16.dtype == torch.bfloat16  # the run's compute dtype, stored once
+        torch.testing.assert_close(x16, xf.to(torch.bfloat16), rtol=2 ** -8, atol=0)  # within one bf16 ulp
+    # float images (the host path) pass through untouched
+    xf, tf = host[0]
+    assert fp32(xf, tf)[0] is xf
+
+
+def test_uint8_without_normalization_is_refused():
+    with pytest.raises(ValueError, match="normalization"):
+        DeviceBatch("cpu")(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_only_cuda_wants_the_device_path():
+    assert device_batch.wanted("cuda:0") and device_batch.wanted(torch.device("cuda"))
+    assert not device_batch.wanted("cpu")
+
+
+def _perf_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "perf/samples_per_s" in r]
+
+
+def test_training_on_the_device_path_matches_host_path_and_logs_perf(demo_data, micro_model_json, tmp_path,
+                                                                     monkeypatch):
+    from vlp.train.loop import train
+
+    steps = ["--max-steps", "6", "--log-every", "3"]
+    monkeypatch.delenv(telemetry.PEAK_ENV, raising=False)
+    host = train(parse_config(_flags(demo_data, micro_model_json, tmp_path, "host", *steps)))
+    rows = _perf_rows(Path(host["run_dir"]))
+    assert [r["step"] for r in rows] == [3, 6]
+    for r in rows:
+        assert r["perf/samples_per_s"] == pytest.approx(r["perf/samples_per_s_per_device"])  # one process
+        assert r["perf/samples_per_s"] == pytest.approx(32 * 1000 / r["perf/step_ms"], rel=1e-6)
+        assert 0 <= r["perf/data_wait_frac"] <= 1
+        assert "perf/mfu" not in r and "perf/max_mem_gb" not in r  # CPU: no known peak, no CUDA memory
+
+    seen = []
+    moved = DeviceBatch.__call__
+
+    def spy(self, images, texts):
+        seen.append(images.dtype)
+        return moved(self, images, texts)
+
+    monkeypatch.setattr(device_batch, "wanted", lambda device: True)  # the CUDA path, on CPU
+    monkeypatch.setattr(DeviceBatch, "__call__", spy)
+    monkeypatch.setenv(telemetry.PEAK_ENV, "1")  # a 1 TFLOP/s "device": MFU is reported
+    dev = train(parse_config(_flags(demo_data, micro_model_json, tmp_path, "device", *steps)))
+    assert seen and set(seen) == {torch.uint8}  # the loader never handed over float images
+    ref, got = _losses(Path(host["run_dir"])), _losses(Path(dev["run_dir"]))
+    assert sorted(got) == [3, 6]
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], abs=1e-5)
+    from vlp.models import create_model
+
+    flops = telemetry.flops_per_sample(create_model(micro_model_json).model)
+    for r in _perf_rows(Path(dev["run_dir"])):
+        assert r["perf/mfu"] == pytest.approx(3 * flops * r["perf/samples_per_s_per_device"] / 1e12)
