@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from vlp import compat
+
 __all__ = ["PEAK_BF16_TFLOPS", "Meter", "flops_per_sample", "peak_flops"]
 
 # Peak dense bf16 tensor-core throughput, TFLOP/s (without 2:4 sparsity), from NVIDIA's data sheets:
@@ -69,8 +71,7 @@ def flops_per_sample(model: torch.nn.Module, image_size=None, context_length: Op
     computed or allocated, the model is left as it was, and attention is counted the same way on every
     device (CPU kernels of fused attention are invisible to the counter). The model's train/eval mode
     is used as is (patch dropout, for one, changes the count). Sizes default to the model's own."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    FlopCounterMode = compat.require_flop_counter("counting FLOPs per sample")
     (h, w), ctx = _input_shapes(model, image_size, context_length)
     meta = {name: torch.empty_like(t, device="meta")
             for name, t in [*model.named_parameters(), *model.named_buffers()]}
@@ -103,7 +104,7 @@ class Meter:
     def for_model(cls, model: torch.nn.Module, samples_per_step: int, world_size: int, device) -> "Meter":
         """A Meter for training `model`; its FLOPs are counted only where MFU can be reported (known peak)."""
         flops = None
-        if peak_flops(device):
+        if peak_flops(device) and compat.has_flop_counter():
             try:
                 flops = flops_per_sample(model)
             except Exception as e:  # an architecture the counter cannot trace: no MFU, training goes on
