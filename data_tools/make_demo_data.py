@@ -89,6 +89,23 @@ def write_retrieval(root: Path, n: int, image_size: int, seed: int, per_shard: i
     finish_split(split)
 
 
+def write_compositional(root: Path, n: int, image_size: int, seed: int) -> None:
+    """Two-shape scenes with SugarCrepe-style hard negatives (`demo_world.hard_negatives`): `ROOT/images/*.png`
+    and one `ROOT/{subset}.json` per subset in SugarCrepe's layout {id: {filename, caption, negative_caption}}."""
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    subsets: dict[str, dict] = {}
+    for i in range(n):
+        things = W.random_scene(rng, two_prob=1.0)
+        name = f"images/{i:06d}.png"
+        (root / name).write_bytes(W.encode_png(W.render(things, image_size, rng)))
+        caption, negatives = W.hard_negatives(things, rng)
+        for subset, neg in negatives.items():
+            subsets.setdefault(subset, {})[str(i)] = {"filename": name, "caption": caption, "negative_caption": neg}
+    for subset, rows in sorted(subsets.items()):
+        (root / f"{subset}.json").write_text(json.dumps(rows, indent=0))
+
+
 def make_demo_data(out: str | Path, train_samples: int = 20000, eval_samples: int = 800, image_size: int = 64,
                    per_shard: int = 1000, seed: int = 0, progress: bool = True) -> dict[str, str]:
     """Write everything; returns the paths a run needs (train shard spec and eval roots)."""
@@ -97,10 +114,12 @@ def make_demo_data(out: str | Path, train_samples: int = 20000, eval_samples: in
     write_classification(out / "eval" / "demo_colors", "color", eval_samples, image_size, seed + 1, per_shard)
     write_classification(out / "eval" / "demo_shapes", "shape", eval_samples, image_size, seed + 2, per_shard)
     write_retrieval(out / "eval" / "demo_retrieval", eval_samples // 2, image_size, seed + 3, per_shard)
+    write_compositional(out / "eval" / "demo_compositional", eval_samples // 4, image_size, seed + 4)
     n_shards = (train_samples + per_shard - 1) // per_shard
     return {
         "train_data": str(out / "train" / f"{{00000..{n_shards - 1:05d}}}.tar"),
-        "eval_data": [str(out / "eval" / d) for d in ("demo_colors", "demo_shapes", "demo_retrieval")],
+        "eval_data": [str(out / "eval" / d) for d in ("demo_colors", "demo_shapes", "demo_retrieval",
+                                                                  "demo_compositional")],
     }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 CHANCE = {"demo_colors": 1 / 8, "demo_shapes": 1 / 5}
+LAYOUT = 2          # demo data written before this layout (no demo_compositional set) is written again
 
 
 def ensure_data(out: Path, train_samples: int) -> dict:
@@ -25,16 +26,17 @@ def ensure_data(out: Path, train_samples: int) -> dict:
     marker = out / "paths.json"
     if marker.is_file():
         paths = json.loads(marker.read_text())
-        if paths.get("train_samples") == train_samples:
+        if paths.get("train_samples") == train_samples and paths.get("layout") == LAYOUT:
             return paths
     paths = make_demo_data(out, train_samples=train_samples)
-    paths["train_samples"] = train_samples
+    paths["train_samples"], paths["layout"] = train_samples, LAYOUT
     marker.write_text(json.dumps(paths, indent=1))
     return paths
 
 
 SHOWN = ("acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "image_retrieval_recall@5",
-         "text_retrieval_recall@1", "text_retrieval_recall@5", "geometry/modality_gap", "geometry/mean_paired_cosine")
+         "text_retrieval_recall@1", "text_retrieval_recall@5", "geometry/modality_gap", "geometry/mean_paired_cosine",
+         "acc", "acc/swap_att", "acc/swap_obj", "acc/replace_att", "acc/replace_obj", "acc/replace_rel")
 
 
 def summary_rows(result: dict) -> list[tuple[str, str, str]]:
@@ -50,6 +52,8 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
                 short = dataset.rsplit("/", 1)[-1]
                 if metric == "acc1" and short in CHANCE:
                     rows.append((dataset, "acc1 at chance", f"{CHANCE[short]:.3f}"))
+                if metric == "acc":
+                    rows.append((dataset, "acc at chance (caption vs one negative)", "0.500"))
     return rows
 
 

@@ -124,3 +124,31 @@ def encode_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+_OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+             "below": "above"}
+
+
+def hard_negatives(things: list[Thing], rng: random.Random) -> tuple[str, dict[str, str]]:
+    """A two-shape scene's caption and SugarCrepe-style negatives that reuse its words: {subset: negative}.
+
+    "a red circle to the left of a blue square" ->
+    swap_att "a blue circle to the left of a red square", swap_obj "a red square to the left of a blue circle",
+    replace_att (a colour not in the scene), replace_obj (a shape not in the scene), replace_rel ("to the right of").
+    swap_obj is left out when both shapes are the same (the swap would not change the caption)."""
+    a, b = things
+    rel = _REL[(a.position, b.position)]
+
+    def cap(ca, sa, r, cb, sb):
+        return f"a {ca} {sa} {r} a {cb} {sb}"
+
+    out = {"swap_att": cap(b.color, a.shape, rel, a.color, b.shape),
+           "replace_att": cap(rng.choice([c for c in COLORS if c not in (a.color, b.color)]), a.shape, rel,
+                              b.color, b.shape),
+           "replace_obj": cap(a.color, rng.choice([s for s in SHAPES if s not in (a.shape, b.shape)]), rel,
+                              b.color, b.shape),
+           "replace_rel": cap(a.color, a.shape, _OPPOSITE[rel], b.color, b.shape)}
+    if a.shape != b.shape:
+        out["swap_obj"] = cap(a.color, b.shape, rel, b.color, a.shape)
+    return cap(a.color, a.shape, rel, b.color, b.shape), out

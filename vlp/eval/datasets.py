@@ -38,8 +38,13 @@ IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 FOLDER_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 CLASSIFICATION = "zeroshot_classification"
 RETRIEVAL = "zeroshot_retrieval"
-TASKS = (CLASSIFICATION, RETRIEVAL)
-SPEC_KEYS = {"name", "task", "split", "classnames", "templates", "root"}
+LINEAR_PROBE = "linear_probe"
+KNN = "knn"
+CAPTION_SELECTION = "image_caption_selection"     # CLIP_benchmark's name for SugarCrepe-style sets
+PROBE_TASKS = (LINEAR_PROBE, KNN)                 # classification layouts scored from a train split's features
+LABELLED = (CLASSIFICATION,) + PROBE_TASKS
+TASKS = (CLASSIFICATION, RETRIEVAL, LINEAR_PROBE, KNN, CAPTION_SELECTION)
+SPEC_KEYS = {"name", "task", "split", "classnames", "templates", "root", "train_split", "train", "fewshot_k"}
 CAPTION_FILE_EXTS = {".csv", ".tsv", ".jsonl", ".json"}
 
 Template = Union[str, Callable[[str], str]]
@@ -84,7 +89,7 @@ class EvalSet:
                 items = _read_caption_file(self)
             if not items:
                 raise EvalError(f"{self.name}: the eval set is empty ({self.root})")
-            if self.task == CLASSIFICATION:
+            if self.task in LABELLED:
                 n_cls = len(self.classnames or [])
                 bad = next((s for s in items if not 0 <= int(s.target) < n_cls), None)
                 if bad is not None:
@@ -95,8 +100,13 @@ class EvalSet:
 
     def fingerprint(self) -> tuple:
         """Identifies the set's content on disk (for caching decoded images)."""
+        return (self.spec,) + self.data_fingerprint()
+
+    def data_fingerprint(self) -> tuple:
+        """The files (names, times, sizes) and split this set reads, whatever task or name its spec gives."""
         files = [self.root] if self.root.is_file() else sorted(self.root.rglob("*"))[:10000]
-        return (self.spec, tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.is_file()))
+        return (self.kind, str(self.root), self.options.get("split"), self.options.get("classnames"),
+                tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.is_file()))
 
 
 # ---------------------------------------------------------------------------------------------- spec
@@ -123,6 +133,10 @@ def open_eval_set(spec: str, classnames: Optional[str] = None, templates: Option
         opts["templates"] = templates
     if not path.exists():
         raise EvalError(f"eval data not found: {path}")
+    from vlp.eval import compositional
+
+    if compositional.is_compositional(path, opts):
+        return compositional.open_set(spec, path, opts)
     if path.is_file():
         if path.suffix.lower() not in CAPTION_FILE_EXTS:
             raise EvalError(f"{path}: a caption file must be .csv, .tsv, .jsonl or .json")
@@ -146,8 +160,9 @@ def _open_wds(spec: str, root: Path, opts: dict, split: str) -> EvalSet:
         raise EvalError(f"{root}: multi-label classification sets are not supported")
     task = opts.get("task", RETRIEVAL if dtype == "retrieval" else CLASSIFICATION)
     es = EvalSet(spec, opts.get("name", "wds/" + root.name), task, "wds", root, options=opts)
-    if task == CLASSIFICATION:
+    if task in LABELLED:
         es.classnames = _classnames(es, root / "classnames.txt")
+    if task == CLASSIFICATION:
         es.templates = _templates(es, root / "zeroshot_classification_templates.txt")
     return es
 
@@ -156,17 +171,50 @@ def _open_folder(spec: str, root: Path, opts: dict) -> EvalSet:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise EvalError(f"{root}: neither a CLIP_benchmark wds root nor an image folder with class sub-folders")
-    if opts.get("task", CLASSIFICATION) != CLASSIFICATION:
-        raise EvalError(f"{spec}: an image folder can only be used for classification")
-    es = EvalSet(spec, opts.get("name", root.name), CLASSIFICATION, "folder", root, options=opts)
+    task = opts.get("task", CLASSIFICATION)
+    if task not in LABELLED:
+        raise EvalError(f"{spec}: an image folder can only be used for classification, linear_probe or knn")
+    es = EvalSet(spec, opts.get("name", root.name), task, "folder", root, options=opts)
     es.options["_folders"] = json.dumps(classes)
     if "classnames" not in opts and not (root / "classnames.txt").is_file() and len(classes) == 1000:
         opts["classnames"] = "imagenet"
     es.classnames = _classnames(es, root / "classnames.txt", folders=classes)
     if len(es.classnames) != len(classes):
         raise EvalError(f"{es.name}: {len(es.classnames)} class names for {len(classes)} class folders")
-    es.templates = _templates(es, root / "zeroshot_classification_templates.txt", default="openai")
+    if task == CLASSIFICATION:
+        es.templates = _templates(es, root / "zeroshot_classification_templates.txt", default="openai")
     return es
+
+
+def open_train_split(es: EvalSet) -> EvalSet:
+    """The train split of a linear-probe / k-NN set: a wds root's `train_split` (default `train`), or an image
+    folder's `train=FOLDER` (default: a sibling `train` folder of a `test`/`val` folder), with the same
+    class names."""
+    opts = {k: v for k, v in es.options.items() if not k.startswith("_")}
+    opts["task"] = es.task
+    if es.kind == "wds":
+        split = opts.pop("train_split", "train")
+        opts["split"] = split
+        root = es.root
+    elif es.kind == "folder":
+        root = Path(opts.pop("train")) if "train" in opts else es.root.parent / "train"
+        if "train" not in es.options and es.root.name not in ("test", "val"):
+            raise EvalError(f"{es.name}: give train=FOLDER (the training images of this linear probe / k-NN set)")
+    else:
+        raise EvalError(f"{es.name}: {es.task} needs a classification layout (wds root or image folder)")
+    if es.kind == "wds" and not (root / opts["split"] / "nshards.txt").is_file():
+        raise EvalError(f"{es.name}: {es.task} needs a train split: missing {root / opts['split'] / 'nshards.txt'} "
+                        f"(give train_split=NAME)")
+    if not root.is_dir():
+        raise EvalError(f"{es.name}: train folder not found: {root}")
+    if es.kind == "wds":
+        train = _open_wds(es.spec, root, opts, opts["split"])
+    else:
+        train = _open_folder(es.spec, root, {**opts, "classnames": "folders"})
+    train.classnames = es.classnames
+    if es.kind == "folder" and json.loads(train.options["_folders"]) != json.loads(es.options["_folders"]):
+        raise EvalError(f"{es.name}: the train folder {root} has other class folders than {es.root}")
+    return train
 
 
 # ------------------------------------------------------------------------------- class names, templates
