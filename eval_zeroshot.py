@@ -10,7 +10,9 @@ or a run folder (vlp's RUN/checkpoints/step_*.pt in step order, or open_clip_tra
 order, given --model; output defaults to RUN/eval and a metrics_vs_step.png is drawn). Without --checkpoint, --model is scored with random weights.
 --data: CLIP_benchmark wds roots, image folders (one sub-folder per class) or CSV/TSV/JSONL caption files, each
 optionally followed by `?name=..&task=..&classnames=..&templates=..&split=..&root=..` (quote it in the shell;
-see vlp/eval/datasets.py).
+see vlp/eval/datasets.py); `task=linear_probe|knn|image_caption_selection` as well as CLIP_benchmark's two;
+or a suite file (`suite.yaml`, see vlp/eval/suite.py), which adds suite.csv/.md/.json: one row per checkpoint,
+one column per set, the weighted mean over sets.
 Writes one CLIP_benchmark-schema JSON per (checkpoint, dataset, task) and prints a summary table.
 Bad input ends with one line on stderr and exit status 2; nothing is written unless everything succeeded.
 """
@@ -51,6 +53,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--templates", default=None, help="templates for sets that do not name their own: FILE, 'openai', 'simple'")
     p.add_argument("--recall-k", "--recall_k", dest="recall_k", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--per-class", action="store_true", help="add per-class accuracy and top confusions to the JSON")
+    p.add_argument("--ties", choices=["vlp", "clip_benchmark"], default="vlp",
+                   help="retrieval ties: vlp = a negative within 1e-6 of the positive ties, in the positive's favour; "
+                        "clip_benchmark = topk order, figure for figure with CLIP_benchmark")
+    p.add_argument("--fewshot-k", "--fewshot_k", dest="fewshot_k", type=int, default=-1,
+                   help="linear probe: training samples per class (-1: all)")
+    p.add_argument("--seed", type=int, default=0, help="linear probe: held-out split and few-shot draw")
+    p.add_argument("--knn-k", dest="knn_k", type=int, nargs="+", default=[1, 10, 20], help="k-NN: neighbour counts")
+    p.add_argument("--feature-cache", "--feature_root", dest="feature_cache", default=None,
+                   help="linear probe / k-NN: folder of cached float16 features (default: $VLP_FEATURE_CACHE or "
+                        "~/.cache/vlp/features; 'none' to keep nothing)")
+    p.add_argument("--clip-benchmark-commands", action="store_true",
+                   help="print the clip_benchmark commands of the suite's `dataset:` sets and exit")
     p.add_argument("--no-geometry", action="store_true", help="skip the geometry figures")
     p.add_argument("--steps", default=None,
                    help="run folder only: evaluate only these steps (epochs for open_clip_train runs), e.g. '1000,2000'")
@@ -93,6 +107,7 @@ def run(a: argparse.Namespace) -> int:
     from vlp.eval import evaluate
     from vlp.eval.datasets import EvalError, open_eval_set
     from vlp.eval.report import summary_table, write_results
+    from vlp.eval.suite import SuiteEntry, aggregate, clip_benchmark_commands, is_suite, load_suite, table_files
     from vlp.models import create_model, load_checkpoint, read_checkpoint_meta
 
     if a.batch_size < 1:
@@ -103,7 +118,13 @@ def run(a: argparse.Namespace) -> int:
     amp = {"auto": None, "fp32": False, "amp": True}[a.precision]
 
     # Everything that can be checked without scoring is checked first.
-    sets = [open_eval_set(spec, a.classnames, a.templates) for spec in a.data]
+    entries = [e for arg in a.data for e in (load_suite(arg) if is_suite(arg) else [SuiteEntry(arg)])]
+    if a.clip_benchmark_commands:
+        print("\n".join(clip_benchmark_commands(entries, a.model or "MODEL", a.checkpoint or "PRETRAINED")))
+        return 0
+    if a.fewshot_k == 0 or a.fewshot_k < -1 or min(a.knn_k) < 1:
+        raise EvalError("--fewshot-k must be -1 or >= 1, and every --knn-k >= 1")
+    sets = [open_eval_set(e.spec, a.classnames, a.templates) for e in entries]
     for es in sets:
         es.samples()
     names = [(es.name, es.task) for es in sets]
@@ -154,14 +175,21 @@ def run(a: argparse.Namespace) -> int:
         results += evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_val, sets, device=device,
                             batch_size=a.batch_size, model_name=bundle.model_name, pretrained=pretrained, amp=amp,
                             num_workers=a.workers, recall_k=a.recall_k, geometry=not a.no_geometry,
-                            per_class=a.per_class, progress=not a.quiet, step=step)
+                            per_class=a.per_class, progress=not a.quiet, step=step, ties=a.ties,
+                            fewshot_k=a.fewshot_k, seed=a.seed, knn_k=a.knn_k,
+                            feature_cache=False if str(a.feature_cache).lower() == "none" else a.feature_cache)
         for r in results[-len(sets):]:
             r["vlp"]["checkpoint"] = path
             if at is not None and unit != "step":
                 r["vlp"][unit] = at
         del bundle
-    written = write_results(results, out_dir, plot=run_dir is not None)
+    table = None
+    if any(is_suite(arg) for arg in a.data):
+        table = table_files(aggregate(results, entries, names))
+    written = write_results(results, out_dir, plot=run_dir is not None, extra=table)
     print(summary_table(results))
+    if table:
+        print("\n" + table["suite.md"])
     print(f"wrote {len(written)} file(s) to {out_dir}", file=sys.stderr)
     return 0
 

@@ -19,7 +19,12 @@ MAIN_METRICS = {
     "zeroshot_classification": ["acc1", "acc5", "mean_per_class_recall"],
     "zeroshot_retrieval": ["image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
                            "text_retrieval_recall@5"],
+    "linear_probe": ["lp_acc1", "lp_acc5", "lp_mean_per_class_recall"],
+    "knn": ["knn_acc1@1", "knn_acc1@10", "knn_acc1@20"],
+    "image_caption_selection": ["acc"],
 }
+TASK_SHORT = {"zeroshot_classification": "zs-cls", "zeroshot_retrieval": "retrieval", "linear_probe": "lp",
+              "knn": "knn", "image_caption_selection": "hard-neg"}
 SHORT = {"image_retrieval_recall@1": "t2i@1", "image_retrieval_recall@5": "t2i@5",
          "text_retrieval_recall@1": "i2t@1", "text_retrieval_recall@5": "i2t@5",
          "mean_per_class_recall": "mpcr", "geometry/modality_gap": "gap", "geometry/mean_paired_cosine": "pair_cos"}
@@ -52,9 +57,11 @@ def _json_default(o):
     raise TypeError(type(o))
 
 
-def write_results(results: list[dict], out_dir: str | os.PathLike, plot: bool = False) -> list[Path]:
-    """Write every result (and the plot) to a temporary folder first, then move them in: an error before the
-    end leaves nothing behind, and no file is ever half-written."""
+def write_results(results: list[dict], out_dir: str | os.PathLike, plot: bool = False,
+                  extra: Optional[dict[str, str]] = None) -> list[Path]:
+    """Write every result (and the plot, and `extra` {file name: text}, e.g. a suite's table) to a temporary
+    folder first, then move them in: an error before the end leaves nothing behind, and no file is ever
+    half-written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".vlp-eval-", dir=out))
@@ -70,6 +77,8 @@ def write_results(results: list[dict], out_dir: str | os.PathLike, plot: bool = 
             (tmp / name).write_text(json.dumps(r, default=_json_default))
         if plot:
             plot_metrics_vs_step(results, tmp / "metrics_vs_step.png")
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
             written.append(out / f.name)
@@ -101,7 +110,7 @@ def summary_table(results: Iterable[dict]) -> str:
     for r in results:
         at = progress(r)
         ck = f"{at[0]} {at[1]}" if at else (os.path.basename(r.get("pretrained") or "") or r.get("model", ""))
-        task = {"zeroshot_classification": "zs-cls", "zeroshot_retrieval": "retrieval"}.get(r["task"], r["task"])
+        task = TASK_SHORT.get(r["task"], r["task"])
         rows.append([ck, r["dataset"], task] + [_fmt(r["metrics"].get(k)) for k in metric_cols])
     header = cols + [SHORT.get(k, k) for k in metric_cols]
     widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
