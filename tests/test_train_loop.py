@@ -136,7 +136,7 @@ def test_locked_image_tower_stays_fixed_under_bf16_and_checkpointing(demo_data, 
 
     cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "lit", "--max-steps", "4", "--save-every", "1",
                               "--keep-checkpoints", "10", "--lock-image", "--grad-checkpointing",
-                              "--precision", "bf16"))
+                              "--precision", "amp_bf16"))
     train(cfg)
     ckpts = tmp_path / "lit" / "checkpoints"
     first, last = read_state_dict(str(ckpts / "step_00000001.pt")), read_state_dict(str(ckpts / "step_00000004.pt"))

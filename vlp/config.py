@@ -88,15 +88,21 @@ class RunConfig:
     name: Optional[str] = field(default=None, metadata={"help": "run name (folder under --logs)"})
     logs: str = field(default="./logs", metadata={"help": "where run folders are written"})
     seed: int = 0
-    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (mixed precision through accelerate)"})
+    precision: str = field(default="auto", metadata={"help": "open_clip's names: amp (fp16 autocast), amp_bf16 (bf16 autocast), "
+                                                        "bf16/fp16 (16-bit matmul weights), pure_bf16/pure_fp16, fp32; "
+                                                        "auto: amp on CUDA, fp32 on CPU (see vlp/precision.py)"})
+    threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads per process; auto on CPU: "
+                                                                  "cores / processes - loader workers, at least 1",
+                                                          "default_text": "auto"})
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N optimiser steps"})
     keep_checkpoints: int = field(default=3, metadata={"help": "keep the last K step checkpoints"})
     resume: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint path"})
-    log_every: int = field(default=10, metadata={"help": "log scalars every N steps"})
+    log_every: int = field(default=10, metadata={"help": "log scalars every N steps", "aliases": ["--log-every-n-steps"]})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "eval sets (CLIP_benchmark webdataset roots) for in-loop evaluation"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
     report_to: Optional[str] = field(default="tensorboard", metadata={"help": "accelerate tracker, or 'none'"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on a terminal (--no-progress or a non-terminal "
+                                                           "stderr: one plain line per --log-every steps)"})
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig, "run": RunConfig}
@@ -185,25 +191,89 @@ def _apply(cfg: Config, d: dict, source: str) -> None:
         setattr(getattr(cfg, section), name, _coerce(name, value, _resolved_type(section, f)))
 
 
+def _default_text(f: dataclasses.Field) -> str:
+    if "default_text" in f.metadata:
+        return f.metadata["default_text"]
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        value = f.default
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+class _Answer(argparse.Action):
+    """An open_clip flag vlp spells differently: stop with one line naming vlp's equivalent."""
+
+    def __init__(self, option_strings, dest, answer: str = "", **kw):
+        self.answer = answer
+        super().__init__(option_strings, dest, nargs="*", default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise ConfigError(f"{option_string} is open_clip's; in vlp: {self.answer}")
+
+
+# open_clip_train flags whose meaning vlp has under another name: exact ones are aliases, the others
+# are answered with vlp's equivalent instead of argparse's "unrecognized arguments".
+OPEN_CLIP_ANSWERS = {
+    "--save-frequency": "--save-every N saves every N optimiser steps (an epoch is printed in the start-up banner)",
+    "--zeroshot-frequency": "--eval-every N (steps) with --eval-data 'IMAGENET_VAL?classnames=imagenet&templates=openai'",
+    "--val-frequency": "--eval-every N (steps); vlp scores zero-shot and retrieval sets, not a validation loss",
+    "--val-data": "--eval-data SPEC... (CLIP_benchmark wds roots, image folders, or CSV/JSONL image-caption files "
+                  "scored by retrieval)",
+    "--save-most-recent": "vlp always keeps RUN/checkpoints/latest naming the newest checkpoint (--resume latest)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a CLIP-style dual encoder.", allow_abbrev=False)
+    p = argparse.ArgumentParser(description="Train a CLIP-style dual encoder. Every default is shown; flags "
+                                            "are open_clip's where one exists.", allow_abbrev=False)
     p.add_argument("--config", help="YAML file with options (flat or grouped by section); flags override it")
     for section, klass in SECTIONS.items():
         group = p.add_argument_group(section)
         for f in dataclasses.fields(klass):
             tp = _resolved_type(section, f)
-            flag = "--" + f.name.replace("_", "-")
+            flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
             help_ = f.metadata.get("help", "")
+            help_ = f"{help_} (default: {_default_text(f)})" if help_ else f"default: {_default_text(f)}"
+            help_ = help_.replace("%", "%%")
             # default=SUPPRESS: only flags the user gave appear in the namespace, so YAML values survive.
+            kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
             if tp is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
             elif typing.get_origin(tp) is tuple:
-                group.add_argument(flag, nargs=len(typing.get_args(tp)), default=argparse.SUPPRESS, help=help_)
+                group.add_argument(*flags, nargs=len(typing.get_args(tp)), **kw)
             elif typing.get_origin(tp) is list:
-                group.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_)
+                group.add_argument(*flags, nargs="+", **kw)
             else:
-                group.add_argument(flag, default=argparse.SUPPRESS, help=help_)
+                group.add_argument(*flags, **kw)
+    oc = p.add_argument_group("open_clip flags (exact aliases, or answered with vlp's equivalent)")
+    oc.add_argument("--siglip", dest="loss", action="store_const", const="siglip", default=argparse.SUPPRESS,
+                    help="same as --loss siglip")
+    oc.add_argument("--delete-previous-checkpoint", dest="keep_checkpoints", action="store_const", const=1,
+                    default=argparse.SUPPRESS, help="same as --keep-checkpoints 1")
+    oc.add_argument("--dataset-type", dest="_dataset_type", default=argparse.SUPPRESS, metavar="TYPE",
+                    help="only 'webdataset' (vlp reads webdataset shards; data_tools.make_shards writes them)")
+    oc.add_argument("--imagenet-val", dest="_imagenet_val", default=argparse.SUPPRESS, metavar="DIR",
+                    help="same as adding --eval-data 'DIR?name=imagenet-val&classnames=imagenet&templates=openai'")
+    for flag, answer in OPEN_CLIP_ANSWERS.items():
+        oc.add_argument(flag, action=_Answer, answer=answer, metavar="X", help=f"answered: {answer}".replace("%", "%%"))
     return p
+
+
+def _open_clip_flags(ns: dict) -> list[str]:
+    """Check and remove the open_clip-only flags kept in the namespace; returns eval sets they add."""
+    kind = ns.pop("_dataset_type", None)
+    if kind is not None and kind not in ("webdataset", "auto"):
+        raise ConfigError(f"--dataset-type {kind}: vlp reads webdataset shards only; turn a CSV into shards with "
+                          "data_tools.make_shards (vlp data make-shards)")
+    imagenet = ns.pop("_imagenet_val", None)
+    return [] if imagenet is None else [f"{imagenet}?name=imagenet-val&classnames=imagenet&templates=openai"]
 
 
 def parse_config(argv: Optional[list[str]] = None) -> Config:
@@ -225,7 +295,9 @@ def parse_config(argv: Optional[list[str]] = None) -> Config:
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {yaml_path} must hold a mapping of options")
         _apply(cfg, loaded, source=yaml_path)
+    extra_eval = _open_clip_flags(ns)
     _apply(cfg, ns, source="command line")
+    cfg.run.eval_data = [*cfg.run.eval_data, *extra_eval]
     validate(cfg)
     return cfg
 
@@ -266,8 +338,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--infinite-constant-lr-frac must be between 0 and 1")
     if o.infinite_cooldown_steps < 0 or o.infinite_anneal_steps < 0:
         raise ConfigError("--infinite-cooldown-steps and --infinite-anneal-steps must be 0 or more")
-    if r.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision must be fp32, bf16 or fp16 (got {r.precision!r})")
+    from vlp.precision import NAMES as PRECISIONS
+
+    if r.precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)} (got {r.precision!r})")
+    if r.threads is not None and r.threads < 1:
+        raise ConfigError("--threads must be at least 1")
     if d.text_aug not in (None, "stopwords", "eda", "stopwords+eda"):
         raise ConfigError(f"--text-aug must be stopwords, eda or stopwords+eda (got {d.text_aug!r})")
     lo_, hi = d.rrc_scale

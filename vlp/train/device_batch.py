@@ -30,8 +30,9 @@ class DeviceBatch:
     images (the host path, or a preprocess the loader applies as is) pass through unchanged."""
 
     def __init__(self, device, normalization: Optional[tuple[Sequence[float], Sequence[float]]] = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, input_dtype: Optional[torch.dtype] = None):
         self.device, self.dtype = torch.device(device), dtype
+        self.input_dtype = input_dtype  # float images cast to it: open_clip's bf16/fp16/pure_* 16-bit weights
         self.scale = self.shift = None
         if normalization is not None:
             mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalization)
@@ -46,4 +47,6 @@ class DeviceBatch:
                 raise ValueError("uint8 images need the loader's normalization (mean, std)")
             out = torch.empty(images.shape, dtype=self.dtype, device=self.device)
             images = torch.addcmul(self.shift, images, self.scale, out=out)
+        elif self.input_dtype is not None:
+            images = images.to(self.input_dtype)
         return images, texts

@@ -17,17 +17,19 @@ from typing import Iterator, Optional
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from vlp.config import Config, ConfigError
+from vlp import precision as prec
 from vlp.models import create_model, export_open_clip, model_identity
 from vlp.train import checkpoint as ckpt
 from vlp.train import device_batch
 from vlp.train.checkpointer import Checkpointer
+from vlp.train.console import Console
 from vlp.train.inloop_eval import InLoopEval
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
 from vlp.train.step import train_step
 from vlp.train.telemetry import Meter
+from vlp.train.threads import configure_threads
 
 __all__ = ["TrainingError", "train", "RunPaths", "run_name"]
 
@@ -40,7 +42,7 @@ def make_accelerator(cfg: Config, paths: RunPaths):
     """accelerate's Accelerator for this run's precision and trackers."""
     from accelerate import Accelerator
 
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.run.precision]
+    precision = prec.accelerate_mixed_precision(run_precision(cfg))
     report_to = None if cfg.run.report_to in (None, "none") else cfg.run.report_to
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # accelerate keeps process-wide state; a second run in this process (a sweep, a notebook)
@@ -51,6 +53,11 @@ def make_accelerator(cfg: Config, paths: RunPaths):
     # cpu=True on machines without CUDA: accelerate then sets up multi-process CPU runs (gloo) under torchrun.
     return Accelerator(mixed_precision=precision, log_with=report_to, project_dir=str(paths.root),
                        cpu=not torch.cuda.is_available())
+
+
+def run_precision(cfg: Config) -> str:
+    """--precision with `auto` resolved for this machine."""
+    return prec.resolve(cfg.run.precision, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_model(cfg: Config):
@@ -67,6 +74,7 @@ def build_model(cfg: Config):
         model.lock_text_tower()
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    prec.cast_model(model, run_precision(cfg))  # open_clip's bf16/fp16/pure_*: 16-bit weights, no autocast
     return bundle
 
 
@@ -95,6 +103,9 @@ def train(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg, paths)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
+    console = Console(main, cfg.run.progress)
+    threads = configure_threads(cfg.run.threads, cfg.data.workers, accelerator.device,
+                                int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
     resume_from: Optional[Path] = None
     if cfg.run.resume:
@@ -108,7 +119,7 @@ def train(cfg: Config) -> dict:
                                 rank=rank, world_size=world, seed=cfg.run.seed,
                                 device_normalize=device_batch.wanted(accelerator.device))
     to_device = device_batch.DeviceBatch(accelerator.device, loader.normalization if loader.device_normalize else None,
-                                         device_batch.COMPUTE_DTYPE[cfg.run.precision])
+                                         prec.compute_dtype(run_precision(cfg)), prec.input_dtype(run_precision(cfg)))
     steps_per_epoch = loader.batches_per_epoch // cfg.optim.accum_freq
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch holds {loader.batches_per_epoch} batches per process, fewer than --accum-freq "
@@ -130,8 +141,7 @@ def train(cfg: Config) -> dict:
     step, epoch, loader_state = 0, 0, None
     if resume_from is not None:
         step, epoch, loader_state = checkpointer.restore(resume_from)
-        if main:
-            print(f"resumed from {resume_from} at step {step}")
+        console.print(f"resumed from {resume_from} at step {step}")
 
     if main:
         paths.root.mkdir(parents=True, exist_ok=True)
@@ -141,11 +151,13 @@ def train(cfg: Config) -> dict:
     metrics = MetricsLog(paths.metrics, accelerator, main)
     evaluate_now = InLoopEval(cfg, bundle, accelerator, metrics)
 
-    model.train()
     samples_per_step = cfg.data.batch_size * cfg.optim.accum_freq * world
     meter = Meter.for_model(net, samples_per_step, world, accelerator.device)
-    bar = tqdm(total=total_steps, initial=step, disable=not (main and cfg.run.progress), unit="step",
-               dynamic_ncols=True, desc="train")
+    console.begin(cfg, net=net, model_name=bundle.model_name, loader=loader, device=accelerator.device, world=world,
+                  precision=run_precision(cfg), threads=threads, steps=(step, steps_per_epoch, total_steps),
+                  run_dir=paths.root)
+    model.train()
+    start_step = step
     last: dict = {}
     t_last, step_last = time.perf_counter(), step
     empty_epochs = 0
@@ -177,7 +189,7 @@ def train(cfg: Config) -> dict:
             clamp_logit_scale(net)
             step += 1
             meter.step()
-            bar.update(1)
+            console.step(step)
 
             if step % cfg.run.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
@@ -186,15 +198,18 @@ def train(cfg: Config) -> dict:
                 last = {f"train/{k}": reduce_mean(v.float()).item() for k, v in losses.items()}
                 last.update({
                     "train/logit_scale": net.logit_scale.exp().item(),
+                    **({"train/logit_bias": net.logit_bias.item()} if getattr(net, "logit_bias", None) is not None
+                       else {}),
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/samples_per_s": rate, "train/epoch": epoch,
                     **{f"data/skipped/{k}": v for k, v in loader.skip_counts().items()},
                     **meter.report(),
                 })
                 metrics.log(step, last)
-                bar.set_postfix(loss=f"{last['train/loss']:.4f}", sps=f"{rate:.0f}")
+                console.log(step, last)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
-                last.update(evaluate_now(net, step))
+                last.update(results := evaluate_now(net, step))
+                console.eval(step, results)
             if step % cfg.run.save_every == 0 and step < total_steps:
                 checkpointer.save(step, epoch)
         # A resumed run may start at the very end of an epoch; two empty epochs in a row mean no data.
@@ -203,14 +218,17 @@ def train(cfg: Config) -> dict:
             raise TrainingError(f"epoch {epoch} yielded no complete batch: check --train-data and the skip counts")
         if step < total_steps:
             epoch += 1
-    bar.close()
+    console.close()
 
-    checkpointer.save(step, epoch)
+    final = checkpointer.save(step, epoch)
     if main:
         import open_clip
 
         export_open_clip(net, bundle.model_cfg, open_clip.get_model_preprocess_cfg(net), paths.export)
-    last.update(evaluate_now(net, step))
+    last.update(results := evaluate_now(net, step))
+    console.eval(step, results)
     accelerator.end_training()
+    console.summary(step=step, samples_seen=(step - start_step) * samples_per_step, last=last,
+                    checkpoint=final, export=paths.export, run_dir=paths.root)
     last["run_dir"] = str(paths.root)
     return last

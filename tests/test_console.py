@@ -1,0 +1,166 @@
+"""The training console: banner fields, plain log lines, eval table, summary, start-up warnings, the
+progress bar on a real terminal, and the CPU thread choice."""
+from __future__ import annotations
+
+import os
+import re
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import repo_root
+from vlp.config import parse_config
+from vlp.train.console import Console, eval_table
+from vlp.train.loop import train
+from vlp.train.threads import configure_threads, pick_threads
+
+
+def _flags(demo_data, model_json, logs, name, *extra):
+    return ["--train-data", demo_data["train_data"], "--model", model_json, "--logs", str(logs), "--name", name,
+            "--batch-size", "32", "--workers", "1", "--report-to", "none", "--no-progress", *extra]
+
+
+def test_plain_console_banner_log_lines_eval_table_summary(demo_data, micro_model_json, tmp_path, capsys):
+    """--no-progress: the banner's fields, one line per --log-every steps (loss terms, lr, scale, rate, eta),
+    the in-loop eval table, and a summary naming the checkpoint and export that exist."""
+    cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "plain", "--max-steps", "6", "--log-every", "2",
+                              "--warmup", "2", "--uniformity-weight", "0.5", "--eval-every", "3",
+                              "--eval-data", demo_data["eval_data"][0]))
+    train(cfg)
+    err = capsys.readouterr().err
+    for field in ("model ", "parameters", "devices ", "torch threads", "precision   fp32", "batch       global 32",
+                  "schedule    6 steps", "samples", "data        4 shards, 600 samples", "run folder"):
+        assert field in err, (field, err)
+    lines = [ln for ln in err.splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["2/6", "4/6", "6/6"]
+    assert all(re.search(r"loss \d\.\d{4} \| clip [\d.]+ \| uniformity -?[\d.]+ \| lr [\d.e+-]+ \| scale [\d.]+ \| "
+                         r"\d+ samples/s \| elapsed \d+:\d\d \| eta \d+:\d\d", ln) for ln in lines), lines
+    assert "eval at step 3:" in err and "eval at step 6:" in err
+    table = err[err.index("eval at step 3:"):].splitlines()
+    assert table[1].split()[:4] == ["dataset", "acc1", "acc5", "mpcr"] and table[2].split()[0] == "wds/demo_colors"
+    ckpt = re.search(r"checkpoint: (\S+)", err).group(1)
+    export = re.search(r"export: +(\S+)", err).group(1)
+    assert Path(ckpt).name == "step_00000006.pt" and Path(ckpt).is_file()
+    assert (Path(export) / "open_clip_config.json").is_file()
+    assert re.search(r"done: 6 steps, 192 samples seen", err)
+
+
+def test_startup_warnings(demo_data, micro_model_json, tmp_path, capsys):
+    """Shards without rewrites under --use-rewrites, warmup longer than the run, a missing shard from a
+    brace list, and bf16 on CPU: each one line, once."""
+    from data_tools import make_shards
+
+    src = tmp_path / "plain"
+    src.mkdir()
+    import PIL.Image
+
+    rows = []
+    for i in range(40):
+        PIL.Image.new("RGB", (32, 32), (i * 5, 0, 0)).save(src / f"{i}.png")
+        rows.append(f"{src / f'{i}.png'}\tred square number {i}")
+    (tmp_path / "in.tsv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    assert make_shards.main(["--input", str(tmp_path / "in.tsv"), "--output", str(tmp_path / "sh"),
+                             "--per-shard", "20"]) == 0
+    spec = str(tmp_path / "sh" / "{00000..00002}.tar")   # 00002.tar does not exist
+    cfg = parse_config(_flags({"train_data": spec}, micro_model_json, tmp_path, "warn", "--batch-size", "8",
+                              "--max-steps", "2", "--warmup", "10", "--use-rewrites", "--precision", "bf16"))
+    train(cfg)
+    err = capsys.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 4, warnings
+    assert any("1 of 3 shards" in w and "00002.tar" in w for w in warnings)
+    assert any("--use-rewrites" in w and "no 'rewrites'" in w for w in warnings)
+    assert any("--warmup 10" in w and "2 steps" in w for w in warnings)
+    assert any("--precision bf16 on CPU" in w for w in warnings)
+
+    # the demo shards do carry rewrites: no rewrites warning there, and none about warmup or precision
+    cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "quiet", "--max-steps", "2", "--warmup", "1",
+                              "--use-rewrites", "--precision", "fp32"))
+    train(cfg)
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_progress_bar_on_a_terminal_shows_the_figures():
+    """On a real terminal (a pty) the bar carries loss, lr, logit scale and rate; through a pipe, plain lines."""
+    import pty
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))  # a 200-column terminal
+    with open(slave, "w") as tty:
+        con = Console(True, True, stream=tty)
+        assert con.use_bar
+        con.start(0, 4)
+        for step in range(1, 5):
+            con.step(step)
+            con.log(step, {"train/loss": 1.5, "train/clip": 1.5, "train/lr": 1e-3, "train/logit_scale": 14.3,
+                           "train/samples_per_s": 250.0, "perf/data_wait_frac": 0.25})
+        con.close()
+    out = b""
+    while select.select([master], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    out = out.decode()
+    assert "4/4" in out and "loss 1.5000" in out and "lr 1.00e-03" in out and "scale 14.3" in out
+    assert "250 samples/s" in out and "data_wait 25%" in out
+    assert not Console(True, True, stream=open(os.devnull, "w")).use_bar   # not a terminal: plain lines
+
+
+def test_eval_table_headline_first():
+    t = eval_table({"eval/a/geometry/modality_gap": 0.5, "eval/a/acc1": 0.25, "eval/b/text_retrieval_recall@1": 0.125,
+                    "eval/a/acc5": float("nan")})
+    head, a, b = t.splitlines()
+    assert head.split() == ["dataset", "acc1", "acc5", "i2t@1", "gap"]
+    assert a.split() == ["a", "0.250", "-", "-", "0.500"] and b.split() == ["b", "-", "-", "0.125", "-"]
+
+
+def test_thread_choice():
+    """cores // processes - workers, at least one; --threads and OMP_NUM_THREADS win; applied to torch."""
+    import torch
+
+    assert pick_threads(2, 2) == 1 and pick_threads(16, 4) == 12 and pick_threads(16, 2, local_processes=4) == 2
+    before = torch.get_num_threads()
+    env = os.environ.pop("OMP_NUM_THREADS", None)
+    try:
+        n, why = configure_threads(None, 0, "cpu")
+        assert n == torch.get_num_threads() == pick_threads(len(os.sched_getaffinity(0)), 0) and "cores" in why
+        assert configure_threads(3, 0, "cpu") == (3, "--threads") and torch.get_num_threads() == 3
+        os.environ["OMP_NUM_THREADS"] = "1"
+        assert configure_threads(None, 0, "cpu")[1] == "OMP_NUM_THREADS"
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
+        if env is not None:
+            os.environ["OMP_NUM_THREADS"] = env
+        torch.set_num_threads(before)
+
+
+def test_help_shows_every_default():
+    proc = subprocess.run([sys.executable, str(repo_root() / "train.py"), "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "400"}, timeout=120)
+    assert proc.returncode == 0
+    from vlp.config import FIELDS
+
+    blocks, current = {}, None
+    for ln in proc.stdout.splitlines():
+        if ln.startswith("  -"):
+            current = ln.split()[0].rstrip(",")
+            blocks[current] = ln
+        elif current and ln.startswith("   "):
+            blocks[current] += " " + ln.strip()
+        else:
+            current = None
+    for name in FIELDS:
+        block = blocks.get("--" + name.replace("_", "-"))
+        assert block is not None and "default: " in block, (name, block)
