@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+PRECISIONS = ["auto", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32"]
+
 # What a run folder's checkpoint names count: vlp writes step_XXXXXXXX.pt, open_clip_train epoch_N.pt
 # (its epoch_latest.pt repeats the newest one and is skipped).
 RUN_CHECKPOINTS = (("step", re.compile(r"^step_(\d+)\.pt$")), ("epoch", re.compile(r"^epoch_(\d+)\.pt$")))
@@ -37,7 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="vlp checkpoint, export folder, open_clip weights file (with --model), or run folder")
     p.add_argument("--model", default=None, help="open_clip model name or JSON config (needed for open_clip files)")
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (hf:DIR / spm:FILE); default: the checkpoint's")
-    p.add_argument("--data", "--dataset", dest="data", nargs="+", required=True, help="eval set specs")
+    p.add_argument("--data", "--dataset", dest="data", nargs="+", required=True,
+                   help="eval set specs; with --dataset_root, CLIP_benchmark dataset names (wds/NAME)")
+    p.add_argument("--dataset_root", "--dataset-root", dest="dataset_root", default=None,
+                   help="CLIP_benchmark's: the root of each wds/NAME dataset, a template with {dataset} "
+                        "(NAME) or {dataset_cleaned} (NAME with '/' -> '-')")
+    p.add_argument("--task", default="auto", choices=["auto", "zeroshot_classification", "zeroshot_retrieval"],
+                   help="CLIP_benchmark's: the task of every set (auto: each set's own, from dataset_type.txt)")
+    p.add_argument("--split", default=None, help="CLIP_benchmark's: the split of every set (default: test)")
     p.add_argument("--output", default=None,
                    help="output folder (default: RUN/eval for a run folder, else ./eval_results)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
@@ -46,8 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "workers would take cores from the model: the demo's three sets took 10.0-10.8 s with 0 "
                         "and 12.4-13.8 s with 2 on 2 cores)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--precision", choices=["auto", "fp32", "amp"], default="auto",
-                   help="amp = autocast (fp16 on CUDA, bf16 on CPU); auto = amp on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="open_clip's names (see train.py --help): amp = fp16 autocast (bf16 on CPU), amp_bf16 = bf16 "
+                        "autocast, bf16/fp16/pure_* = 16-bit weights; auto = amp on CUDA, fp32 on CPU")
+    p.add_argument("--no_amp", dest="precision", action="store_const", const="fp32",
+                   help="CLIP_benchmark's: same as --precision fp32")
     p.add_argument("--classnames", default=None,
                    help="class names for sets that do not name their own: FILE, 'imagenet' or 'folders'")
     p.add_argument("--templates", default=None, help="templates for sets that do not name their own: FILE, 'openai', 'simple'")
@@ -70,6 +82,37 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run folder only: evaluate only these steps (epochs for open_clip_train runs), e.g. '1000,2000'")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def clip_benchmark_specs(datasets: list[str], dataset_root: Optional[str], task: str, split: Optional[str],
+                         skip=lambda arg: False) -> list[str]:
+    """CLIP_benchmark's `--dataset wds/NAME --dataset_root ROOT --task T --split S` as vlp eval-set specs
+    (vlp reads local wds roots and downloads nothing, so only wds/ names are accepted with a root)."""
+    specs = []
+    for ds in datasets:
+        if skip(ds):  # a suite file names its own sets
+            specs.append(ds)
+            continue
+        opts = []
+        if dataset_root is not None:
+            if not ds.startswith("wds/"):
+                from vlp.eval.datasets import EvalError
+
+                raise EvalError(f"--dataset {ds}: vlp reads CLIP_benchmark's webdataset layout (wds/NAME under "
+                                "--dataset_root) and downloads nothing; for other sets give a path with --data")
+            name = ds[len("wds/"):]
+            path = dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-"))
+            opts.append(f"name={ds}")
+        else:
+            path = ds
+        if task != "auto":
+            opts.append(f"task={task}")
+        if split:
+            opts.append(f"split={split}")
+        if opts:
+            path += ("&" if "?" in path else "?") + "&".join(opts)
+        specs.append(path)
+    return specs
 
 
 def find_checkpoints(path: Path) -> Optional[tuple[str, list[tuple[int, Path]]]]:
@@ -115,10 +158,16 @@ def run(a: argparse.Namespace) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.workers is None:
         a.workers = min(4, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
-    amp = {"auto": None, "fp32": False, "amp": True}[a.precision]
+    from vlp import precision as prec
+
+    # auto/amp/fp32 use the evaluator's own autocast switch; the other names score under their dtype's autocast
+    amp = {"auto": None, "fp32": False, "amp": True}.get(a.precision, False)
+    own = a.precision in ("auto", "amp", "fp32")
+    score_ctx = lambda: prec.eval_autocast("fp32" if own else a.precision, device)  # noqa: E731
 
     # Everything that can be checked without scoring is checked first.
-    entries = [e for arg in a.data for e in (load_suite(arg) if is_suite(arg) else [SuiteEntry(arg)])]
+    data = clip_benchmark_specs(a.data, a.dataset_root, a.task, a.split, skip=is_suite)
+    entries = [e for arg in data for e in (load_suite(arg) if is_suite(arg) else [SuiteEntry(arg)])]
     if a.clip_benchmark_commands:
         print("\n".join(clip_benchmark_commands(entries, a.model or "MODEL", a.checkpoint or "PRETRAINED")))
         return 0
@@ -170,14 +219,16 @@ def run(a: argparse.Namespace) -> int:
             pretrained = path
         if step is None and path is not None:
             step = (read_checkpoint_meta(path) or {}).get("step")
+        prec.cast_model(bundle.model, a.precision)
         if len(jobs) > 1 and not a.quiet:
             print(f"[{i + 1}/{len(jobs)}] {path}", file=sys.stderr)
-        results += evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_val, sets, device=device,
-                            batch_size=a.batch_size, model_name=bundle.model_name, pretrained=pretrained, amp=amp,
-                            num_workers=a.workers, recall_k=a.recall_k, geometry=not a.no_geometry,
-                            per_class=a.per_class, progress=not a.quiet, step=step, ties=a.ties,
-                            fewshot_k=a.fewshot_k, seed=a.seed, knn_k=a.knn_k,
-                            feature_cache=False if str(a.feature_cache).lower() == "none" else a.feature_cache)
+        with score_ctx():
+            results += evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_val, sets, device=device,
+                                batch_size=a.batch_size, model_name=bundle.model_name, pretrained=pretrained,
+                                amp=amp, num_workers=a.workers, recall_k=a.recall_k, geometry=not a.no_geometry,
+                                per_class=a.per_class, progress=not a.quiet, step=step, ties=a.ties,
+                                fewshot_k=a.fewshot_k, seed=a.seed, knn_k=a.knn_k,
+                                feature_cache=False if str(a.feature_cache).lower() == "none" else a.feature_cache)
         for r in results[-len(sets):]:
             r["vlp"]["checkpoint"] = path
             if at is not None and unit != "step":

@@ -15,7 +15,39 @@ Table = dict[str, tuple[Union[str, "Table"], str]]
 
 COMMANDS: Table = {
     "env": ("vlp.env:main", "environment report for bug reports: vlp, Python, torch/CUDA/NCCL, devices, packages"),
+    "train": ("vlp.cli:train", "train a dual encoder (train.py): flags as in open_clip"),
+    "eval": ("vlp.cli:evaluate", "zero-shot, retrieval and geometry figures (eval_zeroshot.py), CLIP_benchmark's flags"),
+    "demo": ("vlp.demo:main", "make the demo data, train vlp-tiny on CPU, print the held-out figures"),
+    "data": ({
+        "make-shards": ("data_tools.make_shards:main", "image+caption table or folder -> webdataset shards"),
+        "inspect": ("data_tools.inspect_shards:main", "check shards; --show N samples, --contact-sheet FILE.png"),
+        "rewrite-captions": ("data_tools.rewrite_captions:main", "LaCLIP caption rewrites with a local LLM or rules"),
+        "add-rewrites": ("data_tools.add_rewrites:main", "copy shards with rewrites added to each sample's .json"),
+        "train-tokenizer": ("data_tools.train_tokenizer:main", "sentencepiece tokenizer + matching model config"),
+        "make-demo-data": ("data_tools.make_demo_data:main", "the demo's procedural shapes data"),
+        "make-icon-bench": ("data_tools.make_icon_bench:main", "the icon learning benchmark (offline)"),
+    }, "data tools (vlp data COMMAND --help)"),
 }
+
+
+def _repo_script(name: str, argv: list[str]) -> int:
+    """Run `main(argv)` of one of the CLI scripts beside the package (train.py, eval_zeroshot.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / name
+    spec = importlib.util.spec_from_file_location(f"vlp_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def train(argv: list[str]) -> int:
+    return _repo_script("train.py", argv)
+
+
+def evaluate(argv: list[str]) -> int:
+    return _repo_script("eval_zeroshot.py", argv)
 
 
 def usage(table: Table, prog: str) -> str:

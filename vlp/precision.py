@@ -78,3 +78,14 @@ def cpu_warning(name: str, device) -> Optional[str]:
                 "say --precision fp32 (or auto)")
     return (f"--precision {name} on CPU: 16-bit arithmetic is several times slower than fp32 on most CPUs "
             "(vlp-tiny, 2 cores: 9 samples/s in bf16 vs 66 in fp32); --precision fp32 (or auto) is faster")
+
+
+def eval_autocast(name: str, device):
+    """The autocast context scoring runs under: the amp dtype, or for cast weights their dtype (so fp32
+    inputs meet 16-bit weights); a null context for fp32."""
+    import contextlib
+
+    dtype = autocast_dtype(name) or weight_dtype(name)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)

@@ -91,6 +91,16 @@ def log_fields(scalars: dict) -> list[str]:
     return out
 
 
+def flops_per_sample(net) -> Optional[float]:
+    """Forward FLOPs per (image, text) pair from telemetry's one counter (None if it cannot count this model)."""
+    from vlp.train.telemetry import flops_per_sample as count
+
+    try:
+        return float(count(net))
+    except Exception:  # noqa: BLE001 - a banner figure must never stop a run
+        return None
+
+
 class Console:
     """The run's voice on stderr. Disabled (silent) on every process but the main one."""
 
@@ -136,7 +146,7 @@ class Console:
         if self.enabled:
             accum = cfg.optim.accum_freq
             self.banner(banner_fields(
-                model_name=model_name, net=net, flops=flops_per_sample(net, cfg), device=device, world=world,
+                model_name=model_name, net=net, flops=flops_per_sample(net), device=device, world=world,
                 precision=precision, threads=threads, samples_per_epoch=loader.samples_per_epoch,
                 steps_per_epoch=per_epoch, total_steps=total, global_batch=cfg.data.batch_size * accum * world,
                 accum=accum, run_dir=run_dir, shards=loader.shards, workers=cfg.data.workers, resume_step=step))
@@ -249,15 +259,6 @@ def source_lines(shards) -> list[str]:
     return out
 
 
-def flops_per_sample(net, cfg) -> Optional[float]:
-    """Training FLOPs per sample from the telemetry module's counter, when that module is there."""
-    try:
-        from vlp.train.telemetry import flops_per_sample as count
-    except ImportError:
-        return None
-    return count(net, cfg)
-
-
 def banner_fields(*, model_name: str, net, flops: Optional[float], device, world: int, precision: str,
                   threads: tuple[int, str], samples_per_epoch: int, steps_per_epoch: int, total_steps: int,
                   global_batch: int, accum: int, run_dir: Path, shards, workers: int, resume_step: int = 0) -> list:
@@ -265,8 +266,8 @@ def banner_fields(*, model_name: str, net, flops: Optional[float], device, world
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     size = f"{human(params)} parameters" + (f" ({human(trainable)} trainable)" if trainable != params else "")
     fields = [
-        ("model", f"{model_name}: {size}, " + (f"{flops / 1e9:.3g} GFLOP/sample (fwd+bwd)" if flops
-                                               else "FLOPs per sample n/a")),
+        ("model", f"{model_name}: {size}, " + (f"{flops / 1e9:.4g} GFLOP per sample forward (training ~3x)"
+                                               if flops else "FLOPs per sample n/a")),
         ("devices", f"{world} x {device}" + (f", {threads[0]} torch threads ({threads[1]})"
                                              if str(device).startswith("cpu") else "")),
         ("precision", precision),
