@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset_root", "--dataset-root", dest="dataset_root", default=None,
                    help="CLIP_benchmark's: the root of each wds/NAME dataset, a template with {dataset} "
                         "(NAME) or {dataset_cleaned} (NAME with '/' -> '-')")
-    p.add_argument("--task", default="auto", choices=["auto", "zeroshot_classification", "zeroshot_retrieval"],
+    p.add_argument("--task", default="auto", choices=["auto", "zeroshot_classification", "zeroshot_retrieval",
+                                                      "linear_probe", "knn", "image_caption_selection"],
                    help="CLIP_benchmark's: the task of every set (auto: each set's own, from dataset_type.txt)")
     p.add_argument("--split", default=None, help="CLIP_benchmark's: the split of every set (default: test)")
     p.add_argument("--output", default=None,

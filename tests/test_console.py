@@ -37,7 +37,8 @@ def test_plain_console_banner_log_lines_eval_table_summary(demo_data, micro_mode
     lines = [ln for ln in err.splitlines() if ln.startswith("step ")]
     assert [ln.split()[1] for ln in lines] == ["2/6", "4/6", "6/6"]
     assert all(re.search(r"loss \d\.\d{4} \| clip [\d.]+ \| uniformity -?[\d.]+ \| lr [\d.e+-]+ \| scale [\d.]+ \| "
-                         r"\d+ samples/s \| elapsed \d+:\d\d \| eta \d+:\d\d", ln) for ln in lines), lines
+                         r"\d+ samples/s \| data_wait \d+% \| step_ms \d+ \| elapsed \d+:\d\d \| eta \d+:\d\d", ln)
+               for ln in lines), lines
     assert "eval at step 3:" in err and "eval at step 6:" in err
     table = err[err.index("eval at step 3:"):].splitlines()
     assert table[1].split()[:4] == ["dataset", "acc1", "acc5", "mpcr"] and table[2].split()[0] == "wds/demo_colors"
