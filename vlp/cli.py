@@ -17,6 +17,7 @@ COMMANDS: Table = {
     "env": ("vlp.env:main", "environment report for bug reports: vlp, Python, torch/CUDA/NCCL, devices, packages"),
     "train": ("vlp.cli:train", "train a dual encoder (train.py): flags as in open_clip"),
     "eval": ("vlp.cli:evaluate", "zero-shot, retrieval and geometry figures (eval_zeroshot.py), CLIP_benchmark's flags"),
+    "export-hf": ("vlp.hf_export:main", "a checkpoint or export as a transformers CLIPModel + processor folder"),
     "demo": ("vlp.demo:main", "make the demo data, train vlp-tiny on CPU, print the held-out figures"),
     "data": ({
         "make-shards": ("data_tools.make_shards:main", "image+caption table or folder -> webdataset shards"),

@@ -85,6 +85,8 @@ def create_model(
 ) -> ModelBundle:
     """Build a model with random weights (or weights from a local file) plus its transforms and tokenizer."""
     name = resolve_model_name(model)
+    if pretrained and Path(pretrained).is_dir() and (Path(pretrained) / EXPORT_WEIGHTS).is_file():
+        pretrained = str(Path(pretrained) / EXPORT_WEIGHTS)  # an export folder: its weights
     if pretrained and not Path(pretrained).is_file():
         raise ConfigError(f"--pretrained file not found: {pretrained}")
     model_cfg = _model_cfg(name)
@@ -99,7 +101,7 @@ def create_model(
             name, device=device, aug_cfg=aug_cfg, output_dict=True,
             pretrained_text=bool(hf_dir) and text_cfg.get("hf_model_pretrained", True))
     if pretrained:
-        load_weights(net, pretrained)
+        load_weights(net, pretrained, model_cfg)
     ctx = model_cfg.get("text_cfg", {}).get("context_length")
     tok = build_tokenizer(tokenizer, name, context_length=ctx)
     if tokenizer and tokenizer.startswith("spm:"):
@@ -130,9 +132,18 @@ def _model_cfg(name: str) -> dict:
     return cfg
 
 
-def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Load a state dict from a vlp checkpoint, an open_clip checkpoint, or safetensors; one clear error on mismatch."""
+def load_weights(model: torch.nn.Module, path: str, model_cfg: Optional[dict] = None) -> None:
+    """Load a state dict from a vlp checkpoint, an open_clip checkpoint, or safetensors; one clear error on mismatch.
+
+    Weights trained with a SigLIP bias load into an architecture built without one: the `logit_bias`
+    parameter is added (and `init_logit_bias` recorded in `model_cfg`, so checkpoints rebuild it)."""
     state = read_state_dict(path)
+    if "logit_bias" in state and getattr(model, "logit_bias", None) is None and hasattr(model, "logit_scale"):
+        from vlp.losses import SIGLIP_INIT_BIAS
+
+        model.logit_bias = torch.nn.Parameter(torch.zeros_like(state["logit_bias"].float()))
+        if model_cfg is not None:
+            model_cfg["init_logit_bias"] = SIGLIP_INIT_BIAS
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -216,17 +227,28 @@ def model_identity(bundle: ModelBundle, tokenizer_spec: Optional[str]) -> dict[s
     return {"model_name": bundle.model_name, "model_cfg": json.dumps(bundle.model_cfg), "tokenizer": tokenizer_spec}
 
 
-def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, out_dir: str | os.PathLike) -> Path:
-    """Write a folder open_clip loads with `create_model_and_transforms('local-dir:DIR')`, or with
-    `create_model_and_transforms(name, pretrained=DIR/open_clip_model.safetensors)` for a registered name."""
+def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, out_dir: str | os.PathLike,
+                     tokenizer: Optional[str] = None) -> Path:
+    """Write a self-contained folder open_clip loads with `create_model_and_transforms('local-dir:DIR')` and
+    `get_tokenizer('local-dir:DIR')`, or with `create_model_and_transforms(name, pretrained=DIR/open_clip_model.safetensors)`
+    for a registered name. A `--tokenizer` (spm:FILE or hf:DIR) is written into the folder as Hugging Face
+    tokenizer files, referred to relatively."""
     from safetensors.torch import save_file
+
+    from vlp.tokenizers import save_tokenizer_files
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / EXPORT_WEIGHTS))
-    (tmp / EXPORT_CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+    cfg = json.loads(json.dumps(model_cfg))
+    cfg["text_cfg"] = {**cfg.get("text_cfg", {}), **save_tokenizer_files(tokenizer, cfg.get("text_cfg", {}), tmp)}
+    (tmp / EXPORT_CONFIG).write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
     if out.exists():
         import shutil
 

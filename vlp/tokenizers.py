@@ -117,3 +117,48 @@ def check_model_cfg(model_cfg: dict, tokenizer) -> Optional[str]:
     if text.get("pad_id", 0) != tokenizer.pad_id:
         problems.append(f"text_cfg.pad_id should be {tokenizer.pad_id}")
     return "; ".join(problems) or None
+
+
+def spm_to_hf(model_file: Union[str, Path]):
+    """The same tokenizer as `SentencePieceTokenizer(model_file)` as a transformers fast tokenizer (what
+    open_clip's HFTokenizer loads from an export folder): spm's own normaliser and pieces, `[BOS] ... EOS`
+    added after truncation (so EOS is always kept), padded with the pad piece."""
+    from types import SimpleNamespace
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    tok = SentencePieceTokenizer(model_file)
+    fast = SpmConverter(SimpleNamespace(vocab_file=str(model_file), legacy=False, add_prefix_space=True)).converted()
+    piece = tok.sp.id_to_piece
+    specials = [(piece(tok.eos_id), tok.eos_id)]
+    template = f"$A {piece(tok.eos_id)}"
+    if tok.bos_id >= 0:
+        specials.append((piece(tok.bos_id), tok.bos_id))
+        template = f"{piece(tok.bos_id)} {template}"
+    fast.post_processor = TemplateProcessing(single=template, special_tokens=specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=fast, eos_token=piece(tok.eos_id), pad_token=piece(tok.pad_id),
+        bos_token=piece(tok.bos_id) if tok.bos_id >= 0 else None,
+        unk_token=piece(tok.sp.unk_id()) if tok.sp.unk_id() >= 0 else None)
+
+
+def save_tokenizer_files(spec: Optional[str], text_cfg: dict, out_dir: Path) -> dict:
+    """Write the tokenizer of `--tokenizer spec` (or of an HF text tower's folder) into an export folder and
+    return the text_cfg entries that make open_clip load it from there (`hf_tokenizer_name`: '.', the export
+    folder itself under `local-dir:`). open_clip's own BPE tokenizer needs nothing: {}."""
+    kind, _, arg = (spec or "").partition(":")
+    if kind == "spm":
+        import shutil
+
+        spm_to_hf(arg).save_pretrained(str(out_dir))
+        shutil.copy2(arg, out_dir / Path(arg).name)  # for vlp's --tokenizer spm:EXPORT/NAME.model too
+        return {"hf_tokenizer_name": "."}
+    source = arg if kind == "hf" else text_cfg.get("hf_tokenizer_name")
+    if source and Path(source).is_dir():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source).save_pretrained(str(out_dir))
+        return {"hf_tokenizer_name": "."}
+    return {}

@@ -41,7 +41,8 @@ class Checkpointer:
         if acc.is_main_process:
             state = {
                 "step": step, "epoch": epoch,
-                "model": self.net.state_dict(),
+                "model": (weights := self.net.state_dict()),
+                "state_dict": weights,  # where open_clip looks (pretrained=step_N.pt); the same tensors, stored once
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "rng": rngs, "loader": loaders,

@@ -224,7 +224,8 @@ def train(cfg: Config) -> dict:
     if main:
         import open_clip
 
-        export_open_clip(net, bundle.model_cfg, open_clip.get_model_preprocess_cfg(net), paths.export)
+        export_open_clip(net, bundle.model_cfg, open_clip.get_model_preprocess_cfg(net), paths.export,
+                         tokenizer=cfg.model.tokenizer)
     last.update(results := evaluate_now(net, step))
     console.eval(step, results)
     accelerator.end_training()
