@@ -1,6 +1,7 @@
 """Training-step throughput: vlp against open_clip_train, same model, weights, batches and threads.
 
     .venv/bin/python benchmarks/train_step.py                 # vlp-tiny on CPU: ~30 s idle, <2 min loaded
+    .venv/bin/python benchmarks/train_step.py --model vlp-tiny,ViT-B-32 --precision fp32,bf16   # a sweep
     .venv/bin/python benchmarks/train_step.py --train-data '/tmp/bench_demo/train/{00000..00001}.tar' \
         --batch-size 64 --steps 2 --warmup 2 --repeats 12 --threads 1 --accum-freq 2 --json out.json
 
@@ -35,14 +36,16 @@ vlp's loop also logs every `--log-every` steps (a `.item()` and a JSON line): le
 open_clip_train's logging is (silent with no logging handler, apart from its `.item()` calls at the
 first and last step of each `train_one_epoch` call, which stay in).
 
-With CUDA (and unless `--no-gpu`), a second section times both for `--gpu-model` (ViT-B-16) in bf16
-(mixed precision: fp32 weights under bf16 autocast, open_clip's `amp_bf16`), on random image and
-token tensors already on the GPU, and reports samples/s and MFU:
-  MFU = samples/s * FLOPs per sample / peak dense bf16 FLOP/s of the GPU.
-FLOPs per sample are counted with `torch.utils.flop_counter.FlopCounterMode` on one forward +
-backward of the model and its loss at the benchmark batch size (matmuls, convolutions and attention
-kernels; elementwise ops are not counted, recomputation is not counted, so this is "model FLOPs").
-The peak comes from `PEAK_BF16_TFLOPS` below (dense, no sparsity), or `--peak-tflops`.
+`--model` and `--precision` take comma-separated lists: the comparison runs for every (model,
+precision) pair, and a summary table closes the output.
+
+With CUDA (and unless `--no-gpu`), a second section times both for each `--gpu-model` (ViT-B-32,
+ViT-B-16; `--gpu-batch-size` one per model, or one for all) in bf16 (mixed precision: fp32 weights
+under bf16 autocast, open_clip's `amp_bf16`), on random image and token tensors already on the GPU,
+and reports samples/s and MFU:
+  MFU = samples/s * 3 * forward FLOPs per sample / peak dense bf16 FLOP/s of the GPU,
+with the forward FLOPs and the peak from `vlp.train.telemetry` (`flops_per_sample`, `peak_flops`:
+the same figures as the trainer's perf/mfu), or `--peak-tflops`.
 """
 from __future__ import annotations
 
@@ -69,23 +72,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-# Peak dense bf16 tensor-core throughput, TFLOP/s (without 2:4 sparsity), from NVIDIA's data sheets:
-# H100 SXM5 989.4 and H100 PCIe 756 ("NVIDIA H100 Tensor Core GPU" datasheet; the sheet's 1979/1513
-# are with sparsity), H100 NVL 835, H200 (SXM and NVL) 989 ("NVIDIA H200 Tensor Core GPU" datasheet,
-# same compute as H100 SXM), GH200 989, A100 312 ("NVIDIA A100 Tensor Core GPU" datasheet),
-# L40S 362, A10G 70 (approx.), L4 121. First matching substring of torch.cuda.get_device_name() wins.
-PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("GH200", 989.4),
-    ("H200", 989.4),
-    ("H100", 989.4),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-    ("L4", 121.0),
-]
-
 PRECISION_TO_OPEN_CLIP = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
 
 
@@ -93,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vlp-tiny",
-                   help="open_clip model name or JSON model config (the CPU comparison)")
+                   help="open_clip model name or JSON model config (the CPU comparison); comma-separated: a sweep")
     p.add_argument("--train-data", default=None,
                    help="shards to decode batches from (brace/glob pattern or folder); default: demo shards "
                         "written to a temporary folder")
@@ -103,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=12, help="timed rounds, alternating which contender goes first")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch.set_num_threads")
     p.add_argument("--accum-freq", type=int, default=1, help="micro-batches per optimiser step")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISION_TO_OPEN_CLIP), help="vlp --precision")
+    p.add_argument("--precision", default="fp32",
+                   help="vlp --precision: fp32, bf16, fp16; comma-separated: a sweep")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--distinct-batches", type=int, default=8, help="batches decoded once, then cycled")
     p.add_argument("--device", default="cpu", help="device of the model comparison (cpu or cuda)")
@@ -111,8 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also profile a few steps of each with torch.profiler and print the top ops")
     p.add_argument("--no-gpu", action="store_true", help="skip the CUDA section even if CUDA is available")
-    p.add_argument("--gpu-model", default="ViT-B-16")
-    p.add_argument("--gpu-batch-size", type=int, default=256)
+    p.add_argument("--gpu-model", default="ViT-B-32,ViT-B-16", help="comma-separated")
+    p.add_argument("--gpu-batch-size", default="1024,512",
+                   help="comma-separated, one per --gpu-model (or one for all): the largest that fits")
     p.add_argument("--gpu-steps", type=int, default=10)
     p.add_argument("--gpu-warmup", type=int, default=3)
     p.add_argument("--gpu-repeats", type=int, default=3)
@@ -440,62 +428,51 @@ def profile_pair(runners, streams, steps: int = 3, rows: int = 15) -> None:
 
 # ----------------------------------------------------------------------------- GPU section
 
-def peak_tflops(device_name: str, override=None):
+def peak_tflops(device, override=None):
+    from vlp.train.telemetry import peak_flops
+
     if override:
         return override, "--peak-tflops"
-    for key, value in PEAK_BF16_TFLOPS:
-        if key in device_name:
-            return value, f"table entry '{key}'"
-    return None, "unknown GPU (pass --peak-tflops)"
+    peak = peak_flops(device)
+    return (peak / 1e12, "vlp.train.telemetry (table or VLP_PEAK_TFLOPS)") if peak else (None, "unknown GPU (pass --peak-tflops)")
 
 
-def flops_per_sample(runner: VlpRunner, images, texts) -> float:
-    """FlopCounterMode over one forward + loss + backward of the unwrapped model, / batch size."""
-    from vlp.compat import require_flop_counter
-
-    FlopCounterMode = require_flop_counter("MFU (FLOPs per sample)")
-    net = runner.accelerator.unwrap_model(runner.model)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        with runner.accelerator.autocast():
-            out = net(images, texts)
-            loss = runner.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])["loss"]
-        loss.backward()
-    net.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / images.shape[0]
-
-
-def gpu_section(a, device: str = "cuda") -> dict:
+def gpu_section(a, model_name: str, batch_size: int, device: str = "cuda") -> dict:
     import open_clip
+
+    from vlp.train.telemetry import flops_per_sample
 
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    cfg = open_clip.get_model_config(a.gpu_model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cfg = open_clip.get_model_config(model_name)
     image_size = cfg["vision_cfg"]["image_size"]
     image_size = image_size if isinstance(image_size, int) else image_size[0]
     ctx, vocab = cfg["text_cfg"].get("context_length", 77), cfg["text_cfg"].get("vocab_size", 49408)
     g = torch.Generator(device="cpu").manual_seed(a.seed)
     batches = []
     for _ in range(2):
-        images = torch.randn(a.gpu_batch_size, 3, image_size, image_size, generator=g)
-        texts = torch.randint(1, vocab - 1, (a.gpu_batch_size, ctx), generator=g)
+        images = torch.randn(batch_size, 3, image_size, image_size, generator=g)
+        texts = torch.randint(1, vocab - 1, (batch_size, ctx), generator=g)
         texts[:, -1] = vocab - 1  # an end-of-text token where argmax pooling finds it
         batches.append((images.to(device), texts.to(device)))
     total = a.gpu_warmup + a.gpu_steps * a.gpu_repeats + 8
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    runners = build_runners(a.gpu_model, batch_size=a.gpu_batch_size, accum_freq=1, precision="bf16",
+    runners = build_runners(model_name, batch_size=batch_size, accum_freq=1, precision="bf16",
                             compile_=a.compile, total_steps=total, device=str(device), seed=a.seed)
-    fps = flops_per_sample(runners[0], *batches[0])
+    net = runners[0].accelerator.unwrap_model(runners[0].model, keep_torch_compile=False)
+    fps = 3 * flops_per_sample(net)  # training ~ 3x forward
     streams = {r.name: _Stream(batches) for r in runners}
     times = time_pair(runners, streams, steps=a.gpu_steps, warmup=a.gpu_warmup, repeats=a.gpu_repeats)
-    peak, source = peak_tflops(name, a.peak_tflops)
-    res = {"device": name, "model": a.gpu_model, "batch_size": a.gpu_batch_size, "precision": "bf16 (autocast)",
+    peak, source = peak_tflops(device, a.peak_tflops)
+    res = {"device": name, "model": model_name, "batch_size": batch_size, "precision": "bf16 (autocast)",
            "compile": a.compile, "flops_per_sample": fps, "peak_tflops": peak, "peak_source": source,
            "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
            "samples_per_s": {}, "mfu": {}}
     for r in runners:
-        summary = summarise(times[r.name], a.gpu_batch_size, a.gpu_steps)
+        summary = summarise(times[r.name], batch_size, a.gpu_steps)
         res.setdefault("summary", {})[r.name] = summary
         med = summary["median_round"]
         res["samples_per_s"][r.name] = med
@@ -512,16 +489,11 @@ def gpu_section(a, device: str = "cuda") -> dict:
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None) -> dict:
-    a = parse_args(argv)
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)  # the train transform's random crops
-    import logging
-
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
+def compare(a, model: str, precision: str) -> dict:
+    """The CPU (or --device) comparison for one model and precision; prints its section."""
     from vlp.models import create_model
 
-    t_start = time.perf_counter()
+    torch.manual_seed(a.seed)  # the train transform's random crops
     tmp = None
     spec = a.train_data
     if spec is None:
@@ -531,7 +503,7 @@ def main(argv=None) -> dict:
         n = max(a.batch_size * a.distinct_batches, 64)
         spec = make_demo_data(tmp.name, train_samples=n, eval_samples=8, per_shard=max(n, 1000),
                               progress=False)["train_data"]
-    bundle = create_model(a.model)
+    bundle = create_model(model)
     batches = decode_batches(spec, bundle.preprocess_train, bundle.tokenizer, a.batch_size,
                              max(a.distinct_batches, a.accum_freq))
     del bundle
@@ -539,7 +511,7 @@ def main(argv=None) -> dict:
         tmp.cleanup()
 
     total_steps = a.warmup + a.steps * a.repeats + (3 if a.profile else 0)
-    vlp_r, oc_r = build_runners(a.model, batch_size=a.batch_size, accum_freq=a.accum_freq, precision=a.precision,
+    vlp_r, oc_r = build_runners(model, batch_size=a.batch_size, accum_freq=a.accum_freq, precision=precision,
                                 compile_=a.compile, total_steps=total_steps, device=a.device, seed=a.seed)
     runners = [vlp_r, oc_r]
     init = {r.name: r.initial_loss(*batches[0]) for r in runners}
@@ -552,8 +524,8 @@ def main(argv=None) -> dict:
     med = {k: v["median_step"] for k, v in summary.items()}
     ratio = med["vlp"] / med["open_clip_train"]
     result = {
-        "config": {"model": a.model, "device": a.device, "batch_size": a.batch_size, "accum_freq": a.accum_freq,
-                   "samples_per_step": samples_per_step, "precision": a.precision, "compile": a.compile,
+        "config": {"model": model, "device": a.device, "batch_size": a.batch_size, "accum_freq": a.accum_freq,
+                   "samples_per_step": samples_per_step, "precision": precision, "compile": a.compile,
                    "threads": a.threads, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats,
                    "distinct_batches": len(batches), "train_data": a.train_data or "demo shards (temporary)",
                    "torch": torch.__version__},
@@ -590,12 +562,43 @@ def main(argv=None) -> dict:
     print("(samples/s below: batch x accum-freq / median step time over all timed steps)")
     print(f"vlp: {med['vlp']:.1f} samples/s | open_clip_train: {med['open_clip_train']:.1f} samples/s | "
           f"ratio: {ratio:.3f}")
+    return result
+
+
+def _list(spec: str) -> list[str]:
+    return [x.strip() for x in spec.split(",") if x.strip()]
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    import logging
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    t_start = time.perf_counter()
+    precisions = _list(a.precision)
+    bad = [p for p in precisions if p not in PRECISION_TO_OPEN_CLIP]
+    if bad:
+        raise SystemExit(f"error: --precision {','.join(bad)}: choose from {', '.join(PRECISION_TO_OPEN_CLIP)}")
+    sweep = [compare(a, m, p) for m in _list(a.model) for p in precisions]
+    result = sweep[0] if len(sweep) == 1 else {"sweep": sweep}
+    if len(sweep) > 1:
+        print("\n== sweep summary (samples/s from the median step) ==")
+        print(f"{'model':>20s} {'precision':>9s} {'vlp':>9s} {'open_clip':>9s} {'ratio':>6s} {'paired':>6s}")
+        for r in sweep:
+            c, sps = r["config"], r["samples_per_s"]
+            print(f"{Path(c['model']).name:>20s} {c['precision']:>9s} {sps['vlp']:9.1f} {sps['open_clip_train']:9.1f} "
+                  f"{r['ratio']:6.3f} {r['paired_ratio']:6.3f}")
 
     if torch.cuda.is_available() and not a.no_gpu:
-        g = gpu_section(a)
-        result["gpu"] = g
+        models, sizes = _list(a.gpu_model), [int(x) for x in _list(a.gpu_batch_size)]
+        sizes = sizes * len(models) if len(sizes) == 1 else sizes
+        if len(sizes) != len(models):
+            raise SystemExit("error: --gpu-batch-size: give one size, or one per --gpu-model")
+        result["gpu"] = [gpu_section(a, m, b) for m, b in zip(models, sizes)]
+    for g in result.get("gpu", []):
         print(f"\n== GPU: {g['model']} bf16, batch {g['batch_size']}, on {g['device']} ==")
-        print(f"FLOPs per sample (FlopCounterMode, fwd+bwd): {g['flops_per_sample'] / 1e9:.1f} GFLOP; "
+        print(f"FLOPs per sample (3 x forward, vlp.train.telemetry): {g['flops_per_sample'] / 1e9:.1f} GFLOP; "
               f"peak {g['peak_tflops']} TFLOP/s bf16 dense ({g['peak_source']}); "
               f"max memory {g['max_memory_gib'] or 0:.1f} GiB")
         for k in ("vlp", "open_clip_train"):
