@@ -2,7 +2,7 @@
 same run.
 
     .venv/bin/python benchmarks/train_e2e.py                      # vlp-tiny on CPU, 224 px JPEG shards
-    .venv/bin/python benchmarks/train_e2e.py --model ViT-B-32 --precision bf16 --batch-size 1024 \
+    .venv/bin/python benchmarks/train_e2e.py --model ViT-B-32 --precision amp_bf16 --batch-size 1024 \
         --workers 8 --threads 8 --samples 65536 --steps 50         # on a GPU
 
 Writes (or reuses, --shards) JPEG shards of 224x224 photos-like images (benchmarks/loader.py's
@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PRECISION_TO_OPEN_CLIP = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
+# open_clip's precision names, which vlp's --precision shares: both trainers get the same one.
+PRECISIONS = ("fp32", "amp_bf16", "amp", "bf16", "fp16", "pure_bf16", "pure_fp16")
 TRAINERS = ("vlp", "open_clip_train")
 
 
@@ -52,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vlp-tiny", help="open_clip model name (vlp's configs registered)")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISION_TO_OPEN_CLIP))
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="both trainers' --precision (amp_bf16: fp32 weights under bf16 autocast)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=30, help="optimiser steps per run")
     p.add_argument("--workers", type=int, default=2, help="data loader workers of each trainer")
@@ -115,12 +117,12 @@ def child(a) -> int:
 def trainer_args(name: str, a, spec: str, logs: Path, run: str) -> list[str]:
     common = ["--train-data", spec, "--model", a.model, "--batch-size", str(a.batch_size), "--workers",
               str(a.workers), "--lr", str(a.lr), "--warmup", str(a.warmup), "--seed", "0", "--logs", str(logs),
-              "--name", run]
+              "--name", run, "--precision", a.precision]
     if name == "vlp":
-        return common + ["--max-steps", str(a.steps), "--precision", a.precision, "--log-every", str(a.log_every),
+        return common + ["--max-steps", str(a.steps), "--log-every", str(a.log_every),
                          "--report-to", "none", "--no-progress"]
     return common + ["--dataset-type", "webdataset", "--train-num-samples", str(a.steps * a.batch_size),
-                     "--epochs", "1", "--precision", PRECISION_TO_OPEN_CLIP[a.precision],
+                     "--epochs", "1",
                      "--log-every-n-steps", str(a.log_every), "--report-to", "", "--save-frequency", "1"]
 
 

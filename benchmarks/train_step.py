@@ -72,7 +72,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-PRECISION_TO_OPEN_CLIP = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
+# open_clip's precision names, which vlp's --precision shares (vlp/precision.py): both sides get the same one.
+PRECISIONS = ("fp32", "amp_bf16", "amp", "bf16", "fp16", "pure_bf16", "pure_fp16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch.set_num_threads")
     p.add_argument("--accum-freq", type=int, default=1, help="micro-batches per optimiser step")
     p.add_argument("--precision", default="fp32",
-                   help="vlp --precision: fp32, bf16, fp16; comma-separated: a sweep")
+                   help=f"--precision of both ({', '.join(PRECISIONS)}); comma-separated: a sweep")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--distinct-batches", type=int, default=8, help="batches decoded once, then cycled")
     p.add_argument("--device", default="cpu", help="device of the model comparison (cpu or cuda)")
@@ -202,10 +203,12 @@ class VlpRunner:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
 
+        from vlp import precision as prec
         from vlp.config import Config, validate
         from vlp.losses import build_loss, clamp_logit_scale, prepare_model_for_loss
         from vlp.models import create_model
         from vlp.train.optim import build_optimizer, build_scheduler
+        from vlp.train.device_batch import DeviceBatch
         from vlp.train.step import train_step
 
         cfg = Config()
@@ -223,12 +226,13 @@ class VlpRunner:
         # One process may build several Accelerators (CPU section, then GPU section): start afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-        accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+        accelerator = Accelerator(mixed_precision=prec.accelerate_mixed_precision(precision),
                                   cpu=torch.device(device).type == "cpu")
         bundle = create_model(model_name)
         model = bundle.model
         model.load_state_dict(state)
         prepare_model_for_loss(model, cfg.loss)
+        prec.cast_model(model, precision)  # open_clip's bf16/fp16/pure_*: 16-bit weights
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=total_steps)
         if cfg.model.torchcompile:
@@ -237,13 +241,14 @@ class VlpRunner:
         self.loss_fn = build_loss(cfg.loss, rank=accelerator.process_index, world_size=accelerator.num_processes)
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self._train_step, self._clamp = train_step, clamp_logit_scale
+        self.to_device = DeviceBatch(accelerator.device, None, prec.compute_dtype(precision), prec.input_dtype(precision))
         self.device = accelerator.device
         self.model.train()
 
     def initial_loss(self, images, texts) -> float:
         net = self.accelerator.unwrap_model(self.model)
         with torch.no_grad(), self.accelerator.autocast():
-            out = net(images.to(self.device), texts.to(self.device))
+            out = net(*self.to_device(images, texts))
             return float(self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
                                       out.get("logit_bias"))["loss"])
 
@@ -254,8 +259,7 @@ class VlpRunner:
         marks = []
         for _ in range(n_steps):
             marks.append(_now())
-            micro = [(images.to(accelerator.device, non_blocking=True), texts.to(accelerator.device, non_blocking=True))
-                     for images, texts in stream.take(cfg.optim.accum_freq)]
+            micro = [self.to_device(images, texts) for images, texts in stream.take(cfg.optim.accum_freq)]
             losses = self._train_step(model, micro, self.loss_fn, backward=accelerator.backward,
                                       autocast=accelerator.autocast, no_sync=lambda: accelerator.no_sync(model))
             if not torch.isfinite(losses["loss"]):
@@ -305,7 +309,7 @@ class OpenClipRunner:
         from open_clip_train.scheduler import cosine_lr
         from open_clip_train.train import train_one_epoch
 
-        oc_precision = PRECISION_TO_OPEN_CLIP[precision]
+        oc_precision = precision
         argv = ["--model", model_name, "--batch-size", str(batch_size), "--accum-freq", str(accum_freq),
                 "--precision", oc_precision, "--lr", str(lr), "--wd", str(wd), "--beta1", str(betas[0]),
                 "--beta2", str(betas[1]), "--eps", str(eps), "--warmup", str(max(1, total_steps // 4)),
@@ -338,11 +342,13 @@ class OpenClipRunner:
         self.epoch = 0
 
     def initial_loss(self, images, texts) -> float:
+        from open_clip.model import get_input_dtype
         from open_clip_train.precision import get_autocast
 
         autocast = get_autocast(self.args.precision, device_type=self.device.type)
         with torch.no_grad(), autocast():
-            out = self.model(images.to(self.device), texts.to(self.device))
+            out = self.model(images.to(self.device, dtype=get_input_dtype(self.args.precision)),
+                             texts.to(self.device))
             return float(self.loss(**out))
 
     def run(self, stream: _Stream, n_steps: int) -> list[float]:
@@ -460,7 +466,7 @@ def gpu_section(a, model_name: str, batch_size: int, device: str = "cuda") -> di
     total = a.gpu_warmup + a.gpu_steps * a.gpu_repeats + 8
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    runners = build_runners(model_name, batch_size=batch_size, accum_freq=1, precision="bf16",
+    runners = build_runners(model_name, batch_size=batch_size, accum_freq=1, precision="amp_bf16",
                             compile_=a.compile, total_steps=total, device=str(device), seed=a.seed)
     net = runners[0].accelerator.unwrap_model(runners[0].model, keep_torch_compile=False)
     fps = 3 * flops_per_sample(net)  # training ~ 3x forward
@@ -577,9 +583,9 @@ def main(argv=None) -> dict:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     t_start = time.perf_counter()
     precisions = _list(a.precision)
-    bad = [p for p in precisions if p not in PRECISION_TO_OPEN_CLIP]
+    bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
-        raise SystemExit(f"error: --precision {','.join(bad)}: choose from {', '.join(PRECISION_TO_OPEN_CLIP)}")
+        raise SystemExit(f"error: --precision {','.join(bad)}: choose from {', '.join(PRECISIONS)}")
     sweep = [compare(a, m, p) for m in _list(a.model) for p in precisions]
     result = sweep[0] if len(sweep) == 1 else {"sweep": sweep}
     if len(sweep) > 1:

@@ -12,10 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["DeviceBatch", "COMPUTE_DTYPE", "wanted"]
-
-# The dtype the model computes in under each --precision (autocast's dtype; fp32 runs have none).
-COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["DeviceBatch", "wanted"]
 
 
 def wanted(device) -> bool:
