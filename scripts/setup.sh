@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install vlp into it.
-# The environment lives outside the clone, keyed by a hash of the dependency files,
-# so a fresh clone on the same machine reuses it; `.venv` in the repo points at it.
+# setup.cfg states ranges (vlp installs into environments users already have); this environment holds
+# the exact tested set, constraints.txt, so the README's commands are reproducible.
+# The environment lives outside the clone, keyed by a hash of the install files (constraints.txt,
+# setup.cfg, pyproject.toml) and the Python version, so a fresh clone on the same machine reuses it;
+# `.venv` in the repo points at it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-key=$( (cat setup.cfg pyproject.toml; python3 --version) | sha256sum | cut -c1-16)
+key=$( (cat constraints.txt setup.cfg pyproject.toml; python3 --version) | sha256sum | cut -c1-16)
 root="${VLP_ENV_ROOT:-$HOME/.cache/vlp}"
 venv="$root/venv-$key"
 if [ ! -f "$venv/.complete" ]; then
@@ -12,10 +15,9 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
   mkdir -p "$root"
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip 2> >(grep -v "is ignored" >&2)
-  # torch first and pinned: on this machine these come from local files; open_clip needs torchvision.
-  "$venv/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 2> >(grep -v "is ignored" >&2)
-  "$venv/bin/python" -m pip install -q -e ".[dev]" 2> >(grep -v "is ignored" >&2)
+  "$venv/bin/python" -m pip install -q --upgrade -c constraints.txt pip 2> >(grep -v "is ignored" >&2)
+  # One resolve, held to the lock: every package, torch's CUDA libraries included, at its tested version.
+  "$venv/bin/python" -m pip install -q -c constraints.txt -e ".[dev]" 2> >(grep -v "is ignored" >&2)
   touch "$venv/.complete"
 else
   # Reused environment: only (re)point the editable install at this clone.

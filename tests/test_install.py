@@ -2,14 +2,17 @@
 with its environment report, and vlp.compat's feature checks."""
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 from tests.conftest import repo_root
 from vlp import cli, compat, env
@@ -21,6 +24,126 @@ ROOT = repo_root()
 def run_python(args, env_extra=None, **kw):
     environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environ, timeout=300, **kw)
+
+
+# ---- setup.cfg and constraints.txt --------------------------------------------------------------------------
+
+
+def setup_cfg() -> configparser.ConfigParser:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return cfg
+
+
+def requirements(cfg, section, key) -> list[Requirement]:
+    return [Requirement(line) for line in cfg[section][key].strip().splitlines() if line.strip()]
+
+
+def lock() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt line is not an exact pin: {line!r}"
+            pins[canon(name)] = version
+    return pins
+
+
+def canon(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def all_requirements():
+    cfg = setup_cfg()
+    reqs = requirements(cfg, "options", "install_requires")
+    for extra in cfg["options.extras_require"]:
+        reqs += requirements(cfg, "options.extras_require", extra)
+    return reqs
+
+
+def test_setup_cfg_states_ranges_not_pins():
+    reqs = all_requirements()
+    assert {"torch", "torchvision", "open-clip-torch", "accelerate"} <= {canon(r.name) for r in reqs}
+    pinned = [str(r) for r in reqs if any(s.operator in ("==", "===") for s in r.specifier)]
+    assert not pinned, f"exact pins belong in constraints.txt, not setup.cfg: {pinned}"
+    # The GPU node of issue 17 (torch 2.11, torchvision 0.26, accelerate 1.15, transformers 5.17,
+    # sentencepiece 0.2.2) and a cluster's torch 2.13 + torchvision 0.28 must satisfy the ranges.
+    site = {"torch": ["2.11.0", "2.13.0"], "torchvision": ["0.26.0", "0.28.0"], "accelerate": ["1.15.0"],
+            "transformers": ["5.17.0"], "sentencepiece": ["0.2.2"]}
+    for r in reqs:
+        for version in site.get(canon(r.name), []):
+            assert r.specifier.contains(version), f"{r} excludes {r.name} {version}"
+
+
+def test_constraints_lock_every_requirement_inside_its_range():
+    pins = lock()
+    assert "vlp" not in pins
+    assert not any(line.startswith("-e") for line in (ROOT / "constraints.txt").read_text().splitlines())
+    for r in all_requirements():
+        name = canon(r.name)
+        assert name in pins, f"{r.name} is not locked in constraints.txt"
+        assert r.specifier.contains(pins[name], prereleases=True), f"lock {name}=={pins[name]} is outside {r}"
+
+
+def test_pytest_settings_live_outside_the_environment_key():
+    assert "tool:pytest" not in setup_cfg()
+    assert "not slow" in (ROOT / "pytest.ini").read_text()
+
+
+# ---- scripts/setup.sh, run against a stand-in python3 --------------------------------------------------------
+
+FAKE_PYTHON3 = r"""#!/usr/bin/env bash
+# Stands in for python3: `-m venv DIR` makes DIR/bin/python, which only logs its arguments.
+case "$1" in
+  --version) echo "Python 3.11.7" ;;
+  -m) [ "$2" = venv ] || exit 3
+      mkdir -p "$3/bin"
+      printf '#!/usr/bin/env bash\necho "$0 $*" >> "%s"\n' "$FAKE_LOG" > "$3/bin/python"
+      chmod +x "$3/bin/python" ;;
+  *) exit 3 ;;
+esac
+"""
+
+
+@pytest.fixture()
+def setup_sandbox(tmp_path):
+    repo = tmp_path / "clone"
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("setup.cfg", "pyproject.toml", "constraints.txt", "scripts/setup.sh"):
+        (repo / name).write_bytes((ROOT / name).read_bytes())
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "python3").write_text(FAKE_PYTHON3)
+    (shims / "python3").chmod(0o755)
+    log = tmp_path / "pip.log"
+    environ = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "FAKE_LOG": str(log),
+               "VLP_ENV_ROOT": str(tmp_path / "envs")}
+
+    def run_setup():
+        subprocess.run(["bash", "scripts/setup.sh"], cwd=repo, env=environ, check=True, capture_output=True)
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return lines, (repo / ".venv").resolve()
+
+    return repo, run_setup
+
+
+def test_setup_sh_installs_through_the_lock_and_keys_the_venv_on_it(setup_sandbox):
+    repo, run_setup = setup_sandbox
+    calls, venv = run_setup()
+    installs = [c for c in calls if " -m pip install " in c]
+    assert installs and all("-c constraints.txt" in c for c in installs), calls
+    assert any('-e .[dev]' in c for c in installs), calls
+    assert (venv / ".complete").exists()
+    # Reused: only the editable link is refreshed, nothing is resolved again.
+    calls, again = run_setup()
+    assert again == venv and len(calls) == 1 and "--no-deps" in calls[0], calls
+    # A changed lock is a new environment.
+    with open(repo / "constraints.txt", "a") as fh:
+        fh.write("# changed\n")
+    calls, changed = run_setup()
+    assert changed != venv and any("-c constraints.txt" in c for c in calls), calls
 
 
 # ---- vlp.compat ----------------------------------------------------------------------------------------------
@@ -148,3 +271,36 @@ def test_cli_dispatches_by_table_and_refuses_unknown_commands(capsys):
     for target, _ in cli.COMMANDS.values():
         if isinstance(target, str):
             assert callable(cli.resolve(target)), target
+
+
+def test_console_entry_point_is_declared_and_installed():
+    scripts = setup_cfg()["options.entry_points"]["console_scripts"]
+    entries = dict(line.replace(" ", "").split("=") for line in scripts.strip().splitlines())
+    assert cli.resolve(entries["vlp"]) is cli.main
+    script = Path(sys.executable).parent / "vlp"
+    if not script.exists():
+        pytest.skip("the `vlp` script is not installed in this environment (scripts/setup.sh installs it)")
+    p = subprocess.run([str(script), "env", "--json"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["torch"]["version"] == torch.__version__
+
+
+# ---- installing into a user's environment (slow: builds a venv, asks the package index) -----------------------
+
+
+@pytest.mark.slow
+def test_install_keeps_the_torch_a_user_already_has(tmp_path):
+    """pip install -e . into a venv holding torch 2.13.0 + torchvision 0.28.0 replaces neither (pip's report)."""
+    venv = tmp_path / "user-env"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # --no-deps: only the metadata matters here (this torchvision wheel does not import beside a CPU torch).
+    subprocess.run(pip + ["--no-deps", "torch==2.13.0", "torchvision==0.28.0"], check=True, capture_output=True)
+    report = tmp_path / "report.json"
+    p = subprocess.run(pip + ["--dry-run", "--report", str(report), "-e", f"{ROOT}[hf]"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    planned = {canon(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    assert "torch" not in planned and "torchvision" not in planned, planned
+    assert "vlp" in planned and "open-clip-torch" in planned
