@@ -9,15 +9,24 @@ tensors + tokenised captions) for both loaders over one epoch each, with the sam
 size, alternating for --rounds rounds and keeping each loader's best. "steady" excludes the time to the
 first batch (worker start and shuffle-buffer fill); "total" includes it.
 
+Then the same comparison over HTTP (unless --no-http): the shard folder is served by the standard
+library's `http.server` on 127.0.0.1 in a separate process, both loaders are given the
+`http://127.0.0.1:PORT/{00000..N}.tar` spec (both stream it with curl through webdataset's gopen; vlp
+reads sizes.json from the server, open_clip_train is given --train-num-samples as it requires).
+
 open_clip_train under webdataset 1.x needs the empty end-of-shard record dropped (reference.md); this
 script patches that in for the comparison only.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from argparse import Namespace
@@ -61,7 +70,7 @@ def run_vlp(spec, preprocess, tokenizer, workers, batch_size):
     return _time(loader, batch_size)
 
 
-def run_open_clip(spec, preprocess, tokenizer, workers, batch_size):
+def run_open_clip(spec, preprocess, tokenizer, workers, batch_size, num_samples=None):
     import open_clip_train.data as ocd
 
     if not getattr(ocd, "_vlp_patched", False):
@@ -72,11 +81,51 @@ def run_open_clip(spec, preprocess, tokenizer, workers, batch_size):
 
         ocd.tar_file_expander = tar_file_expander
         ocd._vlp_patched = True
-    args = Namespace(train_data=spec, val_data=None, train_num_samples=None, dataset_resampled=False,
+    args = Namespace(train_data=spec, val_data=None, train_num_samples=num_samples, dataset_resampled=False,
                      train_data_upsampling_factors=None, seed=0, batch_size=batch_size, workers=workers,
                      world_size=1)
     info = ocd.get_wds_dataset(args, preprocess, is_train=True, epoch=0, tokenizer=tokenizer)
     return _time(info.dataloader, batch_size)
+
+
+@contextlib.contextmanager
+def http_server(folder: str):
+    """`python -m http.server` serving `folder` on 127.0.0.1 (its own process); yields the base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def compare(label, specs, preprocess, tokenizer, a, num_samples=None) -> None:
+    """Alternate the two loaders for --rounds rounds; print each round, the best of each and the ratio."""
+    results = {"vlp": [], "open_clip_train": []}
+    for r in range(a.rounds):
+        for name in ("open_clip_train", "vlp"):
+            if name == "vlp":
+                res = run_vlp(specs[name], preprocess, tokenizer, a.workers, a.batch_size)
+            else:
+                res = run_open_clip(specs[name], preprocess, tokenizer, a.workers, a.batch_size, num_samples)
+            results[name].append(res)
+            print(f"{label} round {r}: {name:16s} {res['steady']:8.1f} samples/s steady, {res['total']:8.1f} total "
+                  f"({res['samples']} samples, first batch {res['first_batch_s']:.2f}s)")
+    best = {k: max(v, key=lambda x: x["steady"]) for k, v in results.items()}
+    ratio = best["vlp"]["steady"] / best["open_clip_train"]["steady"]
+    ratio_total = best["vlp"]["total"] / best["open_clip_train"]["total"]
+    print(f"{label} vlp:             {best['vlp']['steady']:.1f} samples/s (total {best['vlp']['total']:.1f})")
+    print(f"{label} open_clip_train: {best['open_clip_train']['steady']:.1f} samples/s "
+          f"(total {best['open_clip_train']['total']:.1f})")
+    print(f"{label} ratio vlp/open_clip_train: {ratio:.2f} steady, {ratio_total:.2f} total (target >= 2.0)")
 
 
 def _time(loader, batch_size):
@@ -106,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--model", default="ViT-B-32", help="open_clip model whose tokenizer is used")
+    p.add_argument("--no-http", action="store_true", help="skip the comparison over HTTP from 127.0.0.1")
     a = p.parse_args(argv)
     import open_clip
     from open_clip.transform import image_transform
@@ -119,20 +169,20 @@ def main(argv=None) -> int:
         t = time.time()
         spec = write_bench_shards(out, a.samples, a.per_shard, a.width, a.height)
         print(f"wrote {a.samples} {a.width}x{a.height} JPEGs to {spec} in {time.time() - t:.1f}s")
-    results = {"vlp": [], "open_clip_train": []}
-    for r in range(a.rounds):
-        for name, fn in (("open_clip_train", run_open_clip), ("vlp", run_vlp)):
-            res = fn(spec, preprocess, tokenizer, a.workers, a.batch_size)
-            results[name].append(res)
-            print(f"round {r}: {name:16s} {res['steady']:8.1f} samples/s steady, {res['total']:8.1f} total "
-                  f"({res['samples']} samples, first batch {res['first_batch_s']:.2f}s)")
-    best = {k: max(v, key=lambda x: x["steady"]) for k, v in results.items()}
-    ratio = best["vlp"]["steady"] / best["open_clip_train"]["steady"]
-    ratio_total = best["vlp"]["total"] / best["open_clip_train"]["total"]
     print(f"setup: {os.cpu_count()} CPUs, workers={a.workers}, batch={a.batch_size}, {a.width}x{a.height} JPEG -> 224")
-    print(f"vlp:             {best['vlp']['steady']:.1f} samples/s (total {best['vlp']['total']:.1f})")
-    print(f"open_clip_train: {best['open_clip_train']['steady']:.1f} samples/s (total {best['open_clip_train']['total']:.1f})")
-    print(f"ratio vlp/open_clip_train: {ratio:.2f} steady, {ratio_total:.2f} total (target >= 2.0)")
+    compare("local", {"vlp": spec, "open_clip_train": spec}, preprocess, tokenizer, a)
+    if not a.no_http:
+        from vlp.data.shards import shard_urls
+
+        urls = shard_urls(spec)
+        folder = os.path.dirname(urls[0])
+        names = [os.path.basename(u) for u in urls]
+        stems = [n[:-4] for n in names]
+        remote = f"{{{stems[0]}..{stems[-1]}}}.tar" if len(stems) > 1 else names[0]
+        with http_server(folder) as base:
+            n = sum(json.loads(open(os.path.join(folder, "sizes.json")).read()).get(nm, 0) for nm in names)
+            compare("http", {"vlp": f"{base}/{remote}", "open_clip_train": f"{base}/{remote}"},
+                    preprocess, tokenizer, a, num_samples=n)
     return 0
 
 

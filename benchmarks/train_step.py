@@ -51,15 +51,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
-import io
 import itertools
 import json
 import math
 import os
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from contextlib import nullcontext
@@ -112,53 +109,35 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- data
 
-def _shard_paths(spec: str) -> list[str]:
-    if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, "*.tar")))
-    try:
-        from braceexpand import braceexpand
-
-        parts = list(braceexpand(spec))
-    except ImportError:
-        parts = [spec]
-    out = []
-    for part in parts:
-        out.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
-    return out
-
-
 def _read_pairs(paths: list[str], n: int):
-    """The first n (image bytes, caption) pairs of the shards, in order."""
-    from PIL import Image
+    """The first n usable (image, caption) pairs of the shards, in order, read and decoded as vlp reads them."""
+    from vlp.data.errors import SkipSample
+    from vlp.data.images import decode_rgb
+    from vlp.data.tario import read_shard
 
     got = 0
     for path in paths:
-        samples: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
+        for s in read_shard(path):
+            try:
+                if s.image is None:
                     continue
-                key, _, ext = member.name.partition(".")
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                samples[key][ext.lower()] = tar.extractfile(member).read()
-        for key in order:
-            s = samples[key]
-            img = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
-            if img is None or "txt" not in s:
+                pair = decode_rgb(s.image), s.caption()
+            except SkipSample:
                 continue
-            yield Image.open(io.BytesIO(img)).convert("RGB"), s["txt"].decode("utf-8")
+            yield pair
             got += 1
             if got == n:
                 return
 
 
 def decode_batches(spec: str, preprocess, tokenizer, batch_size: int, n_batches: int) -> list[tuple]:
-    paths = _shard_paths(spec)
-    if not paths:
-        raise SystemExit(f"error: no shards match {spec!r}")
+    from vlp.data.errors import DataError
+    from vlp.data.shards import shard_urls
+
+    try:
+        paths = shard_urls(spec)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
     pairs = list(_read_pairs(paths, batch_size * n_batches))
     if len(pairs) < batch_size:
         raise SystemExit(f"error: {spec} holds {len(pairs)} samples, fewer than one batch of {batch_size}")

@@ -20,19 +20,13 @@ import io
 import json
 import os
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from vlp.data.errors import DataError
-from vlp.data.tario import ShardWriter, TarError, iter_samples
-
-
-def _urls(spec: str) -> list[str]:
-    from data_tools.inspect_shards import _urls as u
-
-    return u(spec)
+from vlp.data.errors import DataError, SkipSample
+from vlp.data.shards import shard_urls as _urls
+from vlp.data.tario import ShardWriter, TarError, read_shard
 
 
 def load_laclip(csv_path: str, texts: list[str]) -> tuple[list[tuple[str, str]], list[list[str]]]:
@@ -100,14 +94,12 @@ def add_rewrites(shards: str, output: str, *, laclip_csv: Optional[str] = None, 
         writer = ShardWriter(str(dest) + ".partial", maxcount=1 << 62)
         n = 0
         try:
-            for _, key, files in iter_samples(url):
-                meta = {}
-                if "json" in files:
-                    try:
-                        meta = json.loads(files["json"])
-                    except (ValueError, UnicodeDecodeError):
-                        meta = {}
-                caption = files.get("txt", b"").decode("utf-8", "replace").strip() or meta.get("caption", "")
+            for s in read_shard(url):
+                key, files, meta = s.key, s.files, s.meta()
+                try:
+                    caption = s.caption()
+                except SkipSample:
+                    caption = ""
                 if jsonl:
                     new = by_key.get(key, [])
                 else:
@@ -149,8 +141,8 @@ def add_rewrites(shards: str, output: str, *, laclip_csv: Optional[str] = None, 
 def _all_keys(urls) -> set[str]:
     keys = set()
     for u in urls:
-        for _, k, _ in iter_samples(u, exts=()):
-            keys.add(k)
+        for s in read_shard(u, exts=()):
+            keys.add(s.key)
     return keys
 
 

@@ -17,20 +17,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+from vlp.data import errors as E
 from vlp.data.errors import DataError, SkipSample
 from vlp.data.images import IMAGE_EXTS, open_image
-from vlp.data.shards import expand_spec, shard_size
-from vlp.data.tario import TarError, iter_samples
-
-
-def _urls(spec: str) -> list[str]:
-    p = Path(spec)
-    if p.is_dir():
-        urls = sorted(str(x) for x in p.glob("*.tar"))
-        if not urls:
-            raise DataError(f"no .tar files in {spec}")
-        return urls
-    return [u for src in expand_spec(spec) for u in src]
+from vlp.data.shards import shard_size, shard_urls
+from vlp.data.tario import TarError, read_shard
 
 
 def _check_image(data: bytes, decode: bool) -> tuple[Optional[str], Optional[tuple[int, int]]]:
@@ -49,6 +40,13 @@ def _check_image(data: bytes, decode: bool) -> tuple[Optional[str], Optional[tup
     return None, size
 
 
+def _is_json_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def _stats(xs: list[float]) -> dict:
     if not xs:
         return {}
@@ -56,7 +54,7 @@ def _stats(xs: list[float]) -> dict:
 
 
 def inspect(spec: str, decode: bool = True, rewrites_field: str = "rewrites", max_report: int = 20) -> dict:
-    urls = _urls(spec)
+    urls = shard_urls(spec)
     seen_keys: dict[str, str] = {}
     cap_words, widths, heights, n_rewrites = [], [], [], []
     total = Counter()
@@ -65,13 +63,14 @@ def inspect(spec: str, decode: bool = True, rewrites_field: str = "rewrites", ma
     for url in urls:
         rep = {"shard": url, "samples": 0, "problems": Counter()}
         try:
-            for _, key, files in iter_samples(url, exts=list(IMAGE_EXTS) + ["txt", "json"]):
+            for s in read_shard(url, exts=list(IMAGE_EXTS) + ["txt", "json"]):
+                key, files = s.key, s.files
                 rep["samples"] += 1
                 prob = []
                 if key in seen_keys:
                     prob.append("duplicate_key")
                 seen_keys.setdefault(key, url)
-                img = next((files[e] for e in IMAGE_EXTS if e in files), None)
+                img = s.image
                 if img is None:
                     prob.append("missing_image")
                 else:
@@ -81,28 +80,20 @@ def inspect(spec: str, decode: bool = True, rewrites_field: str = "rewrites", ma
                     if size:
                         widths.append(size[0])
                         heights.append(size[1])
-                if "txt" not in files:
-                    prob.append("missing_caption")
-                else:
-                    try:
-                        cap = files["txt"].decode("utf-8").strip()
-                        if not cap:
-                            prob.append("empty_caption")
-                        cap_words.append(len(cap.split()))
-                    except UnicodeDecodeError:
-                        prob.append("bad_caption_encoding")
+                try:
+                    cap_words.append(len(s.caption().split()))
+                except SkipSample as skip:
+                    prob.append(skip.reason)
                 if "json" in files:
-                    try:
-                        rw = json.loads(files["json"]).get(rewrites_field)
-                        n_rewrites.append(len(rw) if isinstance(rw, list) else 0)
-                    except (ValueError, AttributeError, UnicodeDecodeError):
+                    if not _is_json_object(files["json"]):
                         prob.append("bad_json")
+                    n_rewrites.append(len(s.rewrites(rewrites_field)))
                 for pr in prob:
                     rep["problems"][pr] += 1
                     if len(examples) < max_report:
                         examples.append(f"{url}: {key}: {pr}")
         except TarError as e:
-            kind = {"missing": "missing_shard", "truncated": "truncated_tar"}.get(e.kind, "bad_tar")
+            kind = E.TAR_REASONS.get(e.kind, E.BAD_TAR)
             rep["problems"][kind] += 1
             examples.append(f"{url}: {kind} after {e.next_index} samples")
         expected = shard_size(url)

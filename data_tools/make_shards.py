@@ -22,9 +22,9 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterator, Optional
 
+from vlp.data.images import IMAGE_FILE_SUFFIXES
 from vlp.data.tario import ShardWriter
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLS = ("image", "image_path", "filepath", "file", "path", "relpath", "img", "filename", "url")
 CAPTION_COLS = ("caption", "text", "title", "txt", "captions")
 
@@ -96,7 +96,7 @@ def _jsonable(v):
 
 
 def iter_folder(folder: Path) -> Iterator[dict]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_FILE_SUFFIXES and p.is_file())
     for p in files:
         txt, js = p.with_suffix(".txt"), p.with_suffix(".json")
         caption = txt.read_bytes() if txt.is_file() else None
@@ -122,7 +122,7 @@ def process(rec: dict):
     from PIL import Image
 
     from vlp.data.errors import SkipSample
-    from vlp.data.images import open_image
+    from vlp.data.images import open_image, orientation, upright
 
     cap = rec["caption"]
     if cap is None:
@@ -158,8 +158,9 @@ def process(rec: dict):
             im.draft("RGB", size)
         im.load()
         reencode = _OPTS.get("reencode") or scale < 1 or im.format != "JPEG" or im.mode not in ("RGB", "L")
-        if reencode:
-            im = im.convert("RGB")
+        if reencode:   # the new JPEG carries no EXIF: its pixels are turned upright here
+            size = size[::-1] if orientation(im) >= 5 else size
+            im = upright(im).convert("RGB")
             if im.size != size:
                 im = im.resize(size, Image.BICUBIC, reducing_gap=3.0)
             buf = io.BytesIO()

@@ -72,3 +72,23 @@ def cfg(train_data: str, **kw) -> DataConfig:
 
 def collect(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x, t) for x, t in loader]
+
+
+def resumed(c: DataConfig, k: int, *, seed: int = 0, epoch: int = 0):
+    """A fresh loader restored from the state another one had after `k` batches of `epoch` (the state passed
+    through JSON, as a checkpoint stores it): it yields the rest of that epoch."""
+    import json as _json
+
+    from vlp.data.pipeline import build_train_loader
+
+    L = build_train_loader(c, preprocess(), IdTokenizer(), seed=seed)
+    L.set_epoch(epoch)
+    it = iter(L)
+    for _ in range(k):
+        next(it)
+    state = _json.loads(_json.dumps(L.state_dict()))
+    it.close()
+    R = build_train_loader(c, preprocess(), IdTokenizer(), seed=seed)
+    R.load_state_dict(state)
+    R.set_epoch(epoch)
+    return R

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data_tools import make_shards
-from tests.test_data_fixtures import IdTokenizer, cfg, collect, jpeg, preprocess, write_shards
+from tests.test_data_fixtures import IdTokenizer, cfg, collect, jpeg, preprocess, resumed, write_shards
 from vlp.data.errors import DataError
 from vlp.data.pipeline import build_train_loader
 
@@ -76,16 +76,7 @@ def test_resume_continues_with_next_unseen_batch(tmp_path):
     full.set_epoch(1)
     ref = collect(full)
     for k in (3, 8):
-        L = build_train_loader(c, pre, tok, seed=7)
-        L.set_epoch(1)
-        it = iter(L)
-        for _ in range(k):
-            next(it)
-        state = json.loads(json.dumps(L.state_dict()))
-        it.close()
-        R = build_train_loader(c, pre, tok, seed=7)
-        R.load_state_dict(state)
-        R.set_epoch(1)
+        R = resumed(c, k, seed=7, epoch=1)
         rest = collect(R)
         assert len(rest) == len(ref) - k
         for (xa, ta), (xb, tb) in zip(rest, ref[k:]):
@@ -99,15 +90,7 @@ def test_resume_resampled(tmp_path):
             train_num_samples=48)
     ref = collect(build_train_loader(c, preprocess(), IdTokenizer(), seed=1))
     assert len(ref) == 12
-    L = build_train_loader(c, preprocess(), IdTokenizer(), seed=1)
-    it = iter(L)
-    for _ in range(5):
-        next(it)
-    st = L.state_dict()
-    it.close()
-    R = build_train_loader(c, preprocess(), IdTokenizer(), seed=1)
-    R.load_state_dict(st)
-    rest = collect(R)
+    rest = collect(resumed(c, 5, seed=1))
     assert [torch.equal(a[1], b[1]) for a, b in zip(rest, ref[5:])] == [True] * 7
 
 
@@ -155,3 +138,18 @@ def test_device_normalize_hands_over_uint8_that_normalises_to_the_host_floats(tm
         assert xu.dtype == torch.uint8 and xu.shape == (4, 3, 16, 16)
         assert xu.is_pinned() == torch.cuda.is_available()
         assert torch.equal(tu, tf) and torch.equal(normalize_uint8(xu, mean, std), xf)
+
+
+def test_iterating_leaves_torch_global_rng_alone(tmp_path):
+    """A DataLoader iterator draws its base seed from torch's global RNG unless given a generator; then a resumed
+    run's dropout masks differ from the uninterrupted run's (issue #12: 8 of 24 steps identical)."""
+    write_shards(tmp_path / "sh", 40, 10)
+    for workers in (0, 2):
+        L = build_train_loader(cfg(str(tmp_path / "sh" / "{00000..00003}.tar"), batch_size=4, workers=workers),
+                               preprocess(), IdTokenizer())
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        it = iter(L)
+        next(it)
+        it.close()
+        assert torch.equal(torch.get_rng_state(), before)

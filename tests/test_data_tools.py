@@ -6,14 +6,14 @@ import json
 from data_tools import add_rewrites, inspect_shards, make_shards
 from tests.test_data_fixtures import jpeg, write_shards
 from vlp.data.shards import load_shards
-from vlp.data.tario import iter_samples
+from vlp.data.tario import read_shard
 
 
 def _samples(folder):
     out = {}
     for p in sorted(folder.glob("*.tar")):
-        for _, k, f in iter_samples(str(p)):
-            out[k] = f
+        for s in read_shard(str(p)):
+            out[s.key] = s.files
     return out
 
 

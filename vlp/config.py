@@ -36,6 +36,7 @@ class DataConfig:
     max_bad_fraction: float = field(default=0.05, metadata={"help": "abort when this fraction of samples is unreadable"})
     strong_rrc_scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop scale range of strong views"})
     fast_decode: bool = field(default=True, metadata={"help": "vlp's fast decode/crop (reduced-size JPEG decoding); off: apply the model's preprocess as is"})
+    shard_retries: int = field(default=3, metadata={"help": "reopen a remote shard this many times after a transport error, then count it unreadable"})
 
 
 @dataclass
@@ -361,6 +362,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--train-data-upsampling-factors needs one value per '::'-joined source of --train-data")
     if not 0 <= d.max_bad_fraction <= 1:
         raise ConfigError("--max-bad-fraction must be between 0 and 1")
+    if d.shard_retries < 0:
+        raise ConfigError("--shard-retries must be 0 or more")
     if r.keep_checkpoints < 1:
         raise ConfigError("--keep-checkpoints must be at least 1")
     return cfg

@@ -12,16 +12,24 @@ from typing import Callable, Optional
 from vlp.data import errors as E
 
 
+def read_meta(files: dict[str, bytes]) -> dict:
+    """The sample's `.json` as a dict; {} when absent, not JSON or not an object."""
+    raw = files.get("json")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def decode_caption(files: dict[str, bytes]) -> str:
-    """The original caption: `.txt`, else the `caption` of `.json`. Raises SkipSample."""
+    """The original caption: `.txt`, else the `caption` of `.json` (img2dataset writes both). Raises SkipSample."""
     raw = files.get("txt")
     if raw is None:
-        meta = files.get("json")
-        if meta is not None:
-            try:
-                cap = json.loads(meta).get("caption")
-            except (ValueError, AttributeError, UnicodeDecodeError):
-                cap = None
+        if "json" in files:
+            cap = read_meta(files).get("caption")
             if isinstance(cap, str):
                 if not cap.strip():
                     raise E.SkipSample(E.EMPTY_CAPTION)
@@ -39,13 +47,7 @@ def decode_caption(files: dict[str, bytes]) -> str:
 
 def read_rewrites(files: dict[str, bytes], field: str) -> list[str]:
     """The sample's rewrites (a list of strings in `.json[field]`); [] when absent or unreadable."""
-    meta = files.get("json")
-    if not meta:
-        return []
-    try:
-        val = json.loads(meta).get(field)
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return []
+    val = read_meta(files).get(field)
     if isinstance(val, str):
         val = [val]
     if not isinstance(val, list):

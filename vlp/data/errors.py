@@ -30,6 +30,12 @@ BAD_CAPTION_ENCODING = "bad_caption_encoding"  # caption bytes that are not UTF-
 TRUNCATED_TAR = "truncated_tar"         # samples lost because a tar ends early (counted per lost sample)
 BAD_TAR = "bad_tar"                     # samples lost because a tar holds a corrupt header / is no tar
 MISSING_SHARD = "missing_shard"         # samples lost because a shard file does not exist / cannot be opened
+UNREADABLE_SHARD = "unreadable_shard"   # samples lost because a stream kept failing (dropped connection...) after retries
+SIZE_MISMATCH = "size_mismatch"         # |size file's count - samples the shard holds|: phantom or hidden samples
 
 REASONS = (NOT_IMAGE, CORRUPT_IMAGE, MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_CAPTION_ENCODING,
-           TRUNCATED_TAR, BAD_TAR, MISSING_SHARD)
+           TRUNCATED_TAR, BAD_TAR, MISSING_SHARD, UNREADABLE_SHARD, SIZE_MISMATCH)
+
+# TarError kinds (vlp.data.tario) -> the reason their lost samples are counted under
+TAR_REASONS = {"missing": MISSING_SHARD, "truncated": TRUNCATED_TAR, "bad_header": BAD_TAR,
+               "unreadable": UNREADABLE_SHARD}

@@ -1,4 +1,5 @@
-"""Image members of a sample: which extensions count as the image, and opening their bytes with a skip reason.
+"""Image members of a sample: which extensions count as the image, opening their bytes with a skip reason, and
+the EXIF orientation (applied here for every reader: training, evaluation, make_shards' re-encoding).
 
 Kept free of torch so that the shard tools (`make_shards`, `inspect_shards`) classify images exactly as the
 loader does without importing it.
@@ -6,12 +7,20 @@ loader does without importing it.
 from __future__ import annotations
 
 import io
+from typing import Optional
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlp.data import errors as E
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # a sample's image is its first member with one of these
+# image files in a folder (make_shards' folder input, eval's image folders)
+IMAGE_FILE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"})
+
+
+def image_ext(exts) -> Optional[str]:
+    """Which of a sample's member extensions is its image: THE rule (train, eval and tools alike)."""
+    return next((e for e in IMAGE_EXTS if e in exts), None)
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -24,11 +33,27 @@ def open_image(data: bytes) -> Image.Image:
         raise E.SkipSample(E.CORRUPT_IMAGE, str(e)) from None
 
 
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1-8; 1 = stored upright), read from the header without decoding."""
+    if "exif" not in im.info:
+        return 1
+    try:
+        o = int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no orientation
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen (PIL's `exif_transpose`); the image itself when stored upright."""
+    return ImageOps.exif_transpose(im) if orientation(im) != 1 else im
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    """Fully decoded RGB PIL image; SkipSample(not_image | corrupt_image)."""
+    """Fully decoded, upright RGB PIL image; SkipSample(not_image | corrupt_image)."""
     im = open_image(data)
     try:
         im.load()
-        return im.convert("RGB")
+        return upright(im).convert("RGB")
     except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt image
         raise E.SkipSample(E.CORRUPT_IMAGE, str(e)) from None

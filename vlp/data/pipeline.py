@@ -5,11 +5,12 @@ on every rank, and read as one concatenated stream of `N` samples (sizes from th
 Each rank gets `nb = N // (batch_size * world_size)` batches; batch `i` of a rank comes from worker
 `i % workers`, so worker `w` owes `ceil((nb - w) / workers)` batches. Every (rank, worker) slot is given a
 contiguous, disjoint range of the stream holding exactly the samples it owes (a range may start or end
-inside a shard: samples before the start are skipped by seeking, never read). So inside an epoch no
-sample is drawn twice, and fewer than `batch_size * world_size` samples are left out (a different
-remainder every epoch, since the shard order changes). Only when samples of a range are unreadable does
-its worker top up by drawing from its own range again (a second pass, differently shuffled), so that all
-ranks keep full, equal batches.
+inside a shard: samples before the start are skipped undecoded, on a local file by seeking, on a stream
+(pipe, HTTP, object store) by reading past them). So inside an epoch no sample is drawn twice, and fewer
+than `batch_size * world_size` samples are left out (a different remainder every epoch, since the shard
+order changes). Only when samples of a range are unreadable does its worker top up by drawing from its
+own range again (a second pass, differently shuffled), or from the whole epoch when its range held no
+sample at all, so that all ranks keep full, equal batches.
 
 Resampled mode (`--dataset-resampled`). Each (rank, worker) draws shards with replacement from its own
 seeded RNG, weighted by `upsampling factor * shard size`; an epoch is `--train-num-samples` samples.
@@ -17,19 +18,21 @@ seeded RNG, weighted by `upsampling factor * shard size`; an epoch is `--train-n
 Both modes shuffle samples through a seeded buffer (`--shuffle-buffer`). Every random choice (shard order,
 buffer, crop, caption pick, text augmentation) derives from (seed, epoch, rank, worker, position), so
 the batches are a function of (seed, epoch, rank, world_size, workers). Each batch carries its worker's
-position in its post-shuffle stream and its skip counters; `state_dict()` records those of the last batch
-handed out per worker, and `load_state_dict()` makes each worker replay its stream to that position
-without decoding anything, then continue with the next unseen batch.
+`Cursor` (position in its post-shuffle stream, batches, skip counters); `state_dict()` records the last
+Cursor per worker, and `load_state_dict()` makes each worker replay its stream to that position without
+decoding anything, then continue with the next unseen batch.
 
 Unusable samples are skipped and counted by reason (`vlp.data.errors.REASONS`); when the skipped fraction
 exceeds `--max-bad-fraction` (checked once 256 samples were seen, and at the end of an epoch) the loader
-raises DataError.
+raises DataError. A size file that disagrees with its shard is counted (`size_mismatch`) and warned about
+once per shard.
 """
 from __future__ import annotations
 
 import random
+import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -40,8 +43,9 @@ from vlp.data import errors as E
 from vlp.data.captions import CaptionPicker
 from vlp.data.errors import DataError, SkipSample
 from vlp.data.images import IMAGE_EXTS
+from vlp.data.preflight import preflight
 from vlp.data.shards import ShardSet, load_shards
-from vlp.data.tario import TarError, iter_samples
+from vlp.data.tario import Sample, TarError, read_shard
 from vlp.data.transforms import build_transform
 
 MIN_SEEN_FOR_ABORT = 256
@@ -68,11 +72,26 @@ class EpochPlan:
     quotas: list[int]            # batches owed by each worker
 
 
-class _Item:
-    __slots__ = ("files", "pass_no")
+@dataclass
+class Cursor:
+    """One worker's exact position in its epoch: samples taken from its post-shuffle stream, batches and usable
+    samples produced, samples skipped by reason. Carried with every batch; the last one per worker is the
+    loader's state, and a worker given a Cursor replays its stream to `pos` without decoding, then continues."""
 
-    def __init__(self, files: dict, pass_no: int):
-        self.files, self.pass_no = files, pass_no
+    worker: int
+    pos: int = 0
+    produced: int = 0
+    good: int = 0
+    counts: dict = field(default_factory=dict)
+
+    def to_list(self) -> list:
+        return [int(self.worker), int(self.pos), int(self.produced), int(self.good),
+                {str(k): int(v) for k, v in self.counts.items()}]
+
+    @classmethod
+    def from_list(cls, x: list) -> "Cursor":
+        w, pos, produced, good, counts = x
+        return cls(int(w), int(pos), int(produced), int(good), {str(k): int(v) for k, v in counts.items()})
 
 
 def _shuffle(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
@@ -100,8 +119,19 @@ def _shuffle(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
         yield buf.pop()
 
 
+def check_bad_fraction(counts: dict, good: int, limit: float, final: bool = False) -> None:
+    """DataError when more than `limit` of the samples seen were skipped (checked from 256 seen, or at the end)."""
+    bad = sum(counts.values())
+    seen = good + bad
+    if (final or seen >= MIN_SEEN_FOR_ABORT) and bad > limit * seen:
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
+        raise DataError(f"{bad} of {seen} samples were unreadable ({bad / max(seen, 1):.1%} > --max-bad-fraction "
+                        f"{limit}): {detail}; check the shards with `python -m data_tools.inspect_shards`")
+
+
 class _Stream(IterableDataset):
-    """What each DataLoader worker runs; `epoch` and `resume` are set by TrainLoader before each epoch."""
+    """What each DataLoader worker runs: read its range -> shuffle -> decode/augment + caption -> batch.
+    `epoch`, `cursors` (resume) and `rotation` are set by TrainLoader before each epoch."""
 
     def __init__(self, loader: "TrainLoader"):
         super().__init__()
@@ -115,29 +145,40 @@ class _Stream(IterableDataset):
         self.tokenizer = L.tokenizer
         self.picker: CaptionPicker = L.picker
         self.plan_fn: Callable[[int], EpochPlan] = L.plan
-        exts = list(IMAGE_EXTS) + ["txt", "json"]
-        self.exts = exts
+        self.exts = list(IMAGE_EXTS) + ["txt", "json"]
         self.epoch = 0
-        self.resume: dict[int, dict] = {}
+        self.cursors: dict[int, Cursor] = {}
         self.rotation = 0
         # per-iteration state
         self._counts: Counter = Counter()
         self._pass_good = 0
+        self._size_notes: list[tuple[str, int, int]] = []   # (shard, size file's count, samples held), sent with a batch
 
-    # ---- reading ---------------------------------------------------------------------------
-    def _read(self, si: int, start: int, stop: Optional[int], count: bool) -> Iterator[dict]:
-        url = self.shards.urls[si]
+    # ---- stage: read a range of the epoch's concatenated shards -------------------------------
+    def _read(self, si: int, a: int, b: int, count: bool) -> Iterator[Sample]:
+        """Samples [a, b) of shard `si`; losses counted when `count`. A range that reaches the shard's recorded end
+        reads on to the real end, so that a size file that lies (either way) is noticed and counted."""
+        url, n = self.shards.urls[si], self.shards.sizes[si]
+        to_end = b >= n
+        reader = read_shard(url, a, None if to_end else b, self.exts, retries=self.cfg.shard_retries)
+        delivered = 0
         try:
-            for _, key, files in iter_samples(url, start, stop, self.exts):
-                yield files
+            for s in reader:
+                if s.index < b:
+                    delivered += 1
+                    yield s
         except TarError as e:
-            if count:
-                expected = stop if stop is not None else self.shards.sizes[si]
-                lost = max(expected - e.next_index, 1) if expected else 1
-                reason = {"missing": E.MISSING_SHARD, "truncated": E.TRUNCATED_TAR}.get(e.kind, E.BAD_TAR)
-                self._counts[reason] += lost
+            if count and e.next_index < b:
+                self._counts[E.TAR_REASONS.get(e.kind, E.BAD_TAR)] += b - max(e.next_index, a)
+            return
+        if count:
+            held = reader.count or 0
+            off = (b - a - delivered) + (held - b if to_end and held > b else 0)
+            if off:
+                self._counts[E.SIZE_MISMATCH] += off
+                self._size_notes.append((url, n, held))
 
-    def _range(self, plan: EpochPlan, start: int, end: int, count: bool) -> Iterator[dict]:
+    def _range(self, plan: EpochPlan, start: int, end: int, count: bool) -> Iterator[Sample]:
         cum = 0
         for si in plan.order:
             n = self.shards.sizes[si]
@@ -148,56 +189,68 @@ class _Stream(IterableDataset):
             if cum >= end:
                 break
 
-    def _stream(self, plan: EpochPlan, w: int) -> Iterator[_Item]:
-        """The worker's raw samples in post-shuffle order (the positions recorded for resume)."""
+    def _resampled(self, rng: random.Random) -> Iterator[Sample]:
+        weights = self.shards.draw_weights()
+        ids = list(range(len(self.shards.urls)))
+        empty = 0
+        while True:
+            si = rng.choices(ids, weights=weights, k=1)[0]
+            url, reader, got = self.shards.urls[si], None, 0
+            reader = read_shard(url, 0, None, self.exts, retries=self.cfg.shard_retries)
+            try:
+                for s in reader:
+                    got += 1
+                    yield s
+            except TarError as e:
+                self._counts[E.TAR_REASONS.get(e.kind, E.BAD_TAR)] += max(self.shards.sizes[si] - e.next_index, 1)
+            else:
+                if reader.count != self.shards.sizes[si]:
+                    self._size_notes.append((url, self.shards.sizes[si], reader.count or 0))
+            empty = 0 if got else empty + 1
+            if empty > 2 * len(ids) + 8:
+                raise DataError(f"no readable samples in {empty} shards drawn in a row (e.g. {url})")
+
+    def _stream(self, plan: EpochPlan, w: int) -> Iterator[tuple[Sample, int]]:
+        """The worker's raw samples (with their pass number) in post-shuffle order: the positions a Cursor counts."""
         base = (self.seed, self.epoch, self.rank, w)
-        if plan.order is None:  # resampled
+        if plan.order is None:
             rng = random.Random(_mix(*base, 1))
-            weights = self.shards.draw_weights()
-            ids = list(range(len(self.shards.urls)))
-
-            def shards_forever():
-                empty = 0
-                while True:
-                    si = rng.choices(ids, weights=weights, k=1)[0]
-                    got = 0
-                    for files in self._read(si, 0, None, True):
-                        got += 1
-                        yield _Item(files, 0)
-                    empty = 0 if got else empty + 1
-                    if empty > 2 * len(ids) + 8:
-                        raise DataError(f"no readable samples in {empty} shards drawn in a row (e.g. {self.shards.urls[si]})")
-
-            yield from _shuffle(shards_forever(), self.cfg.shuffle_buffer, random.Random(_mix(*base, 2)))
+            items = ((s, 0) for s in self._resampled(rng))
+            yield from _shuffle(items, self.cfg.shuffle_buffer, random.Random(_mix(*base, 2)))
             return
         B = self.batch
-        start = (self.rank * plan.batches + sum(plan.quotas[:w])) * B
-        end = start + plan.quotas[w] * B
-        pass_no = 0
+        lo = (self.rank * plan.batches + sum(plan.quotas[:w])) * B
+        hi = lo + plan.quotas[w] * B
+        pass_no, whole = 0, False
         while True:
-            self._pass_good = 0
-            count = pass_no == 0
-            items = (_Item(f, pass_no) for f in self._range(plan, start, end, count))
+            self._pass_good, raw = 0, [0]
+
+            def numbered(it, p=pass_no):
+                for s in it:
+                    raw[0] += 1
+                    yield s, p
+
+            items = numbered(self._range(plan, lo, hi, count=pass_no == 0))
             yield from _shuffle(items, self.cfg.shuffle_buffer, random.Random(_mix(*base, 3, pass_no)))
-            if self._pass_good == 0:
-                raise DataError(f"no readable samples in this worker's share of epoch {self.epoch} "
+            # Topping up: from the worker's own share again, or, when that held no sample at all (it lies in
+            # a truncated or missing stretch), from the whole epoch. Decided on raw counts, which a replay sees too.
+            if raw[0] == 0 and not whole:
+                whole, lo, hi = True, 0, plan.n_samples
+            elif self._pass_good == 0:
+                where = "epoch" if whole else "this worker's share of epoch"
+                raise DataError(f"no readable samples in {where} {self.epoch} "
                                 f"(shards {self.shards.urls[plan.order[0]]} ...); skipped: {dict(self._counts)}")
             pass_no += 1
 
-    # ---- samples -----------------------------------------------------------------------------
-    def _sample(self, files: dict, rng: random.Random):
-        img = next((files[e] for e in IMAGE_EXTS if e in files), None)
+    # ---- stage: decode/augment + caption ------------------------------------------------------
+    def _sample(self, s: Sample, rng: random.Random):
+        img = s.image
         if img is None:
             raise SkipSample(E.MISSING_IMAGE)
-        text = self.picker(files, rng)
+        text = self.picker(s.files, rng)
         return self.transform(img, rng), text
 
-    def _check(self, good: int) -> None:
-        bad = sum(self._counts.values())
-        seen = good + bad
-        if seen >= MIN_SEEN_FOR_ABORT and bad > self.cfg.max_bad_fraction * seen:
-            raise DataError(_bad_message(bad, seen, self._counts, self.cfg.max_bad_fraction))
-
+    # ---- stage: batch -------------------------------------------------------------------------
     def __iter__(self):
         info = get_worker_info()
         # DataLoader worker j yields first; it plays logical worker (j + rotation) % W, so that after a resume at
@@ -205,33 +258,31 @@ class _Stream(IterableDataset):
         w = ((info.id if info is not None else 0) + self.rotation) % self.n_workers
         plan = self.plan_fn(self.epoch)
         quota = plan.quotas[w]
-        r = self.resume.get(w, {})
-        pos0, produced, good = int(r.get("pos", 0)), int(r.get("produced", 0)), int(r.get("good", 0))
-        if produced >= quota:
+        cur = self.cursors.get(w) or Cursor(w)
+        if cur.produced >= quota:
             return
         self._counts = Counter()
         B = self.batch
         imgs, texts = [], []
-        pos = 0
         stream = self._stream(plan, w)
-        if pos0:
-            self._pass_good = 1
-            for _ in range(pos0):
+        pos, produced, good = 0, cur.produced, cur.good
+        if cur.pos:
+            for _ in range(cur.pos):
+                self._pass_good = 1   # replay: nothing is decoded; a pass is never judged empty
                 if next(stream, None) is None:
                     raise DataError("loader state does not match the data (stream ended before the saved position)")
-                self._pass_good = 1
-            pos = pos0
+            pos = cur.pos
             # replaying re-counted the shard-level losses up to this point; the saved counters are exact
-            self._counts = Counter({k: int(v) for k, v in r.get("counts", {}).items()})
-        for item in stream:
+            self._counts = Counter(cur.counts)
+        for s, pass_no in stream:
             pos += 1
             rng = random.Random(_mix(self.seed, self.epoch, self.rank, w, pos, 4))
             try:
-                img, text = self._sample(item.files, rng)
-            except SkipSample as s:
-                if item.pass_no == 0:
-                    self._counts[s.reason] += 1
-                    self._check(good)
+                img, text = self._sample(s, rng)
+            except SkipSample as skip:
+                if pass_no == 0:
+                    self._counts[skip.reason] += 1
+                    check_bad_fraction(self._counts, good, self.cfg.max_bad_fraction)
                 continue
             imgs.append(img)
             texts.append(text)
@@ -239,18 +290,12 @@ class _Stream(IterableDataset):
             self._pass_good += 1
             if len(imgs) == B:
                 produced += 1
-                meta = {"worker": w, "pos": pos, "produced": produced, "good": good, "counts": dict(self._counts)}
-                batch = (self.transform.finish(imgs), self.tokenizer(texts), meta)
-                imgs, texts = [], []
+                batch = (self.transform.finish(imgs), self.tokenizer(texts),
+                         Cursor(w, pos, produced, good, dict(self._counts)), self._size_notes)
+                imgs, texts, self._size_notes = [], [], []
                 yield batch
                 if produced >= quota:
                     return
-
-
-def _bad_message(bad: int, seen: int, counts: dict, limit: float) -> str:
-    detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
-    return (f"{bad} of {seen} samples were unreadable ({bad / max(seen, 1):.1%} > --max-bad-fraction {limit}): "
-            f"{detail}; check the shards with `python -m data_tools.inspect_shards`")
 
 
 class TrainLoader:
@@ -265,7 +310,11 @@ class TrainLoader:
         self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
         self.tokenizer = tokenizer
         self.n_workers = max(1, cfg.workers)
-        self.shards = shards or load_shards(cfg.train_data, cfg.train_data_upsampling_factors)
+        self.shards = shards or load_shards(cfg.train_data, cfg.train_data_upsampling_factors,
+                                            retries=cfg.shard_retries)
+        for line in preflight(self.shards, cfg, world_size):   # raises DataError when it cannot work
+            if rank == 0:
+                print(line, file=sys.stderr, flush=True)
         if cfg.dataset_resampled and not cfg.train_num_samples:
             cfg_n = self.shards.total
         else:
@@ -280,11 +329,9 @@ class TrainLoader:
         self._plans: dict[int, EpochPlan] = {}
         self._epoch = 0
         self._batches_done = 0
-        self._workers_state: dict[int, dict] = {}
+        self._cursors: dict[int, Cursor] = {}
         self._prev_counts: Counter = Counter()
-        # shards missing at build time with no recorded size cannot be counted per sample: one each
-        self._base_counts = Counter({E.MISSING_SHARD: sum(1 for u in self.shards.missing
-                                                          if self.shards.sizes[self.shards.urls.index(u)] == 0)})
+        self._size_warned: set[str] = set()
         self.plan(0)  # fail early (too few samples for one global batch, ...)
 
     # ---- the epoch plan (pure function of the data, seed and epoch) ---------------------------
@@ -342,26 +389,19 @@ class TrainLoader:
             self._prev_counts += self._current_counts()
             self._epoch = epoch
             self._batches_done = 0
-            self._workers_state = {}
+            self._cursors = {}
 
     # ---- counters -----------------------------------------------------------------------------
     def _current_counts(self) -> Counter:
         c: Counter = Counter()
-        for m in self._workers_state.values():
-            c.update({k: int(v) for k, v in m.get("counts", {}).items()})
+        for cur in self._cursors.values():
+            c.update(cur.counts)
         return c
 
     def skip_counts(self) -> dict[str, int]:
         """Samples skipped by reason since the loader was built (or as restored from a checkpoint)."""
-        c = self._prev_counts + self._current_counts() + self._base_counts
+        c = self._prev_counts + self._current_counts()
         return {k: int(v) for k, v in sorted(c.items()) if v}
-
-    def _check_bad(self, final: bool) -> None:
-        counts = self._current_counts()
-        bad = sum(counts.values())
-        seen = bad + sum(int(m.get("good", 0)) for m in self._workers_state.values())
-        if (final or seen >= MIN_SEEN_FOR_ABORT) and bad > self.cfg.max_bad_fraction * seen:
-            raise DataError(_bad_message(bad, seen, counts, self.cfg.max_bad_fraction))
 
     # ---- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -371,30 +411,39 @@ class TrainLoader:
         W = self.n_workers
         ds = _Stream(self)
         ds.epoch = self._epoch
-        ds.resume = {}
         ds.rotation = self._batches_done % W
         for w in range(W):
             produced = len(range(w, self._batches_done, W))
-            m = self._workers_state.get(w)
-            if produced:
-                if m is None or int(m.get("produced", -1)) != produced:
-                    raise DataError("loader state is inconsistent with its batch count; cannot resume exactly")
-                ds.resume[w] = {"pos": m["pos"], "produced": produced, "good": m.get("good", 0),
-                                "counts": m.get("counts", {})}
-        dl = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.workers,
+            if produced and (w not in self._cursors or self._cursors[w].produced != produced):
+                raise DataError("loader state is inconsistent with its batch count; cannot resume exactly")
+        ds.cursors = dict(self._cursors)
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from torch's global RNG, so the
+        # model's dropout masks after a resume would differ from the uninterrupted run's.
+        gen = torch.Generator().manual_seed(_mix(self.seed, self._epoch, self.rank, 5) >> 1)
+        dl = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.workers, generator=gen,
                         persistent_workers=False, prefetch_factor=4 if self.cfg.workers > 0 else None,
                         pin_memory=self.device_normalize and torch.cuda.is_available())
         finish = (lambda x: x) if self.device_normalize else self.transform.normalize
         try:
-            for images, texts, meta in dl:
-                self._workers_state[int(meta["worker"])] = meta
+            for images, texts, cur, size_notes in dl:
+                self._warn_sizes(size_notes)
+                self._cursors[cur.worker] = cur
                 self._batches_done += 1
-                self._check_bad(final=self._batches_done >= plan.batches)
+                check_bad_fraction(self._current_counts(), sum(c.good for c in self._cursors.values()),
+                                   self.cfg.max_bad_fraction, final=self._batches_done >= plan.batches)
                 yield finish(images), texts
         except DataError as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             last = lines[-1] if lines else "data error"
             raise DataError(last.split("DataError: ", 1)[-1]) from None
+
+    def _warn_sizes(self, notes: list[tuple[str, int, int]]) -> None:
+        """One stderr line per shard (per loader) whose size file differs from what it holds."""
+        for url, claimed, held in notes:
+            if url not in self._size_warned:
+                self._size_warned.add(url)
+                print(f"warning: {url}: the size file says {claimed} samples, the shard holds {held} "
+                      f"(counted as {E.SIZE_MISMATCH}; fix sizes.json)", file=sys.stderr, flush=True)
 
     # ---- exact resume -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -405,10 +454,7 @@ class TrainLoader:
             "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
             "workers": self.n_workers, "batch_size": self.cfg.batch_size,
             "resampled": bool(self.cfg.dataset_resampled),
-            "worker_state": [
-                [int(w), int(m["pos"]), int(m["produced"]), int(m.get("good", 0)),
-                 {str(k): int(v) for k, v in m.get("counts", {}).items()}]
-                for w, m in sorted(self._workers_state.items())],
+            "worker_state": [cur.to_list() for _, cur in sorted(self._cursors.items())],
             "prev_counts": {str(k): int(v) for k, v in self._prev_counts.items()},
         }
 
@@ -422,10 +468,8 @@ class TrainLoader:
                 raise DataError(f"cannot resume the data loader exactly: saved with {key}={d.get(key)}, now {mine}")
         self._epoch = int(d["epoch"])
         self._batches_done = int(d["batches_done"])
-        self._workers_state = {
-            int(w): {"worker": int(w), "pos": int(pos), "produced": int(prod), "good": int(good),
-                     "counts": dict(counts)}
-            for w, pos, prod, good, counts in d.get("worker_state", [])}
+        cursors = [Cursor.from_list(x) for x in d.get("worker_state", [])]
+        self._cursors = {c.worker: c for c in cursors}
         self._prev_counts = Counter({k: int(v) for k, v in d.get("prev_counts", {}).items()})
 
 

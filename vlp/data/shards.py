@@ -1,6 +1,7 @@
 """Shard specs as open_clip users write them, and how many samples each shard holds.
 
     /data/cc3m/{00000..00331}.tar::/data/cc12m/{00000..01242}.tar
+    pipe:aws s3 cp s3://bucket/cc12m/{00000..01242}.tar -      https://host/cc3m/{00000..00331}.tar
 
 * brace expansion (`braceexpand`), sources joined by `::`;
 * per-source weights (`--train-data-upsampling-factors 1::0.5`, open_clip's meaning: an upsampling
@@ -9,10 +10,14 @@
   plus a seeded random `frac(weight)` share of its shards, chosen afresh every epoch;
 * sample counts per shard, first found of: `sizes.json` next to the shard (open_clip's
   `{shard file name: n}`, also what `data_tools.make_shards` writes), img2dataset's
-  `{shard stem}_stats.json` (`successes`), else counted by reading the tar headers.
+  `{shard stem}_stats.json` (`successes`) or `{shard stem}.parquet`, else counted by reading the tar headers;
+  size files are read from the shard's own location (a URL's folder, a pipe command's argument);
+* shards may be local paths, globs, folders, `pipe:CMD`, `http(s)://` or fsspec URLs (`vlp.data.streams`).
 """
 from __future__ import annotations
 
+import glob
+import io
 import json
 import os
 import random
@@ -23,11 +28,16 @@ from typing import Optional
 from braceexpand import braceexpand
 
 from vlp.data.errors import DataError
-from vlp.data.tario import TarError, count_samples
+from vlp.data.streams import is_remote, local_path, read_small, shard_name, sibling
+from vlp.data.tario import TarError, _Bytes, count_samples, iter_members
 
 
-def expand_spec(spec: str) -> list[list[str]]:
-    """'a/{0..1}.tar::b/x.tar' -> [['a/0.tar', 'a/1.tar'], ['b/x.tar']]."""
+def resolve(spec: str) -> list[list[str]]:
+    """The shard locations of a spec, per `::` source, in order: brace lists expanded, a local glob or folder (its
+    `*.tar`, e.g. img2dataset's output folder) listed, URLs and `pipe:` commands kept as written.
+
+    'a/{0..1}.tar::b/' -> [['a/0.tar', 'a/1.tar'], ['b/00000.tar', ...]]. A local path that does not exist is kept
+    (the loader counts it as a missing shard); a glob or folder that matches nothing is a DataError."""
     if not spec or not spec.strip():
         raise DataError("--train-data is empty")
     sources = []
@@ -35,7 +45,21 @@ def expand_spec(spec: str) -> list[list[str]]:
         part = part.strip()
         if not part:
             raise DataError(f"empty source in shard spec {spec!r}")
-        urls = list(braceexpand(part))
+        urls: list[str] = []
+        for u in braceexpand(part):
+            path = None if is_remote(u) else local_path(u)
+            if path is not None and os.path.isdir(path):
+                found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+                if not found:
+                    raise DataError(f"no .tar files in {u}")
+                urls += found
+            elif path is not None and any(c in path for c in "*?["):
+                found = sorted(glob.glob(path))
+                if not found:
+                    raise DataError(f"no shard matches {u}")
+                urls += found
+            else:
+                urls.append(u)
         sources.append(urls)
     return sources
 
@@ -55,41 +79,79 @@ def parse_weights(weights: Optional[str], n_sources: int) -> list[float]:
     return out
 
 
-@lru_cache(maxsize=256)
-def _sizes_file(directory: str, mtime: float) -> dict:
-    with open(os.path.join(directory, "sizes.json")) as fh:
-        return json.load(fh)
+@lru_cache(maxsize=1024)
+def _small_file(url: str, mtime: Optional[float]) -> Optional[bytes]:
+    return read_small(url)
 
 
-def _sizes_json(directory: str) -> Optional[dict]:
-    p = os.path.join(directory, "sizes.json")
+def _read_cached(url: str) -> Optional[bytes]:
+    """A size file's bytes, cached (a local one until it changes on disk)."""
+    path = local_path(url)
+    if path is not None:
+        try:
+            mtime = os.path.getmtime(path)
+        except OSError:
+            return None
+        return _small_file(url, mtime)
+    return _small_file(url, None)
+
+
+def _json(url: Optional[str]):
+    raw = _read_cached(url) if url else None
+    if raw is None:
+        return None
     try:
-        return _sizes_file(directory, os.path.getmtime(p))
-    except (OSError, ValueError):
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _count(value, where: str) -> int:
+    ok = (isinstance(value, int) and not isinstance(value, bool)) or \
+        (isinstance(value, float) and value.is_integer()) or (isinstance(value, str) and value.strip().isdigit())
+    if not ok or int(value) < 0:
+        raise DataError(f"{where} is {value!r}, not a sample count")
+    return int(value)
+
+
+def _parquet_successes(url: Optional[str]) -> Optional[int]:
+    """Rows with status 'success' in img2dataset's per-shard parquet (needs pyarrow); None if unavailable."""
+    raw = _read_cached(url) if url else None
+    if raw is None:
+        return None
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(raw), columns=["status"])
+        return sum(1 for s in table.column("status").to_pylist() if s == "success")
+    except Exception:  # noqa: BLE001 - no pyarrow, no status column, not a parquet file
         return None
 
 
 def shard_size(url: str) -> Optional[int]:
-    """Sample count of one shard from its size files, or None if none records it."""
-    d, name = os.path.split(url)
-    sizes = _sizes_json(d or ".")
-    if sizes is not None and name in sizes:
-        return int(sizes[name])
+    """Sample count of one shard from the size files beside it (read from the same location, local or remote),
+    or None if none records it: `sizes.json` ({file name: n}, open_clip's and make_shards' format), else
+    img2dataset's `{stem}_stats.json` (`successes`), else img2dataset's `{stem}.parquet` (rows with status success)."""
+    name = shard_name(url)
+    sizes = _json(sibling(url, "sizes.json"))
+    if isinstance(sizes, dict) and name in sizes:
+        return _count(sizes[name], f"sizes.json's entry for {name}")
     stem = name[:-4] if name.endswith(".tar") else name
-    try:
-        with open(os.path.join(d, f"{stem}_stats.json")) as fh:
-            return int(json.load(fh)["successes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    stats = _json(sibling(url, f"{stem}_stats.json"))
+    if isinstance(stats, dict) and "successes" in stats:
+        return _count(stats["successes"], f"{stem}_stats.json's successes")
+    return _parquet_successes(sibling(url, f"{stem}.parquet"))
 
 
 @dataclass
 class ShardSet:
     urls: list[str]
-    sizes: list[int]                 # known or counted; 0 for a shard that is missing and unrecorded
+    sizes: list[int]                 # recorded or counted; estimated for a bad shard without a recorded size
     source: list[int]                # source index of each url
     weights: list[float]             # per source
-    missing: list[str] = field(default_factory=list)  # shards absent at build time
+    missing: list[str] = field(default_factory=list)     # shards found absent before reading (local files)
+    unreadable: list[str] = field(default_factory=list)  # shards whose first header is no tar header
+    estimated: list[str] = field(default_factory=list)   # shards whose size is an estimate (the mean of the others)
 
     @property
     def total(self) -> int:
@@ -114,28 +176,74 @@ class ShardSet:
         return [self.weights[s] * max(n, 1) for s, n in zip(self.source, self.sizes)]
 
 
-def load_shards(spec: str, upsampling: Optional[str] = None, count_unknown: bool = True) -> ShardSet:
-    sources = expand_spec(spec)
+def _first_header_ok(path: str) -> bool:
+    """Whether a local shard starts like a tar (one header read: catches a random-bytes or HTML `.tar`)."""
+    try:
+        src = _Bytes(path)
+    except OSError:
+        return False
+    try:
+        next(iter_members(src, path), None)
+        return True
+    except TarError as e:
+        return e.kind != "bad_header"
+    finally:
+        src.close()
+
+
+def load_shards(spec: str, upsampling: Optional[str] = None, count_unknown: bool = True,
+                retries: int = 0) -> ShardSet:
+    """Resolve `spec` and learn each shard's size; local shards are checked for existence and a tar header.
+
+    A shard that is missing or unreadable keeps its place: its recorded size, else the mean size of the
+    readable shards, is what the loader counts as lost when it fails to read it (so a missing shard weighs
+    what it would have held, not one sample)."""
+    sources = resolve(spec)
     weights = parse_weights(upsampling, len(sources))
-    urls, sizes, src, missing = [], [], [], []
+    urls, sizes, src, missing, unreadable, unknown = [], [], [], [], [], []
     for s, us in enumerate(sources):
         for u in us:
             n = shard_size(u)
-            if not os.path.isfile(u):
+            path = local_path(u)
+            if path is not None and not os.path.isfile(path):
                 missing.append(u)
-                n = n or 0
+            elif path is not None and not _first_header_ok(path):
+                unreadable.append(u)
             elif n is None:
                 if not count_unknown:
                     raise DataError(f"no sample count for {u}: add sizes.json or give --train-num-samples")
                 try:
-                    n = count_samples(u)
+                    n = count_samples(u, retries=retries)
                 except TarError as e:
-                    n = max(e.next_index, 0)
+                    if e.kind == "missing":
+                        missing.append(u)
+                        n = None
+                    elif e.kind == "bad_header" and e.next_index == 0:
+                        unreadable.append(u)
+                        n = None
+                    else:
+                        n = max(e.next_index, 0)
             urls.append(u)
-            sizes.append(int(n))
+            sizes.append(n)
             src.append(s)
-    if len(missing) == len(urls):
-        raise DataError(f"no shard of --train-data exists (first: {urls[0]})")
-    if sum(sizes) == 0:
-        raise DataError(f"the shards of --train-data hold no samples (first: {urls[0]})")
-    return ShardSet(urls, sizes, src, weights, missing)
+            if n is None:
+                unknown.append(len(urls) - 1)
+    bad = set(missing) | set(unreadable)
+    if len(bad) == len(urls):
+        raise DataError(f"no shard of --train-data exists or is readable (first: {_short(urls[0])})")
+    known = [n for u, n in zip(urls, sizes) if n is not None and u not in bad]
+    mean = max(1, round(sum(known) / len(known))) if known else 1
+    estimated = [urls[i] for i in unknown]
+    sizes = [mean if n is None else int(n) for n in sizes]
+    if sum(n for u, n in zip(urls, sizes) if u not in bad) == 0:
+        raise DataError(f"the shards of --train-data hold no samples (first: {_short(urls[0])})")
+    return ShardSet(urls, sizes, src, weights, missing, unreadable, estimated)
+
+
+def _short(url: str) -> str:
+    return url if len(url) < 120 else url[:117] + "..."
+
+
+def shard_urls(spec: str) -> list[str]:
+    """All shard locations of a spec, sources concatenated (what the data tools iterate)."""
+    return [u for src in resolve(spec) for u in src]

@@ -1,7 +1,9 @@
-"""Minimal, strict tar reading and writing for webdataset shards.
+"""Minimal, strict tar reading and writing for webdataset shards: `read_shard` is the one sample reader of vlp
+(training loader, eval's webdataset sets, data tools, benchmarks).
 
 Reading is done with a small header parser instead of `tarfile` so that
-  * samples before a start index are skipped by seeking, without reading their bytes,
+  * the same code reads local files and streams (pipes, HTTP, object stores: `vlp.data.streams`),
+  * samples before a start index are skipped without being decoded (on a local file by seeking, unread),
   * only the members a consumer wants are read,
   * a truncated or corrupt archive is reported (with how far it got) instead of silently ending.
 
@@ -16,6 +18,10 @@ import tarfile
 import time
 from typing import Iterable, Iterator, Optional
 
+from vlp.data.captions import decode_caption, read_meta, read_rewrites
+from vlp.data.images import image_ext
+from vlp.data.streams import Stream, local_path, open_stream
+
 BLOCK = 512
 _ZERO = b"\0" * BLOCK
 
@@ -25,9 +31,10 @@ class TarError(Exception):
 
     def __init__(self, kind: str, path: str, next_index: int, detail: str = ""):
         super().__init__(f"{path}: {kind} after {next_index} samples{': ' + detail if detail else ''}")
-        self.kind = kind  # "truncated" | "bad_header" | "missing"
+        self.kind = kind  # "truncated" | "bad_header" | "missing" | "unreadable" (transport errors after retries)
         self.path = path
         self.next_index = next_index
+        self.detail = detail
 
 
 def split_key(name: str) -> tuple[Optional[str], str]:
@@ -63,16 +70,64 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def iter_members(f, path: str = "?") -> Iterator[tuple[str, int, int]]:
-    """Yield (name, size, data_offset) for each regular file; the caller reads or skips the data
-    (the file position is moved past the data before the next header is read).
+class _Bytes:
+    """Sequential reading of one location: a local file skips by seeking, a stream by reading and dropping."""
+
+    def __init__(self, url: str):
+        path = local_path(url)
+        self.stream: Optional[Stream] = None
+        if path is not None:
+            self.f = open(path, "rb")
+            self.size: Optional[int] = os.fstat(self.f.fileno()).st_size
+        else:
+            self.stream = open_stream(url)
+            self.size = None
+        self.pos = 0
+        self.seekable = self.stream is None
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n) if self.stream is None else self.stream.read(n)
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> bool:
+        """Move `n` bytes on; False when the data ends first."""
+        if n <= 0:
+            return True
+        if self.stream is None:
+            if self.pos + n > self.size:
+                self.pos = self.size
+                return False
+            self.pos += n
+            self.f.seek(self.pos)
+            return True
+        while n:
+            b = self.stream.read(min(n, 1 << 20))
+            if not b:
+                return False
+            n -= len(b)
+            self.pos += len(b)
+        return True
+
+    def close(self) -> None:
+        if self.stream is None:
+            self.f.close()
+        else:
+            self.stream.close()
+
+
+def iter_members(src: _Bytes, path: str = "?") -> Iterator[tuple[str, int, int]]:
+    """Yield (name, size, data_offset) for each regular file, the source positioned at its data; the caller
+    reads the data or not (what it leaves is skipped before the next header).
     Raises TarError(kind='truncated'|'bad_header', next_index=-1) (index filled in by callers)."""
     long_name: Optional[str] = None
     pax: dict[str, str] = {}
-    pos = f.tell()
+    nxt = 0
     while True:
-        f.seek(pos)
-        hdr = f.read(BLOCK)
+        if not src.skip(nxt - src.pos):
+            raise TarError("truncated", path, -1, "member data cut off")
+        pos = src.pos
+        hdr = src.read(BLOCK)
         if len(hdr) == 0:
             # no end-of-archive marker: the writer never finished
             raise TarError("truncated", path, -1, "no end-of-archive marker")
@@ -89,10 +144,9 @@ def iter_members(f, path: str = "?") -> Iterator[tuple[str, int, int]]:
             raise TarError("bad_header", path, -1, f"checksum mismatch at byte {pos}")
         typ = hdr[156:157]
         data_off = pos + BLOCK
-        pos = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
+        nxt = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
         if typ in (b"x", b"L", b"g"):
-            f.seek(data_off)
-            data = f.read(size)
+            data = src.read(size)
             if len(data) < size:
                 raise TarError("truncated", path, -1, "short extended header")
             if typ == b"x":
@@ -112,57 +166,136 @@ def iter_members(f, path: str = "?") -> Iterator[tuple[str, int, int]]:
                     name = prefix + "/" + name
         if "size" in pax:
             size = int(pax["size"])
-            pos = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
+            nxt = data_off + (size + BLOCK - 1) // BLOCK * BLOCK
         long_name, pax = None, {}
         if typ in (b"0", b"\0", b"7"):
             yield name, size, data_off
 
 
-def iter_samples(path: str, start: int = 0, stop: Optional[int] = None,
-                 exts: Optional[Iterable[str]] = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """Yield (index, key, {ext: bytes}) for samples start <= index < stop of one shard.
+class Sample:
+    """One sample of a shard: its members' bytes by extension (only those asked for), and where it is.
 
-    Members of skipped samples and extensions not in `exts` (None: all) are never read.
-    Raises TarError with `next_index` = the first sample index not delivered complete.
+    `spans` holds (offset, size) instead of bytes for the extensions a caller asked to read later
+    (`read_shard(..., spans=...)`, local files only)."""
+
+    __slots__ = ("index", "key", "files", "shard", "spans")
+
+    def __init__(self, index: int, key: str, files: dict[str, bytes], shard: str,
+                 spans: Optional[dict[str, tuple[int, int]]] = None):
+        self.index, self.key, self.files, self.shard, self.spans = index, key, files, shard, spans or {}
+
+    @property
+    def image_ext(self) -> Optional[str]:
+        """The extension of the sample's image by the one rule (`vlp.data.images.IMAGE_EXTS` order)."""
+        return image_ext(list(self.files) + list(self.spans))
+
+    @property
+    def image(self) -> Optional[bytes]:
+        ext = self.image_ext
+        return None if ext is None else self.files.get(ext)
+
+    def caption(self) -> str:
+        """The original caption (`.txt`, else the json's `caption`); SkipSample when missing/empty/not UTF-8."""
+        return decode_caption(self.files)
+
+    def rewrites(self, field: str = "rewrites") -> list[str]:
+        return read_rewrites(self.files, field)
+
+    def meta(self) -> dict:
+        """The parsed `.json` member ({} when absent or unreadable)."""
+        return read_meta(self.files)
+
+
+class ShardReader:
+    """Samples `start <= index < stop` of one shard, in tar order: THE way vlp reads a shard.
+
+    Members of skipped samples and extensions not in `exts` (None: all) are never decoded, and on a local file
+    never read (seeked over). A transport error (connection dropped, command failed) reopens the shard and skips
+    to the first sample not yet delivered, up to `retries` times (waiting 0.2, 0.4, ... s, at most 5 s), then
+    raises TarError('unreadable', or 'missing' when no byte ever arrived). Data errors (truncation, a corrupt
+    header) raise TarError at once. `next_index` of a TarError: samples [start, next_index) were delivered.
+    After a clean end `count` is the number of samples the shard holds (when stopped at `stop`: `stop`).
     """
-    want = None if exts is None else set(exts)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise TarError("missing", path, start, e.strerror or str(e)) from None
-    with f:
-        fsize = os.fstat(f.fileno()).st_size
-        index, key, files = -1, None, {}
+
+    def __init__(self, url: str, start: int = 0, stop: Optional[int] = None,
+                 exts: Optional[Iterable[str]] = None, retries: int = 0, spans: Iterable[str] = ()):
+        self.url, self.start, self.stop, self.retries = url, start, stop, max(0, int(retries))
+        self.exts = None if exts is None else set(exts)
+        self.spans = set(spans)
+        self.count: Optional[int] = None
+
+    def __iter__(self) -> Iterator[Sample]:
+        nxt, attempt, got_bytes = self.start, 0, False
+        while True:
+            try:
+                src = _Bytes(self.url)
+            except OSError as e:
+                if local_path(self.url) is not None:
+                    raise TarError("missing", self.url, nxt, e.strerror or str(e)) from None
+                err = e
+            else:
+                try:
+                    for s in self._samples(src, nxt):
+                        nxt = s.index + 1
+                        yield s
+                    return
+                except OSError as e:
+                    err = e
+                finally:
+                    got_bytes = got_bytes or src.pos > 0
+                    src.close()
+            if attempt >= self.retries:
+                kind = "unreadable" if got_bytes else "missing"
+                raise TarError(kind, self.url, nxt, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+            attempt += 1
+            time.sleep(min(0.1 * 2 ** attempt, 5.0))
+
+    def _samples(self, src: _Bytes, start: int) -> Iterator[Sample]:
+        stop, want, lazy = self.stop, self.exts, self.spans if src.seekable else set()
+        index, key, files, spans = -1, None, {}, {}
         try:
-            for name, size, off in iter_members(f, path):
+            for name, size, off in iter_members(src, self.url):
                 k, ext = split_key(name)
                 if k is None:
                     continue
-                if k != key or ext in files:
+                if k != key or ext in files or ext in spans:
                     if key is not None and index >= start:
-                        yield index, key, files
+                        yield Sample(index, key, files, self.url, spans)
                     index += 1
-                    key, files = k, {}
+                    key, files, spans = k, {}, {}
                     if stop is not None and index >= stop:
+                        self.count = stop
                         return
-                if off + size > fsize:
-                    raise TarError("truncated", path, -1, "member data cut off")
-                if index >= start and (want is None or ext in want):
-                    f.seek(off)
-                    files[ext] = f.read(size)
+                if src.size is not None and off + size > src.size:
+                    raise TarError("truncated", self.url, -1, "member data cut off")
+                if index >= start and (want is None or ext in want or ext in self.spans):
+                    if ext in lazy:
+                        spans[ext] = (off, size)
+                    else:
+                        data = src.read(size)
+                        if len(data) < size:
+                            raise TarError("truncated", self.url, -1, "member data cut off")
+                        files[ext] = data
         except TarError as e:
             # the sample in progress is incomplete: everything before `index` was delivered
-            raise TarError(e.kind, path, max(index, start), str(e).split(": ", 1)[-1]) from None
+            raise TarError(e.kind, self.url, max(index, start), e.detail) from None
         if key is not None and index >= start and (stop is None or index < stop):
-            yield index, key, files
+            yield Sample(index, key, files, self.url, spans)
+        self.count = index + 1 if stop is None else min(index + 1, stop)
 
 
-def count_samples(path: str) -> int:
-    """Number of complete samples in a shard (reads headers only). Raises TarError."""
-    n = 0
-    for n_, _, _ in iter_samples(path, exts=()):
-        n = n_ + 1
-    return n
+def read_shard(url: str, start: int = 0, stop: Optional[int] = None, exts: Optional[Iterable[str]] = None,
+               retries: int = 0, spans: Iterable[str] = ()) -> ShardReader:
+    """Iterate the `Sample`s of one shard (see `ShardReader`)."""
+    return ShardReader(url, start, stop, exts, retries, spans)
+
+
+def count_samples(url: str, retries: int = 0) -> int:
+    """Number of complete samples in a shard (reads headers only; a stream is read through). Raises TarError."""
+    r = read_shard(url, exts=(), retries=retries)
+    for _ in r:
+        pass
+    return int(r.count or 0)
 
 
 class ShardWriter:

@@ -29,7 +29,7 @@ from torchvision.transforms import InterpolationMode
 
 from vlp.data import errors as E
 from vlp.data.buffers import BufferPool
-from vlp.data.images import decode_rgb, open_image
+from vlp.data.images import decode_rgb, open_image, orientation, upright
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -128,25 +128,24 @@ class FastTransform:
     def decode_crop(self, data: bytes, rng: random.Random) -> torch.Tensor:
         S = self.size
         im = open_image(data)
-        w, h = im.size
+        turn = orientation(im)
+        w, h = im.size[::-1] if turn >= 5 else im.size   # the upright size (EXIF orientations 5-8 swap the sides)
         x0, y0, cw, ch = self._box(w, h, rng)
         try:
-            if im.format == "JPEG":
-                k = next((k for k in (8, 4, 2) if cw // k >= S and ch // k >= S), 1)
+            k = next((k for k in (8, 4, 2) if cw // k >= S and ch // k >= S), 1) if im.format == "JPEG" else 1
+            if im.format == "JPEG" and k == 1 and turn == 1:
+                x = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+            else:   # PIL: a JPEG at 1/k size (DCT scaling), other formats, and every image not stored upright
                 if k > 1:
-                    im.draft("RGB", (w // k, h // k))
-                    im = im.convert("RGB") if im.mode != "RGB" else im
-                    im.load()
-                    x = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
-                    sx, sy = im.size[0] / w, im.size[1] / h
+                    im.draft("RGB", (im.size[0] // k, im.size[1] // k))
+                im.load()
+                im = upright(im)
+                im = im.convert("RGB") if im.mode != "RGB" else im
+                x = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
+                sx, sy = im.size[0] / w, im.size[1] / h
+                if (sx, sy) != (1, 1):
                     x0, y0 = int(x0 * sx), int(y0 * sy)
                     cw, ch = max(1, int(round(cw * sx))), max(1, int(round(ch * sy)))
-                else:
-                    x = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
-            else:
-                im.load()
-                im = im.convert("RGB")
-                x = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
         except E.SkipSample:
             raise
         except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt image

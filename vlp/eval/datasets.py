@@ -20,11 +20,9 @@ workers may decode in parallel while the order of results stays that of the set.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -32,10 +30,10 @@ from urllib.parse import parse_qsl
 
 import torch
 
-from vlp.data.tario import split_key
+from vlp.data.errors import SkipSample
+from vlp.data.images import IMAGE_EXTS, IMAGE_FILE_SUFFIXES, decode_rgb
+from vlp.data.tario import TarError, read_shard
 
-IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
-FOLDER_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 CLASSIFICATION = "zeroshot_classification"
 RETRIEVAL = "zeroshot_retrieval"
 LINEAR_PROBE = "linear_probe"
@@ -318,52 +316,35 @@ def _read_wds(es: EvalSet) -> Iterator[Sample]:
         raise EvalError(f"{sdir / 'nshards.txt'}: not a number") from None
     for i in range(n):
         shard = sdir / f"{i}.tar"
-        if not shard.is_file():
-            raise EvalError(f"{es.name}: shard missing: {shard}")
         try:
-            yield from _read_shard(es, shard)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise EvalError(f"{es.name}: cannot read shard {shard}: {e}") from None
+            # labels/captions are read now, images only located (offset, size) and read when decoded
+            for s in read_shard(str(shard), exts=("txt", "cls"), spans=IMAGE_EXTS):
+                if not os.path.basename(s.key).startswith("__"):
+                    yield _wds_sample(es, s, shard)
+        except TarError as e:
+            what = "shard missing" if e.kind == "missing" else "cannot read shard"
+            raise EvalError(f"{es.name}: {what}: {shard} ({e.kind} after {e.next_index} samples)") from None
 
 
-def _read_shard(es: EvalSet, shard: Path) -> Iterator[Sample]:
-    """Index a shard: labels/captions are read now, images only as (offset, size) to read when decoded."""
-    cur_key, cur = None, {}
-    with tarfile.open(shard, "r:*") as tf:
-        seekable = tf.fileobj is not None and getattr(tf, "_mode", None) is not None and \
-            not str(shard).endswith((".gz", ".bz2", ".xz"))
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, ext = split_key(m.name)
-            if key is None or os.path.basename(m.name).startswith("__"):
-                continue
-            if key != cur_key:
-                if cur:
-                    yield _wds_sample(es, cur_key, cur, shard)
-                cur_key, cur = key, {}
-            if ext in IMAGE_EXTS and seekable:
-                cur[ext] = (m.offset_data, m.size)
-            else:
-                cur[ext] = tf.extractfile(m).read()
-    if cur:
-        yield _wds_sample(es, cur_key, cur, shard)
-
-
-def _wds_sample(es: EvalSet, key: str, rec: dict, shard: Path) -> Sample:
-    img = next((rec[e] for e in IMAGE_EXTS if e in rec), None)
-    if img is None:
+def _wds_sample(es: EvalSet, s, shard: Path) -> Sample:
+    """An eval Sample from a shard sample; its image chosen by the loader's rule (`vlp.data.images.image_ext`)."""
+    ext, key, rec = s.image_ext, s.key, s.files
+    if ext is None:
         raise EvalError(f"{es.name}: sample {key} in {shard} has no image ({'/'.join(IMAGE_EXTS)})")
-    where = dict(data=img) if isinstance(img, bytes) else dict(path=str(shard), span=img)
+    where = dict(path=str(shard), span=s.spans[ext]) if ext in s.spans else dict(data=rec[ext])
     if es.task == RETRIEVAL:
         if "txt" not in rec:
             raise EvalError(f"{es.name}: sample {key} in {shard} has no .txt captions")
-        return Sample(key, rec["txt"].decode("utf-8").splitlines(), where=str(shard), **where)
+        try:
+            captions = rec["txt"].decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise EvalError(f"{es.name}: the captions of sample {key} in {shard} are not UTF-8") from None
+        return Sample(key, captions, where=str(shard), **where)
     if "cls" not in rec:
         raise EvalError(f"{es.name}: sample {key} in {shard} has no .cls label")
     try:
         label = int(rec["cls"].decode().strip())
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         raise EvalError(f"{es.name}: sample {key} in {shard} has a non-integer .cls") from None
     return Sample(key, label, where=str(shard), **where)
 
@@ -373,7 +354,7 @@ def _read_folder(es: EvalSet) -> list[Sample]:
     out = []
     for ci, c in enumerate(classes):
         for p in sorted((es.root / c).rglob("*")):
-            if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_EXTS:
+            if p.is_file() and p.suffix.lower() in IMAGE_FILE_SUFFIXES:
                 out.append(Sample(str(p.relative_to(es.root)), ci, path=str(p), where=str(p)))
     return out
 
@@ -433,20 +414,18 @@ def _read_caption_file(es: EvalSet) -> list[Sample]:
 # ------------------------------------------------------------------------------------------ decoding
 
 def decode_image(sample: Sample):
-    from PIL import Image
-
+    """RGB PIL image, decoded as the training loader decodes (`vlp.data.images.decode_rgb`: EXIF orientation applied)."""
     try:
-        if sample.data is not None:
-            img = Image.open(io.BytesIO(sample.data))
-        elif sample.span is not None:
+        data = sample.data
+        if data is None:
             with open(sample.path, "rb") as fh:
-                fh.seek(sample.span[0])
-                img = Image.open(io.BytesIO(fh.read(sample.span[1])))
-        else:
-            img = Image.open(sample.path)
-        img.load()
-        return img.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
+                if sample.span is not None:
+                    fh.seek(sample.span[0])
+                    data = fh.read(sample.span[1])
+                else:
+                    data = fh.read()
+        return decode_rgb(data)
+    except (SkipSample, OSError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise EvalError(f"cannot decode image {sample.key} ({sample.where}): {first}") from None
 

@@ -6,13 +6,9 @@ given, samples in tar order), so that a rerun sees the same sequence and can ski
 from __future__ import annotations
 
 import csv
-import glob
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
-
-from braceexpand import braceexpand
 
 
 class InputError(ValueError):
@@ -28,21 +24,18 @@ class Record:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """`a/{000..009}.tar::b/*.tar` -> tar paths, in order; every one must exist."""
-    urls: list[str] = []
-    for part in spec.split("::"):
-        part = part.strip()
-        if not part:
-            continue
-        for p in braceexpand(part):
-            matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
-            if not matches:
-                raise InputError(f"no shard matches {p}")
-            urls.extend(matches)
-    if not urls:
-        raise InputError(f"no shards in {spec!r}")
+    """`a/{000..009}.tar::b/*.tar` -> shard locations, in order (`vlp.data.shards.resolve`); local ones must exist."""
+    from vlp.data.errors import DataError
+    from vlp.data.shards import shard_urls
+    from vlp.data.streams import local_path
+
+    try:
+        urls = shard_urls(spec)
+    except DataError as e:
+        raise InputError(str(e)) from None
     for u in urls:
-        if not os.path.isfile(u):
+        path = local_path(u)
+        if path is not None and not os.path.isfile(path):
             raise InputError(f"shard not found: {u}")
     return urls
 
@@ -62,32 +55,27 @@ def _clean_line(s: str) -> str:
 def iter_shards(urls: list[str], field_name: str = "rewrites") -> Iterator[Record]:
     """Every sample, keyed as the loader and `add_rewrites` key it (`vlp.data.tario`); the caption is its `.txt`,
     else the `caption` in its `.json`, else empty (so that row i is always the i-th sample)."""
-    from vlp.data.tario import TarError, iter_samples
+    from vlp.data.tario import TarError, read_shard
 
     for url in urls:
         try:
-            for _, key, files in iter_samples(url, exts=("txt", "json")):
-                yield _shard_record(key, files, field_name)
+            for s in read_shard(url, exts=("txt", "json")):
+                yield _shard_record(s, field_name)
         except TarError as e:
             raise InputError(f"cannot read shard: {str(e).splitlines()[0][:200]}") from None
 
 
-def _shard_record(key: str, files: dict[str, bytes], field_name: str) -> Record:
-    meta = None
-    raw = files.get("json")
-    if raw is not None:
-        try:
-            meta = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            meta = None
-    meta = meta if isinstance(meta, dict) else {}
-    txt = files.get("txt")
-    # keep the sample (and the row order) even without a .txt
-    caption = txt.decode("utf-8", errors="replace") if txt is not None else str(meta.get("caption", ""))
-    got = meta.get(field_name)
-    rewrites = [_clean_line(str(r)) for r in got if str(r).strip()] if isinstance(got, list) else []
-    source = meta.get("source")
-    return Record(key=key, caption=_clean_line(caption), rewrites=rewrites,
+def _shard_record(s, field_name: str) -> Record:
+    """A shard sample as a Record, parsed as the loader parses it (`vlp.data.tario.Sample`)."""
+    from vlp.data.errors import SkipSample
+
+    try:
+        caption = s.caption()
+    except SkipSample:   # keep the sample (and the row order) even without a usable caption
+        caption = ""
+    rewrites = [_clean_line(r) for r in s.rewrites(field_name) if r.strip()]
+    source = s.meta().get("source")
+    return Record(key=s.key, caption=_clean_line(caption), rewrites=rewrites,
                   extra=str(source) if source is not None else None)
 
 
