@@ -17,7 +17,7 @@ pytest.importorskip("cairosvg", exc_type=ImportError)
 
 from data_tools import icon_sources as S  # noqa: E402
 from data_tools import make_icon_bench as B  # noqa: E402
-from vlp.data.tario import iter_samples  # noqa: E402
+from vlp.data.tario import read_shard  # noqa: E402
 
 CONCEPTS = [f"thing{c}" for c in "abcdefghijklmnop"]  # 16 concepts drawn by every set
 
@@ -66,7 +66,7 @@ def bench(tmp_path_factory):
 def _train_records(out: Path) -> list[dict]:
     recs = []
     for shard in sorted((out / "train").glob("*.tar")):
-        for _, _, files in iter_samples(str(shard)):
+        for files in (s.files for s in read_shard(str(shard))):
             recs.append({**json.loads(files["json"]), "txt": files["txt"].decode(), "jpg": files["jpg"]})
     return recs
 

@@ -195,7 +195,7 @@ class _Stream(IterableDataset):
         empty = 0
         while True:
             si = rng.choices(ids, weights=weights, k=1)[0]
-            url, reader, got = self.shards.urls[si], None, 0
+            url, got = self.shards.urls[si], 0
             reader = read_shard(url, 0, None, self.exts, retries=self.cfg.shard_retries)
             try:
                 for s in reader:

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
@@ -201,6 +202,7 @@ def load_shards(spec: str, upsampling: Optional[str] = None, count_unknown: bool
     sources = resolve(spec)
     weights = parse_weights(upsampling, len(sources))
     urls, sizes, src, missing, unreadable, unknown = [], [], [], [], [], []
+    streamed = False
     for s, us in enumerate(sources):
         for u in us:
             n = shard_size(u)
@@ -212,6 +214,10 @@ def load_shards(spec: str, upsampling: Optional[str] = None, count_unknown: bool
             elif n is None:
                 if not count_unknown:
                     raise DataError(f"no sample count for {u}: add sizes.json or give --train-num-samples")
+                if path is None and not streamed:
+                    streamed = True
+                    print(f"counting the samples of remote shards without a size file by reading them through "
+                          f"(e.g. {_short(u)}); a sizes.json beside them saves this", file=sys.stderr, flush=True)
                 try:
                     n = count_samples(u, retries=retries)
                 except TarError as e:
