@@ -67,7 +67,8 @@ def test_startup_warnings(demo_data, micro_model_json, tmp_path, capsys):
                              "--per-shard", "20"]) == 0
     spec = str(tmp_path / "sh" / "{00000..00002}.tar")   # 00002.tar does not exist
     cfg = parse_config(_flags({"train_data": spec}, micro_model_json, tmp_path, "warn", "--batch-size", "8",
-                              "--max-steps", "2", "--warmup", "10", "--use-rewrites", "--precision", "bf16"))
+                              "--max-steps", "2", "--warmup", "10", "--use-rewrites", "--precision", "bf16",
+                              "--max-bad-fraction", "0.5"))
     train(cfg)
     err = capsys.readouterr().err
     warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ")]

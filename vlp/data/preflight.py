@@ -13,7 +13,8 @@ from vlp.data.streams import is_remote
 
 
 def preflight(shards: ShardSet, cfg: DataConfig, world_size: int) -> list[str]:
-    """Lines to print (on rank 0) before training; DataError when the unreadable shards exceed the threshold."""
+    """'warning: ' lines to print (on rank 0) before training; DataError when the unreadable shards exceed the
+    threshold."""
     lines = []
     n = len(shards.urls)
     bad = list(dict.fromkeys(shards.missing + shards.unreadable))
@@ -30,13 +31,13 @@ def preflight(shards: ShardSet, cfg: DataConfig, world_size: int) -> list[str]:
         if lost > cfg.max_bad_fraction * total:
             raise DataError(f"{msg}, more than --max-bad-fraction {cfg.max_bad_fraction}; "
                             f"check the shards with `python -m data_tools.inspect_shards`")
-        lines.append(f"pre-flight: {msg}, counted as skipped every epoch")
+        lines.append(f"warning: pre-flight: {msg}, counted as skipped every epoch")
     workers = max(1, cfg.workers)
     readers = world_size * workers
     if n < readers:
         how = ("each draws shards with replacement" if cfg.dataset_resampled
                else "each reads its own range of samples, so shards are shared and every reader has data")
-        line = f"pre-flight: {n} shards for {world_size} ranks x {workers} workers = {readers} readers: {how}"
+        line = f"warning: pre-flight: {n} shards for {world_size} ranks x {workers} workers = {readers} readers: {how}"
         if any(is_remote(u) for u in shards.urls) and not cfg.dataset_resampled:
             line += "; a stream is read from its start to each range, so more shards than readers read faster"
         lines.append(line)

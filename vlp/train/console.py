@@ -287,7 +287,7 @@ def banner_fields(*, model_name: str, net, flops: Optional[float], device, world
 def shards_lack_rewrites(shards, field: str, peek: int = 8) -> bool:
     """True when the first samples of every source's first present shard carry no rewrites under `field`."""
     from vlp.data.captions import read_rewrites
-    from vlp.data.tario import TarError, iter_samples
+    from vlp.data.tario import TarError, read_shard
 
     missing = set(shards.missing)
     firsts = {}
@@ -296,8 +296,8 @@ def shards_lack_rewrites(shards, field: str, peek: int = 8) -> bool:
             firsts.setdefault(src, url)
     for url in firsts.values():
         try:
-            for _, _, files in iter_samples(url, stop=peek, exts=["json"]):
-                if read_rewrites(files, field):
+            for s in read_shard(url, stop=peek, exts=["json"]):
+                if read_rewrites(s.files, field):
                     return False
         except TarError:
             continue
@@ -308,10 +308,7 @@ def run_warnings(cfg, *, shards, total_steps: int, device) -> list[str]:
     """What deserves a line before the run starts; each is printed once by Console.warn."""
     from vlp.precision import cpu_warning
 
-    out = []
-    if shards.missing:
-        out.append(f"{len(shards.missing)} of {len(shards.urls)} shards of --train-data do not exist "
-                   f"(first: {shards.missing[0]}); training on the rest")
+    out = []   # missing and unreadable shards: the loader's pre-flight lines (vlp.data.preflight)
     if cfg.data.use_rewrites and shards_lack_rewrites(shards, cfg.data.rewrites_field):
         out.append(f"--use-rewrites, but the first samples of the shards have no '{cfg.data.rewrites_field}' in "
                    "their .json: training on the original captions (data_tools.add_rewrites adds them)")
