@@ -90,3 +90,27 @@ def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_initialized():
         torch.distributed.barrier()
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0, in rank order, 2-d tensors whose row counts differ between ranks (no grad).
+
+    A rank with no rows may pass an empty tensor of any width. Each rank's rows are padded to the largest
+    count for the collective and trimmed after. On NCCL the exchange goes through the current CUDA device."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return tensor
+    world = torch.distributed.get_world_size()
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+        else torch.device("cpu")
+    shape = torch.tensor([tensor.shape[0], tensor.shape[1] if tensor.dim() > 1 and tensor.shape[0] else 0],
+                         device=dev)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    torch.distributed.all_gather(shapes, shape)
+    rows = [int(s[0]) for s in shapes]
+    width = max(int(s[1]) for s in shapes)
+    pad = torch.zeros(max(rows), width, dtype=tensor.dtype, device=dev)
+    if rows[torch.distributed.get_rank()]:
+        pad[:tensor.shape[0]] = tensor.detach().to(dev)
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    torch.distributed.all_gather(parts, pad)
+    return torch.cat([p[:r] for p, r in zip(parts, rows)]).to(tensor.device)

@@ -25,7 +25,7 @@ from vlp.train import checkpoint as ckpt
 from vlp.train import device_batch
 from vlp.train.checkpointer import Checkpointer
 from vlp.train.console import Console
-from vlp.train.inloop_eval import InLoopEval
+from vlp.train.inloop_eval import InLoopEval, open_sets
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
 from vlp.train.step import train_step
 from vlp.train.telemetry import Meter
@@ -99,6 +99,7 @@ def train(cfg: Config) -> dict:
 
     if not cfg.data.train_data:
         raise ConfigError("--train-data is required")
+    eval_sets = open_sets(cfg.run.eval_data)          # a bad --eval-data set stops the run before step 1
     paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
     accelerator = make_accelerator(cfg, paths)
     main = accelerator.is_main_process
@@ -149,7 +150,7 @@ def train(cfg: Config) -> dict:
     if cfg.run.report_to not in (None, "none"):
         accelerator.init_trackers("tensorboard", config=flatten("", cfg.to_dict()))  # -> RUN/tensorboard/
     metrics = MetricsLog(paths.metrics, accelerator, main)
-    evaluate_now = InLoopEval(cfg, bundle, accelerator, metrics)
+    evaluate_now = InLoopEval(cfg, bundle, accelerator, metrics, eval_sets)
 
     samples_per_step = cfg.data.batch_size * cfg.optim.accum_freq * world
     meter = Meter.for_model(net, samples_per_step, world, accelerator.device)
