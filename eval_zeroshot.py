@@ -238,7 +238,10 @@ def run(a: argparse.Namespace) -> int:
     table = None
     if any(is_suite(arg) for arg in a.data):
         table = table_files(aggregate(results, entries, names))
-    written = write_results(results, out_dir, plot=run_dir is not None, extra=table)
+    from vlp.eval.plot import read_loss_curve
+
+    written = write_results(results, out_dir, plot=run_dir is not None, extra=table,
+                            loss_curve=read_loss_curve(run_dir) if run_dir is not None else None)
     print(summary_table(results))
     if table:
         print("\n" + table["suite.md"])

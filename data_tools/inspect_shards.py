@@ -53,8 +53,13 @@ def _stats(xs: list[float]) -> dict:
     return {"min": min(xs), "mean": round(statistics.fmean(xs), 2), "median": statistics.median(xs), "max": max(xs)}
 
 
-def inspect(spec: str, decode: bool = True, rewrites_field: str = "rewrites", max_report: int = 20) -> dict:
+def inspect(spec: str, decode: bool = True, rewrites_field: str = "rewrites", max_report: int = 20,
+            show: int = 0) -> dict:
+    """The report; `show` > 0 adds the first `show` samples under "shown" (key, caption, rewrites, and the
+    image bytes under "image", which --json leaves out)."""
     urls = shard_urls(spec)
+    captions: Counter = Counter()
+    shown: list[dict] = []
     seen_keys: dict[str, str] = {}
     cap_words, widths, heights, n_rewrites = [], [], [], []
     total = Counter()
@@ -80,14 +85,19 @@ def inspect(spec: str, decode: bool = True, rewrites_field: str = "rewrites", ma
                     if size:
                         widths.append(size[0])
                         heights.append(size[1])
+                cap = None
                 try:
-                    cap_words.append(len(s.caption().split()))
+                    cap = s.caption()
+                    cap_words.append(len(cap.split()))
+                    captions[cap] += 1
                 except SkipSample as skip:
                     prob.append(skip.reason)
                 if "json" in files:
                     if not _is_json_object(files["json"]):
                         prob.append("bad_json")
                     n_rewrites.append(len(s.rewrites(rewrites_field)))
+                if len(shown) < show:
+                    shown.append({"key": key, "caption": cap, "rewrites": s.rewrites(rewrites_field), "image": img})
                 for pr in prob:
                     rep["problems"][pr] += 1
                     if len(examples) < max_report:
@@ -112,6 +122,10 @@ def inspect(spec: str, decode: bool = True, rewrites_field: str = "rewrites", ma
         "image_width": _stats(widths),
         "image_height": _stats(heights),
         "samples_with_rewrites": sum(1 for n in n_rewrites if n),
+        # captions seen before (a repeated caption is not an error, but many mean less to learn from)
+        "duplicate_captions": sum(captions.values()) - len(captions),
+        "most_repeated_captions": [[c, n] for c, n in captions.most_common(5) if n > 1],
+        "shown": shown,
         "per_shard": shards,
         "examples": examples,
         "ok": not total,
@@ -125,9 +139,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rewrites-field", default="rewrites", help="json field holding rewrites")
     p.add_argument("--json", help="also write the full report to this file")
     p.add_argument("--quiet", action="store_true", help="no per-shard lines")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N samples (key, caption, rewrites)")
+    p.add_argument("--contact-sheet", metavar="FILE.png", help="write a grid of the first samples' thumbnails with their "
+                                                                "captions (the first max(24, --show N) samples)")
     a = p.parse_args(argv)
+    show = max(a.show, 24 if a.contact_sheet else 0)
     try:
-        r = inspect(a.shards, decode=not a.no_decode, rewrites_field=a.rewrites_field)
+        r = inspect(a.shards, decode=not a.no_decode, rewrites_field=a.rewrites_field, show=show)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -138,6 +156,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{r['shards']} shards, {r['samples']} samples, {r['samples_with_rewrites']} with rewrites")
     print(f"caption words: {r['caption_words']}")
     print(f"image width: {r['image_width']}  height: {r['image_height']}")
+    print(f"duplicate captions: {r['duplicate_captions']} of {r['samples']} samples repeat an earlier caption"
+          + ("; most repeated: " + ", ".join(f"{c[:40]!r} x{n}" for c, n in r["most_repeated_captions"])
+             if r["most_repeated_captions"] else ""))
+    for s in r["shown"][:a.show]:
+        print(f"--- {s['key']}: {s['caption']!r}")
+        for rw in s["rewrites"]:
+            print(f"      rewrite: {rw!r}")
+    if a.contact_sheet:
+        from data_tools.contact_sheet import contact_sheet
+
+        print(f"wrote {contact_sheet(r['shown'], a.contact_sheet)} ({len(r['shown'])} samples)")
     if r["ok"]:
         print("no problems found")
     else:
@@ -145,6 +174,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for ex in r["examples"]:
             print("  " + ex)
     if a.json:
+        r["shown"] = [{k: v for k, v in s.items() if k != "image"} for s in r["shown"]]
         Path(a.json).write_text(json.dumps(r, indent=1))
     return 0 if r["ok"] else 1
 

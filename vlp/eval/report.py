@@ -58,7 +58,8 @@ def _json_default(o):
 
 
 def write_results(results: list[dict], out_dir: str | os.PathLike, plot: bool = False,
-                  extra: Optional[dict[str, str]] = None) -> list[Path]:
+                  extra: Optional[dict[str, str]] = None,
+                  loss_curve: Optional[list[tuple[int, float]]] = None) -> list[Path]:
     """Write every result (and the plot, and `extra` {file name: text}, e.g. a suite's table) to a temporary
     folder first, then move them in: an error before the end leaves nothing behind, and no file is ever
     half-written."""
@@ -76,7 +77,7 @@ def write_results(results: list[dict], out_dir: str | os.PathLike, plot: bool = 
             # NaN (acc5 with < 5 classes) is written as CLIP_benchmark's json.dump writes it
             (tmp / name).write_text(json.dumps(r, default=_json_default))
         if plot:
-            plot_metrics_vs_step(results, tmp / "metrics_vs_step.png")
+            plot_metrics_vs_step(results, tmp / "metrics_vs_step.png", loss_curve=loss_curve)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         for f in sorted(tmp.iterdir()):
@@ -127,44 +128,9 @@ def progress(result: dict) -> Optional[tuple[str, int]]:
     return None
 
 
-def plot_metrics_vs_step(results: list[dict], path: str | os.PathLike) -> Optional[Path]:
-    """One panel per metric, one line per dataset, x = training step (or epoch)."""
-    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    unit = "step"
-    for r in results:
-        at = progress(r)
-        if at is None:
-            continue
-        unit, step = at
-        for k, v in r["metrics"].items():
-            if isinstance(v, (int, float)) and not math.isnan(v):
-                series.setdefault(k, {}).setdefault(r["dataset"], []).append((int(step), float(v)))
-    if not series:
-        return None
-    import matplotlib
+def plot_metrics_vs_step(results: list[dict], path: str | os.PathLike,
+                         loss_curve: Optional[list[tuple[int, float]]] = None) -> Optional[Path]:
+    """The run-folder plot (vlp.eval.plot): loss curve, headline metrics with chance level, then the rest."""
+    from vlp.eval.plot import plot_run
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = sorted(series, key=lambda k: (k.startswith("geometry/"), k))
-    ncol = 4
-    nrow = (len(keys) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 2.8 * nrow), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        for ds, pts in sorted(series[key].items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ds)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel(unit, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    all_ds = sorted({ds for s in series.values() for ds in s})
-    if len(all_ds) > 1:
-        for ax in axes.flat[:len(keys)]:
-            ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return plot_run(results, path, loss_curve=loss_curve, progress=progress)
