@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 from data_tools import inspect_shards
-from vlp.data.tario import iter_samples
+from vlp.data.tario import read_shard
 
 
 def test_show_contact_sheet_and_duplicate_captions(demo_data, tmp_path, capsys):
@@ -20,7 +20,8 @@ def test_show_contact_sheet_and_duplicate_captions(demo_data, tmp_path, capsys):
     first = []
     captions = Counter()
     for url in inspect_shards.shard_urls(spec):
-        for _, key, files in iter_samples(url, exts=["txt", "json"]):
+        for sample in read_shard(url, exts=["txt", "json"]):
+            key, files = sample.key, sample.files
             captions[files["txt"].decode().strip()] += 1
             if len(first) < 3:
                 first.append((key, files["txt"].decode().strip(), json.loads(files["json"])["rewrites"]))
