@@ -3,6 +3,9 @@
 
     python train.py --train-data 'shards/{00000..00099}.tar' --model ViT-B-32 --batch-size 256 --epochs 10
     accelerate launch --num_processes 2 train.py ...      # or: torchrun --nproc_per_node 2 train.py ...
+
+Exit codes: 0 done; 2 an error to fix (one line on stderr); 75 stopped by SIGTERM/SIGINT/SIGUSR1 after
+saving a checkpoint (run the same command with `--resume latest` to continue).
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from vlp.config import ConfigError, parse_config
     from vlp.data.errors import DataError
-    from vlp.train.loop import TrainingError, train
+    from vlp.train.loop import Preempted, TrainingError, train
+    from vlp.train.preemption import EXIT_PREEMPTED, ignore_stop_signals
 
     try:
         cfg = parse_config(argv)
@@ -22,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM/SIGINT/SIGUSR1: the state is saved; the same command + --resume latest goes on
+        ignore_stop_signals()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     if os.environ.get("RANK", "0") == "0":  # one summary, not one per process
         print(json.dumps(result, indent=1, sort_keys=True))
     return 0

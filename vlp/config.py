@@ -306,6 +306,7 @@ def parse_config(argv: Optional[list[str]] = None) -> Config:
 def validate(cfg: Config) -> Config:
     """Check combinations once, before any work starts."""
     d, lo, o, r = cfg.data, cfg.loss, cfg.optim, cfg.run
+    _check_finite(cfg)
     if d.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
     if d.workers < 0:
@@ -366,4 +367,26 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--shard-retries must be 0 or more")
     if r.keep_checkpoints < 1:
         raise ConfigError("--keep-checkpoints must be at least 1")
+    if o.grad_clip_norm is not None and o.grad_clip_norm <= 0:
+        raise ConfigError("--grad-clip-norm must be positive (leave it unset for no clipping)")
+    if o.wd < 0 or o.eps <= 0 or not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        raise ConfigError("need --wd >= 0, --eps > 0 and --beta1, --beta2 in [0, 1)")
+    if o.lr_cooldown_end < 0:
+        raise ConfigError("--lr-cooldown-end must be 0 or more")
+    for flag, value, least in (("--epochs", o.epochs, 1), ("--max-steps", o.max_steps, 1),
+                               ("--save-every", r.save_every, 1), ("--log-every", r.log_every, 1),
+                               ("--eval-every", r.eval_every, 0), ("--seed", r.seed, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be at least {least} (got {value})")
     return cfg
+
+
+def _check_finite(cfg: Config) -> None:
+    """No float option may be NaN or infinite: every comparison with NaN is False, so range checks miss it."""
+    import math
+
+    for section in SECTIONS:
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number (got {value})")

@@ -160,10 +160,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise ConfigError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    from vlp.train.checkpoint import load_state
+
+    ckpt = load_state(Path(path))  # verifies a vlp checkpoint's checksum; one line on any unreadable file
     if isinstance(ckpt, dict):
         for key in ("model", "state_dict"):
             if key in ckpt and isinstance(ckpt[key], dict):
@@ -200,6 +199,9 @@ def read_checkpoint_meta(path: str) -> Optional[dict]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001
+        from vlp.train.checkpoint import verify
+
+        verify(Path(path))  # a damaged vlp checkpoint is reported as such, not as "not a vlp checkpoint"
         return None
     if isinstance(ckpt, dict) and "model_cfg" in ckpt and "model_name" in ckpt:
         step = ckpt.get("step")

@@ -2,7 +2,9 @@
 
 Each rank has its own RNG streams and loader position; all of them go into the checkpoint
 (rank order), and on resume each rank takes its own back. The bytes are written by
-`vlp.train.checkpoint`'s single atomic writer on the main process only.
+`vlp.train.checkpoint`'s single atomic writer on the main process only. Only finite weights
+are ever written, and every rank learns whether the write worked (a full disk on the main
+process must not leave the other ranks waiting).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Optional
 
 from vlp.config import ConfigError
 from vlp.train import checkpoint as ckpt
+from vlp.train.health import TrainingError, all_finite
 
 
 def per_rank(accelerator, obj) -> list:
@@ -32,12 +35,21 @@ class Checkpointer:
         self.dir, self.accelerator = ckpt_dir, accelerator
         self.net, self.optimizer, self.scheduler, self.loader = net, optimizer, scheduler, loader
         self.cfg, self.identity = cfg, identity
+        self.saved: tuple = (None, None)  # (step, path) of the last save: a stop right after it does not rewrite it
+
+    def finite(self) -> bool:
+        """Whether the weights are finite on every rank (an exact check; run at each save only)."""
+        return all(per_rank(self.accelerator, all_finite(self.net.state_dict().values())))
 
     def save(self, step: int, epoch: int) -> Optional[Path]:
         """Write the checkpoint of `step` (every rank must call this); returns its path on the main process."""
+        if self.saved[0] == step:
+            return self.saved[1]
+        if not self.finite():
+            raise TrainingError(f"the weights are not finite at step {step}; nothing saved. {self.last_finite()}")
         acc = self.accelerator
         rngs, loaders = per_rank(acc, ckpt.rng_state()), per_rank(acc, self.loader.state_dict())
-        path = None
+        path, error = None, None
         if acc.is_main_process:
             state = {
                 "step": step, "epoch": epoch,
@@ -48,15 +60,41 @@ class Checkpointer:
                 "rng": rngs, "loader": loaders,
                 "config": json.dumps(self.cfg.to_dict()), **self.identity,
             }
-            path = ckpt.save_checkpoint(self.dir, step, state, self.cfg.run.keep_checkpoints)
-        acc.wait_for_everyone()
+            try:
+                path = ckpt.save_checkpoint(self.dir, step, state, self.cfg.run.keep_checkpoints)
+            except ckpt.CheckpointWriteError as e:
+                error = str(e)
+        errors = [e for e in per_rank(acc, error) if e]  # also the barrier after the write
+        if errors:
+            raise ckpt.CheckpointWriteError(errors[0])
+        self.saved = (step, path)
         return path
+
+    def save_before_failure(self, step: int, epoch: int) -> str:
+        """Save the state before a failed step if it is finite; says where the last finite state is."""
+        if self.finite():
+            return f"the state before this step is saved in {self.save(step, epoch)}"
+        return f"the state before this step is not finite either. {self.last_finite()}"
+
+    def last_finite(self) -> str:
+        found = ckpt.list_checkpoints(self.dir)
+        if not found:
+            return "No checkpoint of this run holds finite weights."
+        return f"The last finite checkpoint is {found[-1][1]} (resume with --resume {found[-1][1]})."
 
     def restore(self, path: Path) -> tuple[int, int, dict]:
         """Load `path` into the run; returns (step, epoch, this rank's loader state)."""
         acc = self.accelerator
         state = ckpt.load_state(path)
-        self.net.load_state_dict(state["model"])
+        missing = [k for k in ("model", "optimizer", "scheduler", "rng", "loader", "step") if k not in state]
+        if missing:
+            raise ConfigError(f"{path} is not a vlp training checkpoint (no {', '.join(missing)}): "
+                              f"to start from its weights use --pretrained instead of --resume")
+        try:
+            self.net.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ConfigError(f"{path} does not fit this architecture ({ckpt.first_line(e, 1)}): "
+                              f"resume with the run's own --model") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if acc.scaler is not None and state.get("scaler"):

@@ -4,8 +4,8 @@ accelerate places the model and optimiser (CPU, one GPU, or many processes launc
 `accelerate launch`/`torchrun`) and handles mixed precision; the data loader does its own
 split by rank and worker (so its position can be checkpointed); the loss gathers features
 across ranks itself. The loop calls small objects that each own one concern: the metrics
-sink (`run_log`), the checkpointer, the in-loop evaluator. A run lives in `LOGS/NAME/`
-(see docs/contracts.md).
+sink (`run_log`), the checkpointer, the in-loop evaluator, the end-of-step check (`health`: finite
+loss and gradients, stop signals from `preemption`). A run lives in `LOGS/NAME/` (see docs/contracts.md).
 """
 from __future__ import annotations
 
@@ -22,20 +22,18 @@ from vlp.config import Config, ConfigError
 from vlp import precision as prec
 from vlp.models import create_model, export_open_clip, model_identity
 from vlp.train import checkpoint as ckpt
-from vlp.train import device_batch
+from vlp.train import device_batch, health
 from vlp.train.checkpointer import Checkpointer
 from vlp.train.console import Console
+from vlp.train.health import TrainingError
 from vlp.train.inloop_eval import InLoopEval, open_sets
+from vlp.train.preemption import Preempted, StopSignals
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
 from vlp.train.step import train_step
 from vlp.train.telemetry import Meter
 from vlp.train.threads import configure_threads
 
-__all__ = ["TrainingError", "train", "RunPaths", "run_name"]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. the loss became NaN); the message says why and where its state was saved."""
+__all__ = ["TrainingError", "Preempted", "train", "RunPaths", "run_name"]
 
 
 def make_accelerator(cfg: Config, paths: RunPaths):
@@ -89,7 +87,13 @@ def step_batches(batches: Iterator, accum: int, to_device) -> Optional[list]:
 
 
 def train(cfg: Config) -> dict:
-    """Run training as configured; returns the last logged scalars (and eval figures, if any)."""
+    """Run training as configured; returns the last logged scalars (and eval figures, if any).
+    SIGTERM/SIGINT/SIGUSR1 end it after the current step with a checkpoint (raises Preempted)."""
+    with StopSignals() as signals:
+        return _train(cfg, signals)
+
+
+def _train(cfg: Config, signals: StopSignals) -> dict:
     from accelerate.utils import set_seed
 
     from vlp.data.pipeline import build_train_loader
@@ -111,8 +115,14 @@ def train(cfg: Config) -> dict:
     resume_from: Optional[Path] = None
     if cfg.run.resume:
         resume_from = ckpt.resolve_resume(cfg.run.resume, paths.checkpoints)
+        if resume_from is None:
+            console.print(f"--resume latest: no checkpoint in {paths.checkpoints} yet; starting from step 0")
     elif ckpt.list_checkpoints(paths.checkpoints):
         raise ConfigError(f"run folder {paths.root} already has checkpoints: pass --resume latest or a new --name")
+    elif (paths.root / "config.yaml").exists():
+        raise ConfigError(f"run folder {paths.root} already holds a run (no checkpoints): pass a new --name, "
+                          f"or --resume latest to start it again")
+    paths.create()
     set_seed(cfg.run.seed, device_specific=True)
 
     bundle = build_model(cfg)
@@ -145,7 +155,6 @@ def train(cfg: Config) -> dict:
         console.print(f"resumed from {resume_from} at step {step}")
 
     if main:
-        paths.root.mkdir(parents=True, exist_ok=True)
         (paths.root / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
     if cfg.run.report_to not in (None, "none"):
         accelerator.init_trackers("tensorboard", config=flatten("", cfg.to_dict()))  # -> RUN/tensorboard/
@@ -177,13 +186,11 @@ def train(cfg: Config) -> dict:
             losses = train_step(model, micro, loss_fn, backward=accelerator.backward,
                                 autocast=accelerator.autocast, no_sync=lambda: accelerator.no_sync(model))
             # Every rank must agree, or one would raise while the others wait in a collective.
-            if reduce_mean(torch.isfinite(losses["loss"]).float()).item() < 1:
+            verdict = health.agree(losses["loss"], health.checked_grad_norm(accelerator, model, cfg.optim.grad_clip_norm),
+                                   signals.requested)
+            if verdict.problem:
                 optimizer.zero_grad(set_to_none=True)
-                path = checkpointer.save(step, epoch)
-                raise TrainingError(f"loss is {losses['loss'].item()} at step {step + 1}; "
-                                    f"the state before this step is saved in {path}")
-            if cfg.optim.grad_clip_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+                raise TrainingError(f"{verdict.problem} at step {step + 1}; {checkpointer.save_before_failure(step, epoch)}")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -213,6 +220,9 @@ def train(cfg: Config) -> dict:
                 console.eval(step, results)
             if step % cfg.run.save_every == 0 and step < total_steps:
                 checkpointer.save(step, epoch)
+            if verdict.stop:
+                raise Preempted(f"{signals.name}: stopped after step {step}, state saved in "
+                                f"{checkpointer.save(step, epoch)}; continue with --resume latest")
         # A resumed run may start at the very end of an epoch; two empty epochs in a row mean no data.
         empty_epochs = empty_epochs + 1 if step == step_at_epoch_start else 0
         if empty_epochs >= 2:
@@ -222,6 +232,9 @@ def train(cfg: Config) -> dict:
     console.close()
 
     final = checkpointer.save(step, epoch)
+    if health.any_rank(signals.requested, accelerator.device):
+        raise Preempted(f"{signals.name}: stopped after the last step, state saved in {final}; "
+                        f"--resume latest exports and evaluates it")
     if main:
         import open_clip
 

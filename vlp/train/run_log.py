@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlp.config import Config
+from vlp.config import Config, ConfigError
 
 
 @dataclass
@@ -29,6 +30,17 @@ class RunPaths:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    def create(self) -> None:
+        """Make the run folder and prove it writable now, not at the first checkpoint (one line if not)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot write the run folder {self.root} (--logs/--name): "
+                              f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
 
 
 def run_name(cfg: Config) -> str:

@@ -1,0 +1,158 @@
+"""Faults injected into checkpoints (issue 11, items 4, 5, 6): a full disk during a save, flipped bits,
+empty files, another architecture's or another tool's checkpoint, and an unwritable run folder."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.conftest import MICRO_CFG, repo_root
+from vlp.config import ConfigError, parse_config
+from vlp.train import checkpoint as ckpt
+
+
+def _flags(demo_data, model_json, logs, name, *extra):
+    return ["--train-data", demo_data["train_data"], "--model", model_json, "--logs", str(logs), "--name", name,
+            "--batch-size", "16", "--workers", "0", "--report-to", "none", "--no-progress", "--max-steps", "2",
+            "--save-every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def run(demo_data, micro_model_json, tmp_path_factory):
+    """A finished 2-step run with checkpoints at steps 1 and 2."""
+    from vlp.train.loop import train
+
+    logs = tmp_path_factory.mktemp("run")
+    train(parse_config(_flags(demo_data, micro_model_json, logs, "r")))
+    return logs / "r"
+
+
+def _limited(limit: int):
+    """preexec_fn: a real per-file size limit (EFBIG from the kernel) instead of a full disk, which needs root."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+DISK_FULL = textwrap.dedent("""
+    import json, signal, resource, sys, torch
+    from pathlib import Path
+    from vlp.train import checkpoint as ckpt
+    d = Path(sys.argv[1])
+    ckpt.save_checkpoint(d, 1, {"step": 1, "w": torch.ones(1000)}, keep=3)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    try:
+        ckpt.save_checkpoint(d, 2, {"step": 2, "w": torch.zeros(1_000_000)}, keep=3)
+    except ckpt.CheckpointWriteError as e:
+        print(json.dumps(str(e)))
+""")
+
+
+def test_full_disk_during_save_removes_the_partial_file_and_keeps_earlier_checkpoints(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    message = json.loads(proc.stdout)
+    assert "\n" not in message and f"in {tmp_path}:" in message and "4,065,536 bytes needed" in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001.pt"]  # no temporary file left
+    state = ckpt.load_state(ckpt.resolve_resume("latest", tmp_path))
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
+
+
+def test_full_disk_stops_train_py_with_one_line(demo_data, micro_model_json, tmp_path):
+    proc = subprocess.run([sys.executable, str(repo_root() / "train.py"),
+                           *_flags(demo_data, micro_model_json, tmp_path, "full")],
+                          capture_output=True, text=True, timeout=300, preexec_fn=_limited(4_000_000))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "File too large" in proc.stderr and "bytes needed" in proc.stderr
+    assert str(tmp_path / "full" / "checkpoints") in proc.stderr, proc.stderr
+    assert os.listdir(tmp_path / "full" / "checkpoints") == []
+
+
+def _flip(src, dst, offset_fraction=0.5):
+    data = bytearray(src.read_bytes())
+    at = int(len(data) * offset_fraction)
+    data[at:at + 4096] = bytes(b ^ 0xFF for b in data[at:at + 4096])  # a 4 KiB bit flip inside a tensor
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_checksum_is_written_and_open_clip_still_loads_the_file(run):
+    import zipfile
+
+    path = run / "checkpoints" / "step_00000002.pt"
+    assert ckpt.verify(path) is True
+    assert zipfile.ZipFile(path).comment.startswith(b"vlp-sha256:")
+    assert "model" in torch.load(path, map_location="cpu", weights_only=True)  # as open_clip would read it
+
+
+def test_flipped_bits_are_refused_by_resume_pretrained_and_eval(run, demo_data, micro_model_json, tmp_path):
+    from vlp.models import create_model, load_checkpoint
+    from vlp.train.loop import train
+
+    bad = _flip(run / "checkpoints" / "step_00000002.pt", tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match=r"is corrupt: its SHA-256 does not match"):
+        train(parse_config(_flags(demo_data, micro_model_json, tmp_path, "x", "--resume", str(bad))))
+    with pytest.raises(ConfigError, match=r"is corrupt"):
+        create_model(micro_model_json, pretrained=str(bad))
+    with pytest.raises(ConfigError, match=r"is corrupt"):
+        load_checkpoint(str(bad))
+    proc = subprocess.run([sys.executable, str(repo_root() / "eval_zeroshot.py"), "--checkpoint", str(bad),
+                           "--data", demo_data["eval_data"][0], "--output", str(tmp_path / "ev")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "is corrupt" in proc.stderr, proc.stderr
+
+
+def test_empty_checkpoint_is_one_line_everywhere(demo_data, micro_model_json, tmp_path):
+    from vlp.models import create_model, load_checkpoint
+    from vlp.train.loop import train
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for attempt in (lambda: train(parse_config(_flags(demo_data, micro_model_json, tmp_path, "e",
+                                                      "--resume", str(empty)))),
+                    lambda: create_model(micro_model_json, pretrained=str(empty)),
+                    lambda: load_checkpoint(str(empty))):
+        with pytest.raises(ConfigError, match=r"is empty \(0 bytes\)") as e:
+            attempt()
+        assert "\n" not in str(e.value)
+
+
+def test_resuming_another_architecture_or_an_open_clip_file(run, demo_data, micro_model_json, tmp_path):
+    from vlp.train.loop import train
+
+    wider = tmp_path / "vlp-micro-wide.json"
+    wider.write_text(json.dumps({**MICRO_CFG, "embed_dim": 48}))
+    with pytest.raises(ConfigError, match=r"does not fit this architecture .*resume with the run's own --model"):
+        train(parse_config(_flags(demo_data, str(wider), tmp_path, "w", "--resume",
+                                  str(run / "checkpoints" / "step_00000002.pt"))))
+    state = torch.load(run / "checkpoints" / "step_00000002.pt", map_location="cpu", weights_only=True)
+    foreign = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "x", "state_dict": state["model"]}, foreign)  # open_clip_train's layout
+    with pytest.raises(ConfigError, match=r"not a vlp training checkpoint .*use --pretrained"):
+        train(parse_config(_flags(demo_data, micro_model_json, tmp_path, "o", "--resume", str(foreign))))
+
+
+def test_logs_that_cannot_hold_a_run_folder(demo_data, micro_model_json, tmp_path):
+    from vlp.train.loop import train
+
+    a_file = tmp_path / "logs.txt"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=r"cannot write the run folder .*logs.txt"):
+        train(parse_config(_flags(demo_data, micro_model_json, a_file, "f")))
+    if os.geteuid() != 0:  # root writes through permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(ConfigError, match=r"cannot write the run folder .*Permission denied"):
+            train(parse_config(_flags(demo_data, micro_model_json, ro, "r")))
+    shutil.rmtree(tmp_path / "ro", ignore_errors=True)

@@ -1,0 +1,66 @@
+"""The end-of-step check every rank agrees on: is the step finite, and has anyone been asked to stop?
+
+One all-reduce per step carries both flags (the loss check the loop always had, widened): the loss
+and the gradient norm must be finite, and a stop signal that reached any rank stops every rank, so
+no rank raises or exits while the others wait in a collective. The gradient norm is the one
+`--grad-clip-norm` computes anyway, else one fused `get_total_norm` pass; under fp16 the gradient
+scaler already skips steps with inf/NaN gradients, so only the loss is checked there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss became NaN); the message says why and where its state was saved."""
+
+
+@dataclass
+class Verdict:
+    problem: Optional[str]  # "loss is nan", "gradient norm is inf", ... (None: the step is finite on every rank)
+    stop: bool  # a stop signal reached some rank
+
+
+def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients (one fused pass); 0 when no parameter has one."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def checked_grad_norm(accelerator, model, clip: Optional[float]) -> Optional[torch.Tensor]:
+    """Clip to `clip` if set; the gradient norm to check, or None under fp16's scaler (it skips bad steps)."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip else None
+    if accelerator.scaler is not None:
+        return None
+    return norm if norm is not None else grad_norm(model.parameters())
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when `flag` is true on any (one collective)."""
+    from vlp.distributed import reduce_mean
+
+    return reduce_mean(torch.tensor(float(flag), device=device)).item() > 0
+
+
+def agree(loss: torch.Tensor, norm: Optional[torch.Tensor], stop: bool) -> Verdict:
+    """Combine this rank's loss, gradient norm (None: not checked) and stop flag with every other rank's."""
+    from vlp.distributed import reduce_mean
+
+    norm_ok = torch.isfinite(norm).float().to(loss.device) if norm is not None else torch.ones((), device=loss.device)
+    flags = torch.stack([torch.isfinite(loss).float(), norm_ok, torch.tensor(float(stop), device=loss.device)])
+    loss_ok, grads_ok, stop_any = reduce_mean(flags).tolist()  # the step's one collective and one sync
+    problem = None
+    if loss_ok < 1:
+        problem = f"loss is {loss.item()}" if not torch.isfinite(loss) else "loss is not finite on another rank"
+    elif grads_ok < 1:
+        problem = f"gradient norm is {norm.item()}" if norm is not None and not torch.isfinite(norm) \
+            else "gradient norm is not finite on another rank"
+    return Verdict(problem, stop_any > 0)
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True when every element of every floating tensor is finite (exact, for the state about to be saved)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
