@@ -48,11 +48,11 @@ def _stop(proc, run_dir: Path, after: int, sig, group: bool) -> int:
     (os.killpg if group else os.kill)(proc.pid, sig)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"preempted: {sig.name}: stopped after step "), err
-    stopped = int(lines[0].split("stopped after step ")[1].split(",")[0])
+    line = err.strip().splitlines()[-1]  # after the run's banner and progress lines: one line, no traceback
+    assert line.startswith(f"preempted: {sig.name}: stopped after step ") and "Traceback" not in err, err
+    stopped = int(line.split("stopped after step ")[1].split(",")[0])
     saved = run_dir / "checkpoints" / f"step_{stopped:08d}.pt"
-    assert str(saved) in lines[0] and saved.is_file()
+    assert str(saved) in line and saved.is_file()
     assert max(_losses(run_dir)) == stopped  # the step in flight was finished and logged, then nothing more
     return stopped
 
@@ -161,6 +161,7 @@ def test_reusing_a_name_without_checkpoints_keeps_its_config(demo_data, micro_mo
     proc = subprocess.run([sys.executable, str(repo_root() / "train.py"),
                            *_flags(demo_data, micro_model_json, tmp_path, "used")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "new --name" in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: ")
     assert (run / "config.yaml").read_text() == "kept: true\n"
 
 
