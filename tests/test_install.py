@@ -134,12 +134,15 @@ def test_setup_sh_installs_through_the_lock_and_keys_the_venv_on_it(setup_sandbo
     calls, venv = run_setup()
     installs = [c for c in calls if " -m pip install " in c]
     assert installs and all("-c constraints.txt" in c for c in installs), calls
-    assert any('-e .[dev]' in c for c in installs), calls
+    assert any('-e .[dev,remote,hf]' in c for c in installs), calls
     assert (venv / ".complete").exists()
     # Reused: only the editable link is refreshed, nothing is resolved again.
     calls, again = run_setup()
     assert again == venv and len(calls) == 1 and "--no-deps" in calls[0], calls
-    # A changed lock is a new environment.
+    # A range edited in setup.cfg alone installs nothing new; a changed lock is a new environment.
+    (repo / "setup.cfg").write_text((repo / "setup.cfg").read_text().replace("torch>=", "torch>=0.1,>="))
+    calls, same = run_setup()
+    assert same == venv and len(calls) == 1 and "--no-deps" in calls[0], calls
     with open(repo / "constraints.txt", "a") as fh:
         fh.write("# changed\n")
     calls, changed = run_setup()
