@@ -10,7 +10,9 @@ Rewrites are stored as a list of strings in each sample's `.json` under `--field
 what the loader's `--rewrites-field` reads), appended to any already there (duplicates dropped).
 LaCLIP rows are matched to samples by the image path (`source` in the sample's json, as written by
 make_shards) when present, otherwise by position (row i = i-th sample in shard order), checking that the
-row's caption equals the sample's caption. Shards get the same file names in --output, with sizes.json.
+row's caption equals the sample's caption. Shards get the same file names in --output, with sizes.json;
+when two sources hold shards of the same name (`cc3m/00000.tar::cc12m/00000.tar`) each output is prefixed
+with its source folder's name (`cc3m_00000.tar`, `cc12m_00000.tar`), so no shard overwrites another.
 """
 from __future__ import annotations
 
@@ -29,17 +31,25 @@ from vlp.data.shards import shard_urls as _urls
 from vlp.data.tario import ShardWriter, TarError, read_shard
 
 
+def _read_text(path: str) -> str:
+    """A UTF-8 text file, or one line saying where it is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}); re-encode the file as UTF-8") from None
+
+
 def load_laclip(csv_path: str, texts: list[str]) -> tuple[list[tuple[str, str]], list[list[str]]]:
     rows = []
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        for r in csv.reader(fh):
-            if not r:
-                continue
-            rows.append((r[0], r[1] if len(r) > 1 else ""))
+    for r in csv.reader(io.StringIO(_read_text(csv_path), newline="")):
+        if not r:
+            continue
+        rows.append((r[0], r[1] if len(r) > 1 else ""))
     columns = []
     for t in texts:
-        with open(t, encoding="utf-8") as fh:
-            lines = fh.read().split("\n")
+        lines = _read_text(t).split("\n")
         if lines and lines[-1] == "":
             lines.pop()
         if len(lines) != len(rows):
@@ -51,18 +61,19 @@ def load_laclip(csv_path: str, texts: list[str]) -> tuple[list[tuple[str, str]],
 
 def load_jsonl(path: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                key = str(d["key"])
-            except (ValueError, KeyError, TypeError):
-                raise DataError(f"{path}:{n}: expected a JSON object with 'key' and 'rewrites'") from None
-            rw = d.get("rewrites", d.get("rewrite", []))
-            rw = [rw] if isinstance(rw, str) else list(rw)
-            out.setdefault(key, []).extend(str(x) for x in rw)
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            key = str(d["key"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{path}:{n}: expected a JSON object with 'key' and 'rewrites'") from None
+        rw = d.get("rewrites", d.get("rewrite", []))
+        rw = [rw] if isinstance(rw, str) else rw
+        if not isinstance(rw, list) or not all(isinstance(x, str) for x in rw):
+            raise DataError(f"{path}:{n}: 'rewrites' must be a string or a list of strings (got {json.dumps(rw)[:60]})")
+        out.setdefault(key, []).extend(rw)
     return out
 
 
@@ -84,12 +95,12 @@ def add_rewrites(shards: str, output: str, *, laclip_csv: Optional[str] = None, 
             raise DataError("--laclip-csv needs --laclip-texts (one or more line-aligned rewrite files)")
         rows, per_row = load_laclip(laclip_csv, laclip_texts)
         by_source = {r[0]: i for i, r in enumerate(rows)}
+    names = output_names(urls)
     out.mkdir(parents=True, exist_ok=True)
     stats = Counter()
     sizes = {}
     position = 0
-    for url in urls:
-        name = os.path.basename(url)
+    for url, name in zip(urls, names):
         dest = out / name
         writer = ShardWriter(str(dest) + ".partial", maxcount=1 << 62)
         n = 0
@@ -135,7 +146,19 @@ def add_rewrites(shards: str, output: str, *, laclip_csv: Optional[str] = None, 
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
     if jsonl:
         stats["unmatched_keys"] = len(set(by_key) - _all_keys(urls))
-    return {"shards": len(urls), "samples": position, **stats}
+    return {"shards": len(urls), "samples": position, **stats, "outputs": names}
+
+
+def output_names(urls: list[str]) -> list[str]:
+    """Each input shard's output file name: its own, or `{source folder}_{name}` when two sources share names."""
+    names = [os.path.basename(u) for u in urls]
+    if len(set(names)) < len(names):
+        names = [f"{os.path.basename(os.path.dirname(u))}_{n}" for u, n in zip(urls, names)]
+        if len(set(names)) < len(names):
+            dup = next(u for u, n in zip(urls, names) if names.count(n) > 1)
+            raise DataError(f"two input shards would both be written as {os.path.basename(dup)} (and their folders "
+                            f"share a name too): rename one source's folder or run add_rewrites per source")
+    return names
 
 
 def _all_keys(urls) -> set[str]:

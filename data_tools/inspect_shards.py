@@ -144,6 +144,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                 "captions (the first max(24, --show N) samples)")
     a = p.parse_args(argv)
     show = max(a.show, 24 if a.contact_sheet else 0)
+    for flag, target in (("--json", a.json), ("--contact-sheet", a.contact_sheet)):
+        if target and not Path(target).resolve().parent.is_dir():  # say so now, not after the whole scan
+            print(f"error: {flag} {target}: folder {Path(target).parent} does not exist", file=sys.stderr)
+            return 2
     try:
         r = inspect(a.shards, decode=not a.no_decode, rewrites_field=a.rewrites_field, show=show)
     except DataError as e:

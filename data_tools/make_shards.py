@@ -9,19 +9,27 @@ Each sample is written as `{key}.jpg` (JPEG), `{key}.txt` (caption), `{key}.json
 `source` (the image path as given), `width`, `height`, extra columns). Keys are the 0-based input row
 number, zero-padded to 9 digits: stable across reruns and unique. `sizes.json` records each shard's sample
 count (open_clip's format), `stats.json` the run summary. Unreadable images and empty captions are skipped
-and counted, never fatal.
+and counted, never fatal. Shards are written into a hidden folder inside --output and moved into place only
+when the whole input was read and at least one sample written; `--overwrite` replaces only the shards of
+this `--prefix` (and their sizes.json entries), never other files. make_shards reads local files: for image
+URLs use img2dataset, which downloads and writes shards itself.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import os
+import re
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterator, Optional
 
+from data_tools.outputs import check_name
 from vlp.data.images import IMAGE_FILE_SUFFIXES
 from vlp.data.tario import ShardWriter
 
@@ -181,22 +189,70 @@ def make_shards(inp: str, output: str, *, per_shard: int = 10000, image_col=None
         raise InputError(f"input not found: {inp}")
     if per_shard < 1:
         raise InputError("--per-shard must be at least 1")
-    if out.exists() and any(out.glob("*.tar")) and not overwrite:
-        raise InputError(f"{out} already holds shards (use --overwrite or another --output)")
+    check_name(out, prefix, "--prefix", InputError)
+    if _own_shards(out, prefix) and not overwrite:
+        raise InputError(f"{out} already holds {prefix or ''}NNNNN.tar shards (use --overwrite or another --output)")
     if src.is_dir():
         records = iter_folder(src)
     else:
         records = iter_table(src, image_col, caption_col, Path(image_root) if image_root else None, no_header)
+    recs = list(records)  # the whole input is read (and checked) before anything is written
+    urls = [r["source"] for r in recs if re.match(r"^[a-z][a-z0-9+.-]*://", r["source"], re.I)]
+    if urls:
+        raise InputError(f"{len(urls)} of {len(recs)} image paths are URLs (first: {urls[0]}): make_shards reads "
+                         f"local files and does not download; img2dataset downloads them and writes shards itself")
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.tar"):
-        old.unlink()
-    opts = {"resize_shorter": resize_shorter, "resize_max": resize_max, "quality": quality, "reencode": reencode}
+    staging = Path(tempfile.mkdtemp(prefix=".make_shards-", dir=out))
+    try:
+        stats = _write(recs, staging, src, per_shard, prefix, workers, progress,
+                       {"resize_shorter": resize_shorter, "resize_max": resize_max, "quality": quality,
+                        "reencode": reencode})
+        if stats["written"] == 0:
+            sk = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items()) or "none"
+            raise InputError(f"no samples written from {src} ({stats['rows']} rows; skipped: {sk}); "
+                             f"{out} is unchanged")
+        _swap_in(staging, out, prefix, stats)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return stats
+
+
+def _own_shards(out: Path, prefix: str) -> list[Path]:
+    """This prefix's shards in `out` (`{prefix}00000.tar`, ...): the only files --overwrite may replace."""
+    pattern = re.compile(re.escape(prefix) + r"\d{5,}\.tar")
+    return sorted(p for p in out.glob("*.tar") if pattern.fullmatch(p.name)) if out.is_dir() else []
+
+
+def _swap_in(staging: Path, out: Path, prefix: str, stats: dict) -> None:
+    """Move the new shards over the old ones of this prefix, drop its leftovers, merge sizes.json."""
+    sizes = {}
+    old_sizes = out / "sizes.json"
+    if old_sizes.is_file():
+        try:
+            sizes = json.loads(old_sizes.read_text())
+        except ValueError:
+            sizes = {}
+    mine = {p.name for p in _own_shards(out, prefix)}
+    sizes = {k: v for k, v in sizes.items() if k not in mine} if isinstance(sizes, dict) else {}
+    new = _own_shards(staging, prefix)
+    for p in new:
+        os.replace(p, out / p.name)
+    for name in mine - {p.name for p in new}:
+        (out / name).unlink(missing_ok=True)
+    sizes.update(stats.pop("sizes"))
+    stats["train_data"] = str(out / Path(stats["train_data"]).name)
+    for name, text in (("sizes.json", json.dumps(sizes, indent=1)), ("stats.json", json.dumps(stats, indent=1))):
+        (staging / name).write_text(text)
+        os.replace(staging / name, out / name)
+
+
+def _write(recs: list, folder: Path, src: Path, per_shard: int, prefix: str, workers: int, progress: bool,
+           opts: dict) -> dict:
     skipped: Counter = Counter()
     from tqdm import tqdm
 
-    recs = list(records)
     written = 0
-    with ShardWriter(str(out / f"{prefix}%05d.tar"), per_shard) as sink:
+    with ShardWriter(str(folder / f"{prefix}%05d.tar"), per_shard) as sink:
         if workers > 1:
             pool = Pool(workers, initializer=_init, initargs=(opts,))
             results = pool.imap(process, recs, chunksize=16)
@@ -218,13 +274,10 @@ def make_shards(inp: str, output: str, *, per_shard: int = 10000, image_col=None
                 pool.close()
                 pool.join()
         sizes = dict(sink.sizes)
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
     n = len(sizes)
-    spec = str(out / (f"{prefix}{{00000..{n - 1:05d}}}.tar" if n > 1 else f"{prefix}00000.tar"))
-    stats = {"input": str(src), "rows": len(recs), "written": written, "shards": n,
-             "skipped": dict(sorted(skipped.items())), "train_data": spec}
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
-    return stats
+    spec = str(folder / (f"{prefix}{{00000..{n - 1:05d}}}.tar" if n > 1 else f"{prefix}00000.tar"))
+    return {"input": str(src), "rows": len(recs), "written": written, "shards": n,
+            "skipped": dict(sorted(skipped.items())), "train_data": spec, "sizes": sizes}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -243,7 +296,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--reencode", action="store_true", help="re-encode every image (default: only resized/non-JPEG)")
     p.add_argument("--workers", type=int, default=1, help="image worker processes")
     p.add_argument("--prefix", default="", help="shard file name prefix")
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace this --prefix's shards already in --output "
+                                                                 "(after the new ones are written)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:

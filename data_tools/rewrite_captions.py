@@ -23,6 +23,7 @@ import json
 import sys
 from typing import Optional
 
+from data_tools.outputs import check_name
 from vlp.rewrite.pools import POOLS
 from vlp.rewrite.sources import InputError
 
@@ -70,6 +71,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise InputError("--batch-size, --max-new-tokens and --examples must be positive")
         if not 0 < a.top_p <= 1 or a.temperature < 0:
             raise InputError("--top-p must be in (0, 1] and --temperature >= 0")
+        check_name(a.out, a.name, "--name", InputError)  # before --overwrite deletes anything
         fmt, records, total = open_input(a.input, a.input_format, a.rewrites_field)
         if a.rule_based:
             from vlp.rewrite.rewriters import RuleRewriter
