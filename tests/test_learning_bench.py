@@ -1,0 +1,56 @@
+"""benchmarks/learning.py's bookkeeping: contender specs, the commands each contender runs, and the table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks import learning as L
+
+
+def test_contender_specs_and_commands():
+    assert L.parse_contender("clip") == ("clip", "clip", [])
+    assert L.parse_contender("clip-b2=clip:--beta2 0.999 --eps 1e-8") == ("clip-b2", "clip",
+                                                                         ["--beta2", "0.999", "--eps", "1e-8"])
+    cmd, env = L.train_command("laclip", ["--decay-embeddings"], "s/{0..1}.tar", 3, Path("logs"), "x", L.BUDGET)
+    assert env == {"VLP_BENCH_DECAY_EMBEDDINGS": "1"} and "--decay-embeddings" not in cmd
+    assert cmd[cmd.index("--config") + 1].endswith("configs/laclip.yaml")
+    assert cmd[cmd.index("--seed") + 1] == "3" and cmd[cmd.index("--lr") + 1] == "0.001"
+    base, env = L.train_command(L.BASELINE, [], "s/{0..1}.tar", 3, Path("logs"), "x", L.BUDGET)
+    assert env == {} and base[base.index("--dataset-type") + 1] == "webdataset"
+    # the same budget flags reach both trainers
+    flags = L._flags(L.BUDGET)
+    assert all(f in cmd and f in base for f in flags)
+
+
+def test_recipe_configs_parse_into_valid_runs():
+    from vlp.config import parse_config
+
+    for r in L.RECIPES:
+        cfg = parse_config(["--config", str(L.ROOT / "configs" / f"{r}.yaml"), "--train-data", "x.tar"])
+        assert cfg.model.model == "vlp-tiny" and cfg.data.batch_size == 128
+    assert parse_config(["--config", str(L.ROOT / "configs/siglip.yaml"), "--train-data", "x.tar"]).loss.loss == "siglip"
+
+
+def test_table_mean_std_and_ratio():
+    def rec(c, seed, x, t):
+        return {"contender": c, "seed": seed, "train_s": t, "vlp": {f: x for f in L.FIGURES}}
+
+    recs = [rec(L.BASELINE, 0, 0.10, 100), rec(L.BASELINE, 1, 0.20, 100), rec("clip", 0, 0.30, 50), rec("clip", 1, 0.30, 50)]
+    t = L.table(recs).splitlines()
+    assert t[2].startswith(f"| {L.BASELINE} | 0,1 | 15.0 ± 7.1 |")
+    assert t[3].startswith("| clip | 0,1 | 30.0 ± 0.0 (2.00x) |") and t[3].endswith("50 ± 0 (0.50x) |")
+
+
+def test_decay_embeddings_ablation_decays_what_open_clip_decays(monkeypatch):
+    import vlp.train.optim as optim
+    from vlp.models import create_model
+
+    model = create_model("vlp-tiny").model
+    _, spared = optim.split_decay(model)
+    assert {"token_embedding.weight", "positional_embedding", "visual.positional_embedding"} <= set(spared)
+    monkeypatch.setattr(optim, "no_decay_reason", optim.no_decay_reason)  # restored after the test
+    L.decay_embeddings()
+    decayed, spared = optim.split_decay(model)
+    # open_clip_train's rule: no decay iff ndim < 2 or "bn"/"ln"/"bias"/"logit_scale" in the name
+    expect = {n for n, p in model.named_parameters()
+              if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n}
+    assert set(spared) == expect and "token_embedding.weight" in decayed
