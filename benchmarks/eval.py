@@ -18,6 +18,15 @@
 2. Retrieval at --captions captions (5 per image), random unit embeddings of --dim: peak resident memory
    added by vlp's chunked retrieval metrics (target < 2 GB), against the N x N float32 score matrix that
    CLIP_benchmark materialises (plus its boolean positive matrix), which is reported, not run.
+3. Linear probe and k-NN on cached features: --lp-train x --dim train features (Gaussian classes, --lp-classes),
+   --lp-test test features. vlp's probe (`vlp.eval.probe.linear_probe`: the L2 search on a held-out 20% of
+   train, then the refit) and one L-BFGS fit alone are timed; k-NN (`vlp.eval.knn`, k = 1/10/20). CLIP_benchmark's
+   linear probe calls .cuda() unconditionally: with CUDA it runs on the same features (its train = vlp's fit
+   part, its val = vlp's held-out part) and both times and lp_acc1 are printed; on CPU vlp's time alone.
+4. In-loop evaluation split across ranks: the demo's eval sets (colours 800, retrieval 400 x 3 captions,
+   compositional) scored by `vlp.eval.evaluate(distributed=True)` in 2 gloo processes vs 1, one thread each,
+   real processes; timed on the second call (decoded pixels cached, as in a training run's repeated evals).
+   Target: world 2 < 0.65x world 1.
 """
 from __future__ import annotations
 
@@ -126,6 +135,130 @@ def retrieval_memory(n_captions: int, per_image: int, dim: int) -> dict:
             "R@1 t2i": round(m["image_retrieval_recall@1"], 4), "R@1 i2t": round(m["text_retrieval_recall@1"], 4)}
 
 
+def _blobs(n: int, classes: int, dim: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(classes, dim, generator=torch.Generator().manual_seed(1234))
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.nn.functional.normalize(mu[y] * 0.005 + torch.randn(n, dim, generator=g) / dim ** 0.5, dim=-1)
+    return x.half().float(), y          # as read back from the float16 feature cache
+
+
+def probe_rows(n_train: int, n_test: int, dim: int, classes: int) -> dict:
+    """vlp's linear probe and k-NN on cached-like features; CLIP_benchmark's probe too when CUDA is there."""
+    from vlp.eval.knn import knn_metrics
+    from vlp.eval.probe import fit_logistic, linear_probe, stratified_split
+
+    x, y = _blobs(n_train, classes, dim, 0)
+    xt, yt = _blobs(n_test, classes, dim, 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fit_logistic(x[:256], y[:256], classes, 1e-3, device=device)          # warm-up (first-call imports)
+    t0 = time.perf_counter()
+    one = fit_logistic(x, y, classes, 1e-4, device=device)
+    t_fit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m, info = linear_probe(x, y, xt, yt, classes, device=device)
+    t_lp = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    knn = knn_metrics(x, y, xt, yt, classes, device=device)
+    t_knn = time.perf_counter() - t0
+    out = {"train": n_train, "test": n_test, "dim": dim, "classes": classes, "device": device,
+           "vlp_one_fit_s": round(t_fit, 2), "vlp_one_fit_iterations": one.iterations,
+           "vlp_probe_s": round(t_lp, 2), "lambdas_fitted": info["lambdas_fitted"], "lp_l2_lambda": m["lp_l2_lambda"],
+           "lp_acc1": m["lp_acc1"], "knn_s": round(t_knn, 2), **knn}
+    if device == "cuda":
+        fit, held = stratified_split(y, 0.2, 0)
+        t0 = time.perf_counter()
+        cb = _clip_benchmark_probe(x[fit], y[fit], x[held], y[held], xt, yt)
+        out.update(clip_benchmark_probe_s=round(time.perf_counter() - t0, 2), clip_benchmark_lp_acc1=cb["lp_acc1"])
+    return out
+
+
+def _clip_benchmark_probe(x, y, xv, yv, xt, yt) -> dict:
+    """CLIP_benchmark's linear_probe.evaluate on given features (its featurizer skipped: the cache is in place)."""
+    from clip_benchmark.metrics import linear_probe as lp
+
+    with tempfile.TemporaryDirectory() as root:
+        d = Path(root) / "bench"
+        d.mkdir()
+        for name, (f, t) in {"train": (x, y), "val": (xv, yv), "test": (xt, yt)}.items():
+            torch.save(f, d / f"features_{name}.pt")
+            torch.save(t, d / f"targets_{name}.pt")
+        return lp.evaluate(torch.nn.Identity(), None, None, -1, 256, 0, 0.1, 10, "bench", 0, root, "cuda",
+                           val_dataloader=[], normalize=True, amp=True)
+
+
+def _scaling_worker(rank: int, world: int, port: int, sets: list, out: str, repeat: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from vlp.distributed import barrier
+    from vlp.eval import evaluate
+    from vlp.models import create_model
+
+    torch.manual_seed(0)
+    b = create_model("vlp-tiny")
+    times, cpu = [], []
+    for _ in range(repeat):
+        barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = evaluate(b.model, b.tokenizer, b.preprocess_val, sets, distributed=world > 1, feature_cache=False)
+        cpu.append(time.process_time() - c0)
+        barrier()
+        times.append(time.perf_counter() - t0)
+    Path(f"{out}.{rank}").write_text(json.dumps({"times": times, "cpu": cpu, "metrics": [r["metrics"] for r in res]}))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def inloop_scaling(eval_samples: int, repeat: int = 3) -> dict:
+    """Seconds of one evaluation of the demo's eval sets at world size 1 and 2 (gloo, one thread per process)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from data_tools.make_demo_data import make_demo_data
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_demo_data(Path(tmp) / "demo", train_samples=8, eval_samples=eval_samples, progress=False)
+        sets = paths["eval_data"]
+        for world in (1, 2):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            res = Path(tmp) / f"w{world}.json"
+            mp.start_processes(_scaling_worker, args=(world, port, sets, str(res), repeat), nprocs=world,
+                               start_method="spawn")
+            out[world] = [json.loads(Path(f"{res}.{r}").read_text()) for r in range(world)]
+    w1, w2 = min(out[1][0]["times"][1:]), min(out[2][0]["times"][1:])
+    # CPU seconds of the busiest rank: the wall time each rank would take on a core of its own
+    c1 = min(out[1][0]["cpu"][1:])
+    c2 = min(max(r["cpu"][i] for r in out[2]) for i in range(1, repeat))
+    return {"sets": [Path(s).name for s in sets], "eval_samples": eval_samples, "world1_s": round(w1, 2),
+            "world2_s": round(w2, 2), "ratio_wall": round(w2 / w1, 3), "world1_cpu_s": round(c1, 2),
+            "world2_busiest_rank_cpu_s": round(c2, 2), "ratio_cpu": round(c2 / c1, 3),
+            "rank_cpu_s": [round(r["cpu"][-1], 2) for r in out[2]],
+            "same_metrics": _same_metrics(out[1][0]["metrics"], out[2][0]["metrics"])}
+
+
+def _same_metrics(a: list, b: list) -> bool:
+    """Equal figures (geometry to 1e-4: its sums run over differently batched features)."""
+    import math
+
+    for x, y in zip(a, b):
+        for k, v in x.items():
+            w = y.get(k)
+            if isinstance(v, float) and math.isnan(v) and isinstance(w, float) and math.isnan(w):
+                continue
+            if k.startswith("geometry/") and abs(v - w) <= 1e-4 * max(1.0, abs(v)):
+                continue
+            if v != w:
+                return False
+    return len(a) == len(b)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vlp-tiny")
@@ -139,6 +272,12 @@ def main(argv=None) -> int:
     p.add_argument("--captions", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--skip-classification", action="store_true")
+    p.add_argument("--lp-train", type=int, default=50_000)
+    p.add_argument("--lp-test", type=int, default=10_000)
+    p.add_argument("--lp-classes", type=int, default=10)
+    p.add_argument("--skip-probe", action="store_true")
+    p.add_argument("--inloop-samples", type=int, default=800, help="demo eval-set size for the in-loop scaling row")
+    p.add_argument("--skip-inloop", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -185,6 +324,22 @@ def main(argv=None) -> int:
     print(f"retrieval ({r['captions']} captions x {r['images']} images, d={r['dim']}): peak memory added "
           f"{r['peak_rss_added_mb']} MB (target < 2048 MB; embeddings {r['embeddings_mb']} MB), {r['seconds']} s; "
           f"CLIP_benchmark's score+positive matrices alone: {r['clip_benchmark_score_matrix_mb']} MB")
+    if not a.skip_probe:
+        lp = out["probe"] = probe_rows(a.lp_train, a.lp_test, a.dim, a.lp_classes)
+        cb = f"CLIP_benchmark {lp['clip_benchmark_probe_s']} s, lp_acc1 {lp['clip_benchmark_lp_acc1']:.4f}" \
+            if "clip_benchmark_probe_s" in lp else "CLIP_benchmark's probe needs CUDA: vlp's time alone"
+        print(f"linear probe ({lp['train']} x {lp['dim']} train, {lp['test']} test, {lp['classes']} classes, "
+              f"{lp['device']}): vlp {lp['vlp_probe_s']} s with the L2 search ({lp['lambdas_fitted']} fits), "
+              f"one L-BFGS fit {lp['vlp_one_fit_s']} s ({lp['vlp_one_fit_iterations']} iterations), "
+              f"lp_acc1 {lp['lp_acc1']:.4f}; {cb}")
+        print(f"k-NN ({lp['train']} train x {lp['test']} test): {lp['knn_s']} s, "
+              + ", ".join(f"{k} {lp[k]:.4f}" for k in ("knn_acc1@1", "knn_acc1@10", "knn_acc1@20")))
+    if not a.skip_inloop:
+        s = out["inloop"] = inloop_scaling(a.inloop_samples)
+        print(f"in-loop eval split across ranks ({', '.join(s['sets'])}): busiest rank's CPU s world 1 "
+              f"{s['world1_cpu_s']}, world 2 {s['world2_busiest_rank_cpu_s']} (ranks {s['rank_cpu_s']}), ratio "
+              f"{s['ratio_cpu']} (target < 0.65); wall {s['world1_s']} s vs {s['world2_s']} s, ratio {s['ratio_wall']} "
+              f"(meaningful only with a free core per rank); same metrics: {s['same_metrics']}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     print(json.dumps(out))

