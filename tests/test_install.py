@@ -193,6 +193,17 @@ def test_missing_features_fail_with_one_line_naming_the_torch_release(monkeypatc
     one_line_naming(e, "weights_only", "torch >= 1.13")
 
 
+def test_total_norm_without_get_total_norm_gives_the_same_figure(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(37, 5, generator=g), torch.randn(11, generator=g) * 100, torch.zeros(3)]
+    fused = compat.total_norm(grads)
+    assert torch.allclose(fused, torch.cat([t.flatten() for t in grads]).norm(), rtol=1e-6)
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)  # torch < 2.6
+    for p in (2.0, 1.0, float("inf")):
+        ref = torch.cat([t.flatten() for t in grads]).norm(p)
+        assert torch.allclose(compat.total_norm(grads, p), ref, rtol=1e-6), p
+
+
 def test_optional_package_missing_names_its_extra():
     assert compat.has_module("yaml") and not compat.has_module("vlp_no_such_package")
     with pytest.raises(ConfigError, match=r"--tokenizer hf:DIR needs the vlp_no_such_package package: "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -90,6 +90,15 @@ def has_torch_amp() -> bool:
 def require_torch_amp(what: Optional[str] = "mixed precision") -> None:
     if not has_torch_amp():
         raise _needs("torch.amp.autocast and torch.amp.GradScaler", "2.3", what)
+
+
+def total_norm(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of the tensors' norms: `torch.nn.utils.get_total_norm` (fused, torch >= 2.6), else per tensor."""
+    fn = getattr(torch.nn.utils, "get_total_norm", None)
+    if fn is not None:
+        return fn(tensors, norm_type)
+    norms = [torch.linalg.vector_norm(t, norm_type) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
 
 
 def has_module(name: str) -> bool:

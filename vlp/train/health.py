@@ -3,7 +3,7 @@
 One all-reduce per step carries both flags (the loss check the loop always had, widened): the loss
 and the gradient norm must be finite, and a stop signal that reached any rank stops every rank, so
 no rank raises or exits while the others wait in a collective. The gradient norm is the one
-`--grad-clip-norm` computes anyway, else one fused `get_total_norm` pass; under fp16 the gradient
+`--grad-clip-norm` computes anyway, else one fused `get_total_norm` pass (vlp.compat.total_norm); under fp16 the gradient
 scaler already skips steps with inf/NaN gradients, so only the loss is checked there.
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
+
+from vlp.compat import total_norm
 
 
 class TrainingError(RuntimeError):
@@ -27,7 +29,7 @@ class Verdict:
 def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     """Global L2 norm of the gradients (one fused pass); 0 when no parameter has one."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    return total_norm(grads) if grads else torch.zeros(())
 
 
 def checked_grad_norm(accelerator, model, clip: Optional[float]) -> Optional[torch.Tensor]:
