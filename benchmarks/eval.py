@@ -152,19 +152,20 @@ def probe_rows(n_train: int, n_test: int, dim: int, classes: int) -> dict:
     xt, yt = _blobs(n_test, classes, dim, 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fit_logistic(x[:256], y[:256], classes, 1e-3, device=device)          # warm-up (first-call imports)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     one = fit_logistic(x, y, classes, 1e-4, device=device)
-    t_fit = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_fit, c_fit = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     m, info = linear_probe(x, y, xt, yt, classes, device=device)
-    t_lp = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_lp, c_lp = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     knn = knn_metrics(x, y, xt, yt, classes, device=device)
-    t_knn = time.perf_counter() - t0
+    t_knn, c_knn = time.perf_counter() - t0, time.process_time() - c0
     out = {"train": n_train, "test": n_test, "dim": dim, "classes": classes, "device": device,
            "vlp_one_fit_s": round(t_fit, 2), "vlp_one_fit_iterations": one.iterations,
            "vlp_probe_s": round(t_lp, 2), "lambdas_fitted": info["lambdas_fitted"], "lp_l2_lambda": m["lp_l2_lambda"],
-           "lp_acc1": m["lp_acc1"], "knn_s": round(t_knn, 2), **knn}
+           "lp_acc1": m["lp_acc1"], "knn_s": round(t_knn, 2), "threads": torch.get_num_threads(),
+           "cpu_s": {"one_fit": round(c_fit, 2), "probe": round(c_lp, 2), "knn": round(c_knn, 2)}, **knn}
     if device == "cuda":
         fit, held = stratified_split(y, 0.2, 0)
         t0 = time.perf_counter()
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
         print(f"linear probe ({lp['train']} x {lp['dim']} train, {lp['test']} test, {lp['classes']} classes, "
               f"{lp['device']}): vlp {lp['vlp_probe_s']} s with the L2 search ({lp['lambdas_fitted']} fits), "
               f"one L-BFGS fit {lp['vlp_one_fit_s']} s ({lp['vlp_one_fit_iterations']} iterations), "
-              f"lp_acc1 {lp['lp_acc1']:.4f}; {cb}")
+              f"lp_acc1 {lp['lp_acc1']:.4f}; CPU s {lp['cpu_s']} on {lp['threads']} thread(s); {cb}")
         print(f"k-NN ({lp['train']} train x {lp['test']} test): {lp['knn_s']} s, "
               + ", ".join(f"{k} {lp[k]:.4f}" for k in ("knn_acc1@1", "knn_acc1@10", "knn_acc1@20")))
     if not a.skip_inloop:
