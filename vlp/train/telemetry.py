@@ -78,7 +78,9 @@ def flops_per_sample(model: torch.nn.Module, image_size=None, context_length: Op
     images = torch.zeros(1, 3, h, w, device="meta")
     texts = torch.zeros(1, ctx, dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    # forked RNG: a train-mode forward draws CPU random numbers (open_clip's patch dropout), which would shift a
+    # resumed run's dropout masks (tests/test_train_resume_dropout.py)
+    with counter, torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.func.functional_call(model, meta, (images, texts), tie_weights=True, strict=False)
     return int(counter.get_total_flops())
 
