@@ -5,7 +5,11 @@ rank-average of each rank's parameter gradients must equal the full-batch gradie
 encoder weights (reached through the features) and for logit_scale/logit_bias alike. The gradient
 w.r.t. a rank's own *inputs* is not averaged by anything, and is W times the full-batch gradient of
 those rows (each rank back-propagates its share of a loss whose rank-mean is the full loss, with
-all W shares reaching every rank's features). One spawn runs every case, to keep this fast.
+all W shares reaching every rank's features). One spawn per world size (2 and 4) runs every case.
+
+The memory-flat losses (vlp/loss_blocks.py: SigLIP ring, chunked log-sum-exp) are checked here for
+exact gradients with chunks smaller than, equal to and larger than the local batch, and for their
+per-rank memory: flat in the world size while the gathered path's grows (benchmarks/loss_memory.py).
 """
 from __future__ import annotations
 
@@ -32,6 +36,23 @@ CASES = {
     "siglip_terms_gwg": dict(loss="siglip", gather_with_grad=True, **TERMS_ON),
     "dcl_gwg_local": dict(loss="dcl", gather_with_grad=True, local_loss=True),
     "infoloob_no_gwg": dict(loss="infoloob"),
+    # memory-flat paths: chunks of 1 and 3 columns (ragged, positives crossing chunk edges) vs gathered logits
+    "clip_gwg_local_gathered": dict(loss="clip", gather_with_grad=True, local_loss=True, loss_chunk_size=0),
+    "clip_ls_gwg_local_chunk3": dict(loss="clip", label_smoothing=0.1, gather_with_grad=True, local_loss=True,
+                                     loss_chunk_size=3),
+    "dcl_gwg_local_chunk1": dict(loss="dcl", gather_with_grad=True, local_loss=True, loss_chunk_size=1),
+    "infoloob_gwg_local_chunk3": dict(loss="infoloob", gather_with_grad=True, local_loss=True, loss_chunk_size=3),
+    "siglip_gathered": dict(loss="siglip", loss_chunk_size=0),
+    "siglip_chunk1": dict(loss="siglip", loss_chunk_size=1),
+    "siglip_chunk3_terms": dict(loss="siglip", loss_chunk_size=3, **TERMS_ON),
+}
+# per-rank memory at a fixed local batch (small scale: logits dominate the B x D features)
+MEM_BATCH, MEM_DIM, MEM_CHUNK = 1024, 4, 1024
+MEM_CASES = {
+    "siglip flat": dict(loss="siglip", loss_chunk_size=MEM_CHUNK),
+    "siglip gathered": dict(loss="siglip", loss_chunk_size=0),
+    "clip-local flat": dict(loss="clip", local_loss=True, gather_with_grad=True, loss_chunk_size=MEM_CHUNK),
+    "clip-local gathered": dict(loss="clip", local_loss=True, gather_with_grad=True, loss_chunk_size=0),
 }
 
 
@@ -103,6 +124,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     s = torch.tensor(2.3, dtype=torch.float64).exp()
     results["open_clip_local"] = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(image, text, s)
     results["open_clip_siglip"] = SigLipLoss(rank=rank, world_size=world)(image, text, s, torch.tensor(-4.0, dtype=torch.float64))
+    from benchmarks.loss_memory import loss_peak
+
+    results["memory"] = {name: loss_peak(kw, rank, world, MEM_BATCH, MEM_DIM) for name, kw in MEM_CASES.items()}
     try:
         build_loss(LossConfig(local_loss=True), rank=rank, world_size=world)
         results["refused"] = False
@@ -112,30 +136,53 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_ranks():
+def _spawn(world: int) -> list[dict]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(WORLD, os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True,
+        mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True,
                            start_method="spawn")
-        yield [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+class _Spawned(dict):
+    """world size -> every rank's results, spawned on first use (so `-m "not slow"` skips the 4-process run)."""
+
+    def __missing__(self, world):
+        self[world] = _spawn(world)
+        return self[world]
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return _Spawned()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ranks):
+    return ranks[WORLD]
+
+
+# 4 processes on a 2-core machine take ~20 s more; W=4 is the first world where a rank's two ring
+# neighbours differ
+WORLD_PARAMS = [WORLD, pytest.param(4, marks=pytest.mark.slow)]
 
 
 def close(a, b, msg=""):
     torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=lambda m: f"{msg}: {m}")
 
 
+@pytest.mark.parametrize("world", WORLD_PARAMS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_ranks_match_full_batch(two_ranks, case):
+def test_ranks_match_full_batch(ranks, case, world):
     ref = run_case(LossConfig(**CASES[case]), 0, 1)
-    b = N // WORLD
-    for rank, res in enumerate(two_ranks):
+    b = N // world
+    for rank, res in enumerate(ranks[world]):
         r = res[case]
         for k in ref["grads"]:
             close(r["grads"][k], ref["grads"][k], f"{case} rank {rank} grad {k}")
         for k in ("x_img", "x_txt"):
-            close(r[k], WORLD * ref[k][rank * b:(rank + 1) * b], f"{case} rank {rank} input grad {k}")
+            close(r[k], world * ref[k][rank * b:(rank + 1) * b], f"{case} rank {rank} input grad {k}")
         assert set(r["values"]) == set(ref["values"])
         for k, v in ref["values"].items():
             close(r["values_mean"][k], v, f"{case} logged {k}")
@@ -162,3 +209,25 @@ def test_single_process_helpers_are_noops():
     assert torch.equal(distributed.reduce_mean(t), t.detach())
     a, b = distributed.gather_features(t, t * 2, gather_with_grad=True)
     assert a is t
+
+
+@pytest.fixture(scope="module")
+def one_rank_memory():
+    from benchmarks.loss_memory import loss_peak
+
+    return {name: loss_peak(kw, 0, 1, MEM_BATCH, MEM_DIM)["alloc"] for name, kw in MEM_CASES.items()}
+
+
+@pytest.mark.parametrize("world", WORLD_PARAMS)
+def test_flat_losses_per_rank_memory_does_not_grow_with_world_size(ranks, one_rank_memory, world):
+    """Fixed local batch: the memory-flat losses' per-rank peak stays within 10% of the 1-process one,
+    while the gathered path's grows about W-fold (the guard's own check that it sees growth)."""
+    logits = MEM_BATCH * MEM_CHUNK * 4
+    for name in MEM_CASES:
+        peak = max(r["memory"][name]["alloc"] for r in ranks[world])
+        growth = peak / one_rank_memory[name]
+        if name.endswith("flat"):
+            assert growth <= 1.10, f"{name}: {peak} bytes at W={world} vs {one_rank_memory[name]} at W=1"
+            assert peak <= 3 * logits, f"{name} at W={world}: {peak} bytes"
+        else:
+            assert growth >= 0.8 * world, f"{name}: only {growth:.2f}x at W={world}"

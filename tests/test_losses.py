@@ -262,3 +262,49 @@ def test_clamp_logit_scale():
         m.logit_scale.fill_(2.0)
     clamp_logit_scale(m)
     assert m.logit_scale.item() == 2.0
+
+
+# ------------------------------------------------------------------------------- memory-flat paths
+
+@pytest.mark.parametrize("kw", [
+    dict(loss="siglip"),
+    dict(loss="clip", local_loss=True, gather_with_grad=True),
+    dict(loss="clip", local_loss=True, gather_with_grad=True, label_smoothing=0.1),
+    dict(loss="dcl", local_loss=True, gather_with_grad=True),
+    dict(loss="infoloob", local_loss=True, gather_with_grad=True),
+])
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_chunked_paths_equal_gathered_logits(kw, chunk):
+    """Chunks of 1, 3 (ragged, positives crossing chunk edges), 7 and more than N: same value and
+    gradients (features, scale, bias) as the path that holds all logits (loss_chunk_size=0)."""
+    results = []
+    for size in (0, chunk):
+        I, T = feats(7, 5, seed=3)
+        s, b = sc(9.0, True), sc(-2.5, True)
+        out = build_loss(LossConfig(loss_chunk_size=size, **kw))(I, T, s, b)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), I.grad, T.grad, s.grad, b.grad))
+    for ref, new in zip(*results):
+        torch.testing.assert_close(new, ref, atol=1e-12, rtol=1e-10)
+
+
+def test_chunked_siglip_under_bf16_autocast_stays_float32():
+    I, T = feats(6, 5, dtype=torch.float32)
+    s, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    ref = build_loss(LossConfig(loss="siglip", loss_chunk_size=0))(I, T, s, b)["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = build_loss(LossConfig(loss="siglip", loss_chunk_size=2))(I.bfloat16(), T.bfloat16(), s, b)["loss"]
+    assert out.dtype == torch.float32
+    # only the bf16 rounding of the features differs, not the loss arithmetic
+    ref16 = build_loss(LossConfig(loss="siglip", loss_chunk_size=0))(I.bfloat16().float(), T.bfloat16().float(), s, b)
+    torch.testing.assert_close(out, ref16["loss"], atol=1e-5, rtol=1e-6)
+    assert abs(out.item() - ref.item()) < 0.05
+
+
+def test_negative_loss_chunk_size_is_refused():
+    with pytest.raises(ConfigError, match="loss-chunk-size"):
+        build_loss(LossConfig(loss_chunk_size=-1))
+    cfg = Config()
+    cfg.loss.loss_chunk_size = -1
+    with pytest.raises(ConfigError, match="loss-chunk-size"):
+        validate(cfg)

@@ -56,6 +56,7 @@ class LossConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the CLIP cross-entropy"})
     local_loss: bool = field(default=False, metadata={"help": "each rank scores only its own rows against all columns"})
     gather_with_grad: bool = field(default=False, metadata={"help": "all-gather features with gradients"})
+    loss_chunk_size: int = field(default=4096, metadata={"help": "memory-flat losses (siglip; --local-loss clip/dcl/infoloob): logit columns formed at a time, per-rank memory B x this whatever the number of ranks; 0: hold all gathered logits"})
     uniformity_weight: float = field(default=0.0, metadata={"help": "weight of (unif(I)+unif(T))/2"})
     alignment_weight: float = field(default=0.0, metadata={"help": "weight of the alignment term"})
     cross_uniformity_weight: float = field(default=0.0, metadata={"help": "weight of the cross-modal uniformity term"})
@@ -315,6 +316,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--local-loss needs --gather-with-grad: without it the gradients are biased")
     if lo.loss not in ("clip", "siglip", "dcl", "infoloob"):
         raise ConfigError(f"--loss must be one of clip, siglip, dcl, infoloob (got {lo.loss!r})")
+    if lo.loss_chunk_size < 0:
+        raise ConfigError("--loss-chunk-size must be 0 (gathered logits) or more")
     if lo.loss != "clip" and lo.label_smoothing:
         raise ConfigError("--label-smoothing applies to the clip loss only")
     if not 0 <= lo.label_smoothing < 1:

@@ -114,3 +114,28 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(pad) for _ in range(world)]
     torch.distributed.all_gather(parts, pad)
     return torch.cat([p[:r] for p, r in zip(parts, rows)]).to(tensor.device)
+
+
+class RingShift:
+    """Send tensors to rank+1 and receive same-shaped ones from rank-1, asynchronously.
+
+    `RingShift(tensors, rank, world, tag).wait()` -> the received tensors. Several shifts may be in
+    flight at once when they use distinct tags. With one process the tensors come back unchanged.
+    Not autograd-aware: the memory-flat losses (vlp/loss_blocks.py) route gradients themselves."""
+
+    def __init__(self, tensors: list[torch.Tensor], rank: int, world_size: int, tag: int = 0):
+        if world_size == 1:
+            self.received, self.requests = tensors, []
+            return
+        nxt, prv = (rank + 1) % world_size, (rank - 1) % world_size
+        self.sent = [t.contiguous() for t in tensors]  # kept alive until wait()
+        self.received = [torch.empty_like(t) for t in self.sent]
+        P2POp = torch.distributed.P2POp
+        ops = [P2POp(torch.distributed.isend, t, nxt, tag=tag) for t in self.sent]
+        ops += [P2POp(torch.distributed.irecv, r, prv, tag=tag) for r in self.received]
+        self.requests = torch.distributed.batch_isend_irecv(ops)
+
+    def wait(self) -> list[torch.Tensor]:
+        for request in self.requests:
+            request.wait()
+        return self.received

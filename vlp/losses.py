@@ -35,6 +35,14 @@ reaching the local features is W x d(full loss)/d(local features), and the gradi
 * Additive terms are computed on the gathered features, i.e. on the whole global batch, on every
   rank (same value everywhere); gradients follow the same convention.
 
+Memory-flat paths (`loss_chunk_size` > 0, the default; vlp/loss_blocks.py), same values and gradients:
+* `siglip` (any world size): text blocks are passed round a ring of ranks instead of gathered, and
+  logits are formed B x chunk at a time and recomputed in the backward.
+* `local_loss` with `clip`/`dcl`/`infoloob` (any world size; one process: the full loss): both
+  directions' log-sum-exp over the N gathered columns is accumulated chunk by chunk (B x chunk
+  logits at most, forward and backward); the positive logits cost only B x D.
+`loss_chunk_size=0` keeps the gathered path (all B x N logits held), e.g. to measure against it.
+
 So `vlp.distributed.reduce_mean(out[key])` is the full-batch value of every key in every mode.
 """
 from __future__ import annotations
@@ -47,6 +55,7 @@ import torch.nn.functional as F
 
 from vlp.config import ConfigError, LossConfig
 from vlp import distributed
+from vlp.loss_blocks import chunked_lse, siglip_ring
 
 LOGIT_SCALE_MAX = math.log(100.0)
 SIGLIP_INIT_SCALE = math.log(10.0)
@@ -151,6 +160,30 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *,
     return -F.logsigmoid(z * logits).sum() / I.shape[0]
 
 
+def _local_chunked(base_name: str, label_smoothing: float, chunk: int):
+    """The local loss of `base_name` (rank r's rows against all gathered columns) via `chunked_lse`."""
+    decoupled = base_name in ("dcl", "infoloob")
+
+    def fn(image_features, text_features, logit_scale, logit_bias=None, *, all_image, all_text, offset):
+        I, T, AI, AT = _defaults(image_features, text_features, all_image, all_text)
+        exclude = offset if decoupled else None
+        lse_i = chunked_lse(I, AT, logit_scale, logit_bias, chunk, exclude)
+        lse_t = chunked_lse(T, AI, logit_scale, logit_bias, chunk, exclude)
+        pos = logit_scale * (I * T).sum(1)
+        if logit_bias is not None:
+            pos = pos + logit_bias
+        if not label_smoothing:
+            value = ((lse_i - pos).mean() + (lse_t - pos).mean()) / 2
+        else:  # CE with smoothing e: lse - (1-e) * positive - e * mean over columns of the logits
+            mean_i, mean_t = _logits(I, AT.mean(0, keepdim=True), logit_scale, logit_bias).squeeze(1), \
+                _logits(T, AI.mean(0, keepdim=True), logit_scale, logit_bias).squeeze(1)
+            e = label_smoothing
+            value = ((lse_i - (1 - e) * pos - e * mean_i).mean() + (lse_t - (1 - e) * pos - e * mean_t).mean()) / 2
+        return value / logit_scale if base_name == "infoloob" else value
+
+    return fn
+
+
 BASE_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "clip": clip_loss,
     "siglip": siglip_loss,
@@ -237,16 +270,23 @@ def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1
     base_name = cfg.loss
     base = BASE_LOSSES[base_name]
     base_kwargs = {"label_smoothing": cfg.label_smoothing} if base_name == "clip" else {}
+    if cfg.loss_chunk_size < 0:
+        raise ConfigError("--loss-chunk-size must be 0 (gathered logits) or more")
     weights = term_weights(cfg)
     distributed_ = world_size > 1
-    local = distributed_ and (cfg.local_loss or base_name == "siglip")
+    chunk = cfg.loss_chunk_size
+    ring = chunk > 0 and base_name == "siglip"
+    if chunk > 0 and cfg.local_loss and base_name != "siglip":
+        base, base_kwargs = _local_chunked(base_name, cfg.label_smoothing, chunk), {}
+    local = (distributed_ or chunk > 0) and (cfg.local_loss or base_name == "siglip")
     with_grad = cfg.gather_with_grad or local
 
     def loss_fn(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: Optional[torch.Tensor] = None) -> LossOutput:
-        if distributed_:
-            if not distributed.is_initialized():
-                raise RuntimeError(f"build_loss(world_size={world_size}) needs an initialised torch.distributed group")
+        if distributed_ and not distributed.is_initialized():
+            raise RuntimeError(f"build_loss(world_size={world_size}) needs an initialised torch.distributed group")
+        all_image, all_text = image_features, text_features
+        if distributed_ and (weights or not ring):  # the ring itself needs no gathered features
             if not with_grad:
                 # Only the local slot carries gradient: restore the factor W the gathered-with-grad
                 # path gets from summing every rank's (identical) loss. See module docstring.
@@ -254,10 +294,11 @@ def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1
                 text_features = _scale_grad(text_features, world_size)
             all_image, all_text = distributed.gather_features(
                 image_features, text_features, gather_with_grad=with_grad, rank=rank, world_size=world_size)
-        else:
-            all_image, all_text = image_features, text_features
         out: LossOutput = {}
-        if local:
+        if ring:
+            value = siglip_ring(_f32(image_features), _f32(text_features), logit_scale, logit_bias,
+                                rank, world_size, chunk)
+        elif local:
             b = image_features.shape[0]
             value = base(image_features, text_features, logit_scale, logit_bias,
                          all_image=all_image, all_text=all_text, offset=rank * b, **base_kwargs)
