@@ -7,7 +7,7 @@ w.r.t. a rank's own *inputs* is not averaged by anything, and is W times the ful
 those rows (each rank back-propagates its share of a loss whose rank-mean is the full loss, with
 all W shares reaching every rank's features). One spawn per world size (2 and 4) runs every case.
 
-The memory-flat losses (vlp/loss_blocks.py: SigLIP ring, chunked log-sum-exp) are checked here for
+The memory-flat losses (vlp/loss_blocks.py: SigLIP and InfoNCE rings, streaming log-sum-exp) are checked here for
 exact gradients with chunks smaller than, equal to and larger than the local batch, and for their
 per-rank memory: flat in the world size while the gathered path's grows (benchmarks/loss_memory.py).
 """

@@ -38,6 +38,13 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return torch.cat(torch.distributed.nn.all_gather(tensor), dim=0)
 
 
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over ranks; the backward sums the incoming gradients over ranks likewise."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return tensor
+    return torch.distributed.nn.all_reduce(tensor)
+
+
 def all_gather_no_grad(tensor: torch.Tensor, rank: Optional[int] = None) -> torch.Tensor:
     """Concatenate `tensor` from every rank along dim 0 without communicating gradients; the local
     tensor is put back into its own slot, so the gradient w.r.t. the local rows survives."""

@@ -38,9 +38,11 @@ reaching the local features is W x d(full loss)/d(local features), and the gradi
 Memory-flat paths (`loss_chunk_size` > 0, the default; vlp/loss_blocks.py), same values and gradients:
 * `siglip` (any world size): text blocks are passed round a ring of ranks instead of gathered, and
   logits are formed B x chunk at a time and recomputed in the backward.
-* `local_loss` with `clip`/`dcl`/`infoloob` (any world size; one process: the full loss): both
-  directions' log-sum-exp over the N gathered columns is accumulated chunk by chunk (B x chunk
-  logits at most, forward and backward); the positive logits cost only B x D.
+* `local_loss` with `clip`/`dcl`/`infoloob` (any world size; one process: the full loss): image and
+  text blocks go round the ring and both directions' log-sum-exp over all N columns is accumulated
+  block by block, chunk by chunk; the positive logits cost only B x D.
+Both hold at most B x chunk logits (forward and backward) and no other rank's features beyond the
+block in flight; gathering happens only for the additive terms.
 `loss_chunk_size=0` keeps the gathered path (all B x N logits held), e.g. to measure against it.
 
 So `vlp.distributed.reduce_mean(out[key])` is the full-batch value of every key in every mode.
@@ -55,7 +57,7 @@ import torch.nn.functional as F
 
 from vlp.config import ConfigError, LossConfig
 from vlp import distributed
-from vlp.loss_blocks import chunked_lse, siglip_ring
+from vlp.loss_blocks import lse_ring, siglip_ring
 
 LOGIT_SCALE_MAX = math.log(100.0)
 SIGLIP_INIT_SCALE = math.log(10.0)
@@ -160,25 +162,26 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *,
     return -F.logsigmoid(z * logits).sum() / I.shape[0]
 
 
-def _local_chunked(base_name: str, label_smoothing: float, chunk: int):
-    """The local loss of `base_name` (rank r's rows against all gathered columns) via `chunked_lse`."""
+def _ring_local(base_name: str, label_smoothing: float, rank: int, world_size: int, chunk: int):
+    """Rank r's local loss of `base_name` (its rows against every rank's columns) via `lse_ring`: no gathering."""
     decoupled = base_name in ("dcl", "infoloob")
 
-    def fn(image_features, text_features, logit_scale, logit_bias=None, *, all_image, all_text, offset):
-        I, T, AI, AT = _defaults(image_features, text_features, all_image, all_text)
-        exclude = offset if decoupled else None
-        lse_i = chunked_lse(I, AT, logit_scale, logit_bias, chunk, exclude)
-        lse_t = chunked_lse(T, AI, logit_scale, logit_bias, chunk, exclude)
+    def fn(image_features, text_features, logit_scale, logit_bias=None):
+        I, T = _f32(image_features), _f32(text_features)
+        lse_i, lse_t = lse_ring(I, T, logit_scale, logit_bias, rank, world_size, chunk, exclude_positive=decoupled)
         pos = logit_scale * (I * T).sum(1)
         if logit_bias is not None:
             pos = pos + logit_bias
         if not label_smoothing:
             value = ((lse_i - pos).mean() + (lse_t - pos).mean()) / 2
-        else:  # CE with smoothing e: lse - (1-e) * positive - e * mean over columns of the logits
-            mean_i, mean_t = _logits(I, AT.mean(0, keepdim=True), logit_scale, logit_bias).squeeze(1), \
-                _logits(T, AI.mean(0, keepdim=True), logit_scale, logit_bias).squeeze(1)
+        else:  # CE with smoothing e: lse - (1-e) * positive - e * mean of the row's logits over all N columns
+            n = I.shape[0] * world_size
+            mean_t = distributed.all_reduce_sum_with_grad(T.sum(0, keepdim=True)) / n
+            mean_i = distributed.all_reduce_sum_with_grad(I.sum(0, keepdim=True)) / n
             e = label_smoothing
-            value = ((lse_i - (1 - e) * pos - e * mean_i).mean() + (lse_t - (1 - e) * pos - e * mean_t).mean()) / 2
+            rows_i = _logits(I, mean_t, logit_scale, logit_bias).squeeze(1)
+            rows_t = _logits(T, mean_i, logit_scale, logit_bias).squeeze(1)
+            value = ((lse_i - (1 - e) * pos - e * rows_i).mean() + (lse_t - (1 - e) * pos - e * rows_t).mean()) / 2
         return value / logit_scale if base_name == "infoloob" else value
 
     return fn
@@ -275,10 +278,13 @@ def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1
     weights = term_weights(cfg)
     distributed_ = world_size > 1
     chunk = cfg.loss_chunk_size
-    ring = chunk > 0 and base_name == "siglip"
-    if chunk > 0 and cfg.local_loss and base_name != "siglip":
-        base, base_kwargs = _local_chunked(base_name, cfg.label_smoothing, chunk), {}
-    local = (distributed_ or chunk > 0) and (cfg.local_loss or base_name == "siglip")
+    ring = None  # the memory-flat base loss: its features are passed round the ranks, never gathered
+    if chunk > 0 and base_name == "siglip":
+        def ring(I, T, s, b):
+            return siglip_ring(_f32(I), _f32(T), s, b, rank, world_size, chunk)
+    elif chunk > 0 and cfg.local_loss:
+        ring = _ring_local(base_name, cfg.label_smoothing, rank, world_size, chunk)
+    local = distributed_ and (cfg.local_loss or base_name == "siglip")
     with_grad = cfg.gather_with_grad or local
 
     def loss_fn(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -286,7 +292,7 @@ def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1
         if distributed_ and not distributed.is_initialized():
             raise RuntimeError(f"build_loss(world_size={world_size}) needs an initialised torch.distributed group")
         all_image, all_text = image_features, text_features
-        if distributed_ and (weights or not ring):  # the ring itself needs no gathered features
+        if distributed_ and (weights or ring is None):  # the ring itself needs no gathered features
             if not with_grad:
                 # Only the local slot carries gradient: restore the factor W the gathered-with-grad
                 # path gets from summing every rank's (identical) loss. See module docstring.
@@ -295,9 +301,8 @@ def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1
             all_image, all_text = distributed.gather_features(
                 image_features, text_features, gather_with_grad=with_grad, rank=rank, world_size=world_size)
         out: LossOutput = {}
-        if ring:
-            value = siglip_ring(_f32(image_features), _f32(text_features), logit_scale, logit_bias,
-                                rank, world_size, chunk)
+        if ring is not None:
+            value = ring(image_features, text_features, logit_scale, logit_bias)
         elif local:
             b = image_features.shape[0]
             value = base(image_features, text_features, logit_scale, logit_bias,
