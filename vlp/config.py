@@ -48,6 +48,8 @@ class ModelConfig:
     lock_text: bool = field(default=False, metadata={"help": "freeze the text tower"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in both towers"})
     torchcompile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard parameters, gradients and optimiser state over the processes (towers too large to replicate)"})
+    fsdp_sharding: str = field(default="full", metadata={"help": "--fsdp: 'full' frees each block's gathered weights after its forward (ZeRO-3), 'grad-op' keeps them for the backward (ZeRO-2)"})
 
 
 @dataclass
@@ -316,6 +318,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--local-loss needs --gather-with-grad: without it the gradients are biased")
     if lo.loss not in ("clip", "siglip", "dcl", "infoloob"):
         raise ConfigError(f"--loss must be one of clip, siglip, dcl, infoloob (got {lo.loss!r})")
+    if cfg.model.fsdp_sharding not in ("full", "grad-op"):
+        raise ConfigError(f"--fsdp-sharding must be full or grad-op (got {cfg.model.fsdp_sharding!r})")
     if lo.loss_chunk_size < 0:
         raise ConfigError("--loss-chunk-size must be 0 (gathered logits) or more")
     if lo.loss != "clip" and lo.label_smoothing:

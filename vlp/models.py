@@ -230,11 +230,12 @@ def model_identity(bundle: ModelBundle, tokenizer_spec: Optional[str]) -> dict[s
 
 
 def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict, out_dir: str | os.PathLike,
-                     tokenizer: Optional[str] = None) -> Path:
+                     tokenizer: Optional[str] = None, state_dict: Optional[dict] = None) -> Path:
     """Write a self-contained folder open_clip loads with `create_model_and_transforms('local-dir:DIR')` and
     `get_tokenizer('local-dir:DIR')`, or with `create_model_and_transforms(name, pretrained=DIR/open_clip_model.safetensors)`
     for a registered name. A `--tokenizer` (spm:FILE or hf:DIR) is written into the folder as Hugging Face
-    tokenizer files, referred to relatively."""
+    tokenizer files, referred to relatively. `state_dict`: the weights to write instead of `model.state_dict()`
+    (a sharded model's gathered state)."""
     from safetensors.torch import save_file
 
     from vlp.tokenizers import save_tokenizer_files
@@ -246,7 +247,8 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: di
 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(tmp / EXPORT_WEIGHTS))
     cfg = json.loads(json.dumps(model_cfg))
     cfg["text_cfg"] = {**cfg.get("text_cfg", {}), **save_tokenizer_files(tokenizer, cfg.get("text_cfg", {}), tmp)}

@@ -15,6 +15,7 @@ from typing import Optional
 from vlp.config import ConfigError
 from vlp.train import checkpoint as ckpt
 from vlp.train.health import TrainingError, all_finite
+from vlp.train import sharding
 
 
 def per_rank(accelerator, obj) -> list:
@@ -49,13 +50,17 @@ class Checkpointer:
             raise TrainingError(f"the weights are not finite at step {step}; nothing saved. {self.last_finite()}")
         acc = self.accelerator
         rngs, loaders = per_rank(acc, ckpt.rng_state()), per_rank(acc, self.loader.state_dict())
+        sharded = sharding.is_sharded(self.net)
+        if sharded:  # gathered onto the main process; every rank takes part
+            model_state, optim_state = sharding.full_state(self.net, self.optimizer)
         path, error = None, None
         if acc.is_main_process:
             state = {
-                "step": step, "epoch": epoch,
-                "model": (weights := self.net.state_dict()),
+                "step": step, "epoch": epoch, "fsdp": sharded,
+                "model": (weights := model_state if sharded else self.net.state_dict()),
                 "state_dict": weights,  # where open_clip looks (pretrained=step_N.pt); the same tensors, stored once
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer": optim_state if sharded else self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "rng": rngs, "loader": loaders,
                 "config": json.dumps(self.cfg.to_dict()), **self.identity,
@@ -90,12 +95,20 @@ class Checkpointer:
         if missing:
             raise ConfigError(f"{path} is not a vlp training checkpoint (no {', '.join(missing)}): "
                               f"to start from its weights use --pretrained instead of --resume")
+        sharded = sharding.is_sharded(self.net)
+        if bool(state.get("fsdp")) != sharded:  # the optimiser states differ in form (by name vs by index)
+            raise ConfigError(f"{path} was written {'with' if state.get('fsdp') else 'without'} --fsdp; "
+                              f"resume it {'with' if state.get('fsdp') else 'without'} --fsdp")
         try:
-            self.net.load_state_dict(state["model"])
+            if sharded:
+                sharding.load_full_state(self.net, state["model"], self.optimizer, state["optimizer"])
+            else:
+                self.net.load_state_dict(state["model"])
         except RuntimeError as e:
             raise ConfigError(f"{path} does not fit this architecture ({ckpt.first_line(e, 1)}): "
                               f"resume with the run's own --model") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not sharded:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])

@@ -4,8 +4,11 @@ Every `--eval-data` set is opened and indexed once, before step 1 (`open_sets`):
 malformed set stops the run there with one line (ConfigError, exit 2), not after hours of training.
 
 Each evaluation is split across ranks: every rank encodes its share of each set's images and texts in
-the run's autocast, the features are gathered, and rank 0 computes the metrics once (`vlp.eval.evaluate`
-with `distributed=True`). Results are logged to the metrics sink as `eval/{dataset}/{metric}` and
+the run's precision (`vlp.precision.eval_autocast`: an amp_bf16 run scores in bf16, an fp32 run in fp32;
+the evaluator's own autocast is off, which chose fp16 on CUDA whatever the run's precision), the
+features are gathered, and rank 0 computes the metrics once (`vlp.eval.evaluate` with
+`distributed=True`). A sharded (`--fsdp`) model's forward is collective, so there every rank encodes
+every set whole (the same number of batches on every rank), with the root's weights gathered. Results are logged to the metrics sink as `eval/{dataset}/{metric}` and
 returned flat.
 
 A set that fails during training (an image that no longer decodes, a file gone) does not stop training:
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import sys
 
+from vlp import precision as prec
 from vlp.config import ConfigError
+from vlp.train import sharding
 
 
 def open_sets(specs: list[str]) -> list:
@@ -44,6 +49,7 @@ class InLoopEval:
         self.sets = open_sets(cfg.run.eval_data) if sets is None else sets
         self.bundle, self.accelerator, self.metrics = bundle, accelerator, metrics
         self.batch_size = max(cfg.data.batch_size, 64)
+        self.precision = prec.resolve(cfg.run.precision, accelerator.device)
 
     def __call__(self, net, step: int) -> dict:
         if not self.sets:
@@ -55,10 +61,11 @@ class InLoopEval:
         net.eval()
         flat = {}
         try:
-            with acc.autocast():
+            sharded = sharding.is_sharded(net)
+            with prec.eval_autocast(self.precision, acc.device), sharding.root_gathered(net):
                 results = evaluate(net, bundle.tokenizer, bundle.preprocess_val, self.sets, device=acc.device,
-                                   batch_size=self.batch_size, model_name=bundle.model_name,
-                                   pretrained=f"step {step}", distributed=acc.num_processes > 1,
+                                   batch_size=self.batch_size, model_name=bundle.model_name, amp=False,
+                                   pretrained=f"step {step}", distributed=acc.num_processes > 1 and not sharded,
                                    feature_cache=False, on_error="record")
         finally:
             net.train(was_training)

@@ -23,6 +23,7 @@ from vlp import precision as prec
 from vlp.models import create_model, export_open_clip, model_identity
 from vlp.train import checkpoint as ckpt
 from vlp.train import device_batch, health
+from vlp.train import sharding
 from vlp.train.checkpointer import Checkpointer
 from vlp.train.console import Console
 from vlp.train.health import TrainingError
@@ -138,11 +139,13 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
     total_steps = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
 
     model = bundle.model
+    if cfg.model.fsdp:  # before the optimiser: FSDP2 turns the parameters into DTensors
+        model = sharding.shard_model(model, cfg.model.fsdp_sharding, accelerator.device, run_precision(cfg))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     if cfg.model.torchcompile:
         model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = sharding.prepare(accelerator, model, optimizer)
     # The plain module inside the DDP/compile wrappers (same parameters): what is saved, evaluated, clamped.
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
     loss_fn = build_loss(cfg.loss, rank=rank, world_size=world)
@@ -205,8 +208,9 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
                 t_last, step_last = now, step
                 last = {f"train/{k}": reduce_mean(v.float()).item() for k, v in losses.items()}
                 last.update({
-                    "train/logit_scale": net.logit_scale.exp().item(),
-                    **({"train/logit_bias": net.logit_bias.item()} if getattr(net, "logit_bias", None) is not None
+                    "train/logit_scale": sharding.full_value(net.logit_scale).exp().item(),
+                    **({"train/logit_bias": sharding.full_value(net.logit_bias).item()}
+                       if getattr(net, "logit_bias", None) is not None
                        else {}),
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/samples_per_s": rate, "train/epoch": epoch,
@@ -235,11 +239,12 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
     if health.any_rank(signals.requested, accelerator.device):
         raise Preempted(f"{signals.name}: stopped after the last step, state saved in {final}; "
                         f"--resume latest exports and evaluates it")
+    gathered = sharding.full_state(net)[0] if sharding.is_sharded(net) else None  # every rank takes part
     if main:
         import open_clip
 
         export_open_clip(net, bundle.model_cfg, open_clip.get_model_preprocess_cfg(net), paths.export,
-                         tokenizer=cfg.model.tokenizer)
+                         tokenizer=cfg.model.tokenizer, state_dict=gathered)
     last.update(results := evaluate_now(net, step))
     console.eval(step, results)
     accelerator.end_training()

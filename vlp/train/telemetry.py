@@ -71,6 +71,10 @@ def flops_per_sample(model: torch.nn.Module, image_size=None, context_length: Op
     computed or allocated, the model is left as it was, and attention is counted the same way on every
     device (CPU kernels of fused attention are invisible to the counter). The model's train/eval mode
     is used as is (patch dropout, for one, changes the count). Sizes default to the model's own."""
+    if hasattr(model, "_vlp_flops_per_sample"):  # a sharded model: counted before sharding (its hooks would gather)
+        if model._vlp_flops_per_sample is None:
+            raise ValueError("FLOPs of this model could not be counted")
+        return model._vlp_flops_per_sample
     FlopCounterMode = compat.require_flop_counter("counting FLOPs per sample")
     (h, w), ctx = _input_shapes(model, image_size, context_length)
     meta = {name: torch.empty_like(t, device="meta")

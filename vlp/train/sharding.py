@@ -1,0 +1,158 @@
+"""FSDP2 (`--fsdp`): parameters, gradients and optimiser state sharded over the ranks, for towers
+too large to replicate on every device.
+
+accelerate (1.15) switches its FSDP plugin on only for multi-GPU runs (its CPU branch keeps DDP),
+so vlp calls torch's FSDP2 `fully_shard` itself, the call accelerate's plugin makes: the same code
+then runs on GPUs and on CPU processes (gloo), where the tests run it. Each transformer block is
+its own shard unit (gathered for its forward and backward only), then the root holds the rest.
+`--fsdp-sharding full` frees a block's gathered parameters after its forward (ZeRO-3);
+`grad-op` keeps them until the backward (ZeRO-2: more memory, one all-gather less per step).
+
+Checkpoints hold the full (gathered) model and optimiser state, written by the main process: the
+model part is an ordinary state dict (export, eval_zeroshot and open_clip read it as from any other
+run); the optimiser part is keyed by parameter name (torch.distributed.checkpoint's full form), so
+an `--fsdp` checkpoint resumes an `--fsdp` run.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+from vlp.compat import require_fsdp2
+from vlp.config import ConfigError
+
+SHARDINGS = ("full", "grad-op")
+PRECISIONS = ("fp32", "amp_bf16", "amp_bfloat16")
+SCALARS_ATTR = "_vlp_fsdp_scalars"  # names of 0-dim parameters stored as shape [1] while sharded
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return hasattr(model, SCALARS_ATTR)
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    block_types = (ResidualAttentionBlock,)
+    try:
+        from open_clip.transformer import CustomResidualAttentionBlock
+        block_types += (CustomResidualAttentionBlock,)
+    except ImportError:
+        pass
+    return [m for m in model.modules() if isinstance(m, block_types)]
+
+
+def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, precision: str = "fp32"
+                ) -> torch.nn.Module:
+    """Shard `model` in place over every rank of the default process group; call it before building the
+    optimiser (the parameters become DTensors). `precision`: the run's resolved --precision."""
+    fully_shard = require_fsdp2("--fsdp")
+    if precision not in PRECISIONS:
+        # fp16 autocast needs a grad scaler that agrees across shards; cast weights mix dtypes in a shard unit
+        raise ConfigError(f"--fsdp runs in {' or '.join(PRECISIONS[:2])} (bf16 autocast), not --precision {precision}")
+    if not torch.distributed.is_initialized():
+        raise ConfigError("--fsdp needs several processes (torchrun or accelerate launch)")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model.to(device)
+    from vlp.train.telemetry import flops_per_sample
+
+    try:  # the counter runs forward on meta stand-ins, which the sharded model's hooks would try to gather
+        model._vlp_flops_per_sample = flops_per_sample(model)
+    except Exception:  # noqa: BLE001 - no FLOPs figure (banner, MFU); training goes on
+        model._vlp_flops_per_sample = None
+    # FSDP2 shards along dim 0 and refuses 0-dim parameters (logit_scale, logit_bias): hold them as [1].
+    scalars = [name for name, p in model.named_parameters() if p.ndim == 0]
+    for name in scalars:
+        owner, attr = _owner(model, name)
+        old = getattr(owner, attr)
+        setattr(owner, attr, torch.nn.Parameter(old.detach().reshape(1), requires_grad=old.requires_grad))
+    # Ranks are seeded apart (set_seed(device_specific=True)); DDP broadcasts rank 0's weights, FSDP2 would
+    # shard each rank's own: start every rank from rank 0's.
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(t.data, src=0)
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    reshard = sharding == "full"
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    # The root's parameters stay gathered from its forward to its backward (FSDP2's advice for the root),
+    # which the loss needs: open_clip's forward returns `logit_bias` itself, not a copy, and resharding
+    # would free the storage under it.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    setattr(model, SCALARS_ATTR, scalars)
+    return model
+
+
+@contextmanager
+def root_gathered(model: torch.nn.Module):
+    """The root's own parameters (embeddings, projections, logit scale) gathered for calls that bypass
+    `forward()`, such as evaluation's `encode_image`/`encode_text` (the blocks gather their own in their
+    forward). Collective when sharded; a no-op otherwise. (FSDP2's `register_fsdp_forward_method` does not
+    fit: open_clip's forward calls those methods itself, and their post-forward would reshard the root
+    in the middle of it.)"""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def prepare(accelerator, model: torch.nn.Module, optimizer):
+    """accelerate's prepare; a sharded model is left out of it (accelerate would wrap it in DDP)."""
+    if is_sharded(model):
+        return model, accelerator.prepare(optimizer)
+    return accelerator.prepare(model, optimizer)
+
+
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) parameter; collective when sharded (every rank calls it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def _plain_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def full_state(model: torch.nn.Module, optimizer=None) -> tuple[dict, Optional[dict]]:
+    """Gathered (model state dict with the original shapes, optimiser state keyed by parameter name), complete on
+    the main process (other ranks get empty dicts). Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_state = get_model_state_dict(model, options=_options(cpu_offload=True))
+    for name in getattr(model, SCALARS_ATTR):
+        if name in model_state:
+            model_state[name] = model_state[name].reshape(())
+    optim_state = None
+    if optimizer is not None:
+        optim_state = get_optimizer_state_dict(model, _plain_optimizer(optimizer), options=_options(cpu_offload=True))
+    return model_state, optim_state
+
+
+def load_full_state(model: torch.nn.Module, model_state: dict, optimizer=None, optim_state: Optional[dict] = None) -> None:
+    """Shard a full state (as `full_state` returns it; every rank passes it) into the model and optimiser."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model_state = dict(model_state)
+    for name in getattr(model, SCALARS_ATTR):
+        if name in model_state:
+            model_state[name] = model_state[name].reshape(1)
+    set_model_state_dict(model, model_state, options=_options())
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(model, _plain_optimizer(optimizer), optim_state, options=_options())
