@@ -65,4 +65,6 @@ def agree(loss: torch.Tensor, norm: Optional[torch.Tensor], stop: bool) -> Verdi
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """True when every element of every floating tensor is finite (exact, for the state about to be saved)."""
+    # a sharded (DTensor) parameter is checked on this rank's shard; callers combine the ranks' answers
+    tensors = (t.to_local() if hasattr(t, "to_local") else t for t in tensors)
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
