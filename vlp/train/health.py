@@ -37,7 +37,9 @@ def checked_grad_norm(accelerator, model, clip: Optional[float]) -> Optional[tor
     norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip else None
     if accelerator.scaler is not None:
         return None
-    return norm if norm is not None else grad_norm(model.parameters())
+    norm = norm if norm is not None else grad_norm(model.parameters())
+    # sharded (--fsdp) gradients give a DTensor norm (collective: every rank is here)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def any_rank(flag: bool, device) -> bool:
