@@ -77,7 +77,8 @@ def flops_per_sample(model: torch.nn.Module, image_size=None, context_length: Op
         return model._vlp_flops_per_sample
     FlopCounterMode = compat.require_flop_counter("counting FLOPs per sample")
     (h, w), ctx = _input_shapes(model, image_size, context_length)
-    meta = {name: torch.empty_like(t, device="meta")
+    # plain meta tensors of each weight's full shape (also for sharded DTensor weights under FSDP)
+    meta = {name: torch.empty(t.shape, dtype=t.dtype, device="meta")
             for name, t in [*model.named_parameters(), *model.named_buffers()]}
     images = torch.zeros(1, 3, h, w, device="meta")
     texts = torch.zeros(1, ctx, dtype=torch.long, device="meta")
