@@ -25,12 +25,14 @@ def _pair_of_loaders(tmp_path):
     return host, collect(loader), loader.normalization
 
 
-def test_device_path_equals_host_path(tmp_path):
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_device_path_equals_host_path(tmp_path, device):
     host, raw, norm = _pair_of_loaders(tmp_path)
     assert len(raw) == len(host) == 10
-    fp32, bf16 = DeviceBatch("cpu", norm, torch.float32), DeviceBatch("cpu", norm, torch.bfloat16)
+    fp32, bf16 = DeviceBatch(device, norm, torch.float32), DeviceBatch(device, norm, torch.bfloat16)
+    host = [(x.to(device), t.to(device)) for x, t in host]
     for (xu, tu), (xf, tf) in zip(raw, host):
-        assert xu.dtype == torch.uint8
+        assert xu.dtype == torch.uint8 and xu.is_pinned() == torch.cuda.is_available()
         x32, t32 = fp32(xu, tu)
         assert x32.dtype == torch.float32 and torch.equal(t32, tf)
         torch.testing.assert_close(x32, xf, rtol=0, atol=1e-6)  # one fused op vs the host's two: float rounding
