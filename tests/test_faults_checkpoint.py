@@ -157,3 +157,17 @@ def test_logs_that_cannot_hold_a_run_folder(demo_data, micro_model_json, tmp_pat
         with pytest.raises(ConfigError, match=r"cannot write the run folder .*Permission denied"):
             train(parse_config(_flags(demo_data, micro_model_json, ro, "r")))
     shutil.rmtree(tmp_path / "ro", ignore_errors=True)
+
+
+def test_retrieval_captions_not_utf8_is_one_line(tmp_path, capsys):
+    """(Item 6's last case; a sizes.json holding a non-integer is tests/test_faults_data.py's.)"""
+    import eval_zeroshot
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (16, 16), (i * 90, 0, 0)).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "captions.csv").write_bytes(b"image,caption\n0.jpg,red\n1.jpg,caf\xe9\n")
+    rc = eval_zeroshot.main(["--checkpoint", str(tmp_path / "none.pt"), "--model", "vlp-tiny",
+                             "--data", str(tmp_path / "captions.csv"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "captions.csv:3: captions are not UTF-8" in err, err

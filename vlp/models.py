@@ -159,7 +159,12 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - an empty or damaged file is a user-facing error
+            from vlp.train.checkpoint import first_line
+
+            raise ConfigError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     from vlp.train.checkpoint import load_state
 
     ckpt = load_state(Path(path))  # verifies a vlp checkpoint's checksum; one line on any unreadable file

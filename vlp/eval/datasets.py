@@ -20,6 +20,7 @@ workers may decode in parallel while the order of results stays that of the set.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -367,8 +368,14 @@ def _read_caption_file(es: EvalSet) -> list[Sample]:
     path = es.root
     base = Path(es.options.get("root", path.parent))
     groups: dict[str, list[str]] = {}
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise EvalError(f"{path}:{line}: captions are not UTF-8 text (byte {e.start}); "
+                        f"re-encode the file as UTF-8") from None
     if path.suffix.lower() in (".jsonl", ".json"):
-        text = path.read_text()
         try:
             rows = json.loads(text) if path.suffix.lower() == ".json" else \
                 [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -386,8 +393,7 @@ def _read_caption_file(es: EvalSet) -> list[Sample]:
             groups.setdefault(str(img), []).extend(caps)
     else:
         delim = "\t" if path.suffix.lower() == ".tsv" else ","
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh, delimiter=delim))
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delim))
         if not rows:
             raise EvalError(f"{path}: the caption file is empty")
         header = [h.strip().lower() for h in rows[0]]
