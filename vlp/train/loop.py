@@ -189,11 +189,12 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
             losses = train_step(model, micro, loss_fn, backward=accelerator.backward,
                                 autocast=accelerator.autocast, no_sync=lambda: accelerator.no_sync(model))
             # Every rank must agree, or one would raise while the others wait in a collective.
-            verdict = health.agree(losses["loss"], health.checked_grad_norm(accelerator, model, cfg.optim.grad_clip_norm),
-                                   signals.requested)
+            norm = health.checked_grad_norm(accelerator, model, cfg.optim.grad_clip_norm)
+            verdict = health.agree(losses["loss"], norm, signals.requested)
             if verdict.problem:
                 optimizer.zero_grad(set_to_none=True)
-                raise TrainingError(f"{verdict.problem} at step {step + 1}; {checkpointer.save_before_failure(step, epoch)}")
+                saved = checkpointer.save_before_failure(step, epoch)
+                raise TrainingError(f"{verdict.problem} at step {step + 1}; {saved}")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
