@@ -200,7 +200,9 @@ def load_checkpoint(path: str, model_name: Optional[str] = None, tokenizer: Opti
 
 
 def read_checkpoint_meta(path: str) -> Optional[dict]:
-    """The model identity (and training step) stored in a vlp checkpoint, or None for other files."""
+    """The model identity (and training step) stored in a vlp checkpoint, or None for other files (and folders)."""
+    if not Path(path).is_file():
+        return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001
