@@ -2,7 +2,7 @@
 
 Every function takes L2-normalised features `I`, `T` ([N, D], row i of each a matching pair),
 `logit_scale` already exponentiated (`s`), and optionally `logit_bias` (`b`); see
-/work/shared/reference.md for the formulas. Features are promoted to float32 inside.
+shared/reference.md (beside the clone) for the formulas. Features are promoted to float32 inside.
 
 Base losses (`BASE_LOSSES`): `clip`, `siglip`, `dcl`, `infoloob`. They also accept
 `all_image`/`all_text` (the gathered batch) and `offset` (the global index of the first local row)
