@@ -33,6 +33,18 @@ def demo_data(tmp_path_factory) -> dict:
     return make_demo_data(out, train_samples=600, eval_samples=80, image_size=32, per_shard=150, progress=False)
 
 
+def write_color_splits(base: Path, test: int, train: int) -> Path:
+    """A CLIP_benchmark wds root of the demo colours with `test` and `train` splits (32 px), for probe tests."""
+    import shutil
+
+    from data_tools.make_demo_data import write_classification
+
+    write_classification(base / "colors", "color", test, 32, seed=1, per_shard=test // 2)
+    write_classification(base / "tmp", "color", train, 32, seed=2, per_shard=train // 2)
+    shutil.move(str(base / "tmp" / "test"), str(base / "colors" / "train"))
+    return base / "colors"
+
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 

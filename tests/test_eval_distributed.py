@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import repo_root
+from tests.conftest import repo_root, write_color_splits
 
 WORKER = r"""
 import json, sys, torch, torch.distributed as dist
@@ -53,13 +52,7 @@ def _run(world, model_json, sets, out, on_error="raise"):
 
 @pytest.fixture(scope="module")
 def probe_root(tmp_path_factory):
-    from data_tools.make_demo_data import write_classification
-
-    base = tmp_path_factory.mktemp("dprobe")
-    write_classification(base / "colors", "color", 40, 32, seed=1, per_shard=20)
-    write_classification(base / "tmp", "color", 60, 32, seed=2, per_shard=30)
-    shutil.move(str(base / "tmp" / "test"), str(base / "colors" / "train"))
-    return base / "colors"
+    return write_color_splits(tmp_path_factory.mktemp("dprobe"), test=40, train=60)
 
 
 def test_two_ranks_give_the_single_process_figures(demo_data, micro_model_json, probe_root, tmp_path):

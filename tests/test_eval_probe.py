@@ -2,7 +2,6 @@
 and both tasks end to end on a wds set with train and test splits."""
 from __future__ import annotations
 
-import shutil
 import warnings
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 from vlp.eval import features as FC
 from vlp.eval.knn import knn_metrics, knn_predict
+from tests.conftest import write_color_splits
 from vlp.eval.probe import LAMBDAS, fit_logistic, linear_probe, select_lambda, stratified_split
 
 sklearn_lm = pytest.importorskip("sklearn.linear_model")
@@ -120,13 +120,7 @@ def test_knn_equals_brute_force():
 @pytest.fixture(scope="module")
 def probe_set(tmp_path_factory):
     """A CLIP_benchmark wds root with `train` (96 images) and `test` (48) splits of the demo colours."""
-    from data_tools.make_demo_data import write_classification
-
-    base = tmp_path_factory.mktemp("probe")
-    write_classification(base / "colors", "color", 48, 32, seed=1, per_shard=24)
-    write_classification(base / "tmp", "color", 96, 32, seed=2, per_shard=48)
-    shutil.move(str(base / "tmp" / "test"), str(base / "colors" / "train"))
-    return base / "colors"
+    return write_color_splits(tmp_path_factory.mktemp("probe"), test=48, train=96)
 
 
 def test_probe_and_knn_end_to_end_with_feature_cache(probe_set, micro_model_json, tmp_path):
