@@ -45,6 +45,24 @@ def write_color_splits(base: Path, test: int, train: int) -> Path:
     return base / "colors"
 
 
+def write_tiny_bert(base: Path) -> Path:
+    """A Hugging Face text tower folder `base/tiny-bert` (BERT, 32-d, 1 layer, random weights, its own small
+    WordPiece vocabulary), for the HF-tower tests; nothing is downloaded."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = "a photo of red blue green circle square small large the on left right".split()
+    vocab = base / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    hf_dir = base / "tiny-bert"
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(hf_dir)
+    cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(hf_dir)
+    return hf_dir
+
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 

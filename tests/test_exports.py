@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 
-from tests.conftest import repo_root
+from tests.conftest import MICRO_CFG, repo_root, write_tiny_bert
 from vlp.config import parse_config
 from vlp.models import create_model, export_open_clip, load_checkpoint
 from vlp.train.loop import train
@@ -104,6 +104,50 @@ def test_export_with_own_tokenizer_is_self_contained(kind, spm_model, tmp_path):
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
     _same_embeddings(bundle.model, model, bundle.tokenizer, tok, 64)
     assert torch.equal(load_checkpoint(str(out)).tokenizer(TEXTS), ours)   # vlp reads it back the same way
+
+
+def test_export_with_hf_text_tower_is_self_contained(demo_data, tmp_path, monkeypatch):
+    """An HF text tower's config travels in export/: with its source folder deleted and another working
+    directory, open_clip's local-dir: model and tokenizer give the trained model's tokens and embeddings, and
+    vlp's eval of the export (also after the export folder itself moved) gives the step checkpoint's figures."""
+    import shutil
+
+    import eval_zeroshot
+
+    (tmp_path / "src").mkdir()
+    src = write_tiny_bert(tmp_path / "src")
+    model_json = tmp_path / "vlp-hf-micro.json"
+    model_json.write_text(json.dumps({"embed_dim": 32, "vision_cfg": MICRO_CFG["vision_cfg"], "text_cfg": {
+        "hf_model_name": str(src), "hf_tokenizer_name": str(src), "context_length": 16,
+        "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"}}))
+    run = _train(demo_data, str(model_json), tmp_path / "logs", "hf")
+    step = run / "checkpoints" / "step_00000002.pt"
+    ours = load_checkpoint(str(step))
+    colors = next(d for d in demo_data["eval_data"] if d.endswith("demo_colors"))
+
+    def scores(checkpoint, name):
+        assert eval_zeroshot.main(["--checkpoint", str(checkpoint), "--data", colors, "--quiet", "--workers", "0",
+                                   "--output", str(tmp_path / "out" / name)]) == 0
+        (res,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / name).glob("*.json")]
+        return res["metrics"]
+
+    reference = scores(step, "ref")
+    shutil.rmtree(tmp_path / "src")
+    monkeypatch.chdir(tmp_path / "logs")             # a relative tower path would now resolve elsewhere
+    export = run / "export"
+    text = (export / "open_clip_config.json").read_text()
+    assert str(src) not in text and json.loads(text)["model_cfg"]["text_cfg"]["hf_model_pretrained"] is False
+    tok = open_clip.get_tokenizer(f"local-dir:{export}")
+    assert torch.equal(tok(TEXTS), ours.tokenizer(TEXTS))
+    theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    _same_embeddings(ours.model, theirs, ours.tokenizer, tok, 32)
+    assert scores(export, "export") == reference
+
+    moved = tmp_path / "moved"
+    shutil.move(str(export), str(moved))
+    again = load_checkpoint(str(moved))
+    _same_embeddings(ours.model, again.model, ours.tokenizer, again.tokenizer, 32)
+    assert scores(moved, "moved") == reference
 
 
 def test_hf_transformers_export_matches(micro_model_json, tmp_path):

@@ -5,28 +5,13 @@ import open_clip
 import pytest
 import torch
 
-from tests.conftest import MICRO_CFG
+from tests.conftest import MICRO_CFG, write_tiny_bert
 from vlp.config import ConfigError
 from vlp.models import create_model, export_open_clip, load_checkpoint, model_identity
 
 
-def _hf_tower(tmp_path):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    words = "a photo of red blue green circle square small large the on left right".split()
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    hf_dir = tmp_path / "tiny-bert"
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(hf_dir)
-    cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(hf_dir)
-    return hf_dir
-
-
 def test_hf_text_tower_from_local_folder_loads_its_weights(tmp_path):
-    hf_dir = _hf_tower(tmp_path)
+    hf_dir = write_tiny_bert(tmp_path)
     cfg = {"embed_dim": 32, "vision_cfg": MICRO_CFG["vision_cfg"],
            "text_cfg": {"hf_model_name": str(hf_dir), "hf_tokenizer_name": str(hf_dir), "context_length": 16,
                         "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"}}

@@ -24,6 +24,7 @@ open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 EXPORT_CONFIG = "open_clip_config.json"
 EXPORT_WEIGHTS = "open_clip_model.safetensors"
+EXPORT_HF_TOWER = "hf_text_tower"   # an HF text tower's config.json inside an export folder
 
 
 @dataclass
@@ -93,13 +94,16 @@ def create_model(
     # A Hugging Face text tower must come from a local folder (nothing is downloaded); its weights
     # are loaded from there unless the config says `hf_model_pretrained: false`.
     text_cfg = model_cfg.get("text_cfg", {})
+    overrides = {}
+    if name.startswith("local-dir:") and (moved := _moved_export_tower(Path(name[len("local-dir:"):]), text_cfg)):
+        text_cfg = model_cfg["text_cfg"] = overrides["text_cfg"] = moved
     hf_dir = text_cfg.get("hf_model_name")
     if hf_dir and not Path(hf_dir).is_dir():
         raise ConfigError(f"Hugging Face text tower '{hf_dir}' must be a local folder (vlp downloads nothing)")
     with _quiet_root_logger():  # open_clip warns that no pretrained weights were named: vlp loads its own
         net, pre_train, pre_val = open_clip.create_model_and_transforms(
             name, device=device, aug_cfg=aug_cfg, output_dict=True,
-            pretrained_text=bool(hf_dir) and text_cfg.get("hf_model_pretrained", True))
+            pretrained_text=bool(hf_dir) and text_cfg.get("hf_model_pretrained", True), **overrides)
     if pretrained:
         load_weights(net, pretrained, model_cfg)
     ctx = model_cfg.get("text_cfg", {}).get("context_length")
@@ -112,6 +116,16 @@ def create_model(
             raise ConfigError(f"model '{name}' does not fit tokenizer {tokenizer}: {problem} "
                               "(data_tools.train_tokenizer writes a matching config)")
     return ModelBundle(net, pre_train, pre_val, tok, name, model_cfg)
+
+
+def _moved_export_tower(export: Path, text_cfg: dict) -> Optional[dict]:
+    """The text_cfg of an export folder that was moved after it was written: its HF tower's recorded (absolute)
+    config folder is gone, the copy inside the folder is used. None when nothing needs changing."""
+    recorded = text_cfg.get("hf_model_name")
+    inside = export / EXPORT_HF_TOWER
+    if not recorded or Path(recorded).is_dir() or not (inside / "config.json").is_file():
+        return None
+    return {**text_cfg, "hf_model_name": str(inside), "hf_model_pretrained": False}
 
 
 @contextlib.contextmanager
@@ -241,8 +255,9 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: di
     """Write a self-contained folder open_clip loads with `create_model_and_transforms('local-dir:DIR')` and
     `get_tokenizer('local-dir:DIR')`, or with `create_model_and_transforms(name, pretrained=DIR/open_clip_model.safetensors)`
     for a registered name. A `--tokenizer` (spm:FILE or hf:DIR) is written into the folder as Hugging Face
-    tokenizer files, referred to relatively. `state_dict`: the weights to write instead of `model.state_dict()`
-    (a sharded model's gathered state)."""
+    tokenizer files, referred to relatively. An HF text tower's config.json is copied in too (see
+    `_export_hf_tower`). `state_dict`: the weights to write instead of `model.state_dict()` (a sharded model's
+    gathered state)."""
     from safetensors.torch import save_file
 
     from vlp.tokenizers import save_tokenizer_files
@@ -258,7 +273,8 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: di
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(tmp / EXPORT_WEIGHTS))
     cfg = json.loads(json.dumps(model_cfg))
-    cfg["text_cfg"] = {**cfg.get("text_cfg", {}), **save_tokenizer_files(tokenizer, cfg.get("text_cfg", {}), tmp)}
+    text_cfg = cfg.get("text_cfg", {})
+    cfg["text_cfg"] = {**text_cfg, **save_tokenizer_files(tokenizer, text_cfg, tmp), **_export_hf_tower(model, text_cfg, tmp, out)}
     (tmp / EXPORT_CONFIG).write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
     if out.exists():
         import shutil
@@ -266,3 +282,23 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: di
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _export_hf_tower(model: torch.nn.Module, text_cfg: dict, tmp: Path, out: Path) -> dict:
+    """Copy an HF text tower's config.json into the export and point `hf_model_name` at that copy.
+
+    open_clip builds the tower with `AutoConfig.from_pretrained(hf_model_name)`, which reads a relative path
+    against the working directory, not the `local-dir:` folder; so the entry is the copy's absolute path as
+    the export is written (the weights are in the safetensors: `hf_model_pretrained: false`). It holds while
+    the export stays where it was written, from any working directory and without the source folder; vlp's
+    own loaders also find the copy in an export that was moved."""
+    if not text_cfg.get("hf_model_name"):
+        return {}
+    tower = getattr(getattr(model, "module", model), "text", None)
+    config = getattr(tower, "config", None)
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(text_cfg["hf_model_name"])
+    config.save_pretrained(str(tmp / EXPORT_HF_TOWER))
+    return {"hf_model_name": str(out.resolve() / EXPORT_HF_TOWER), "hf_model_pretrained": False}
