@@ -95,6 +95,17 @@ def test_clip_benchmark_mapping(tmp_path, demo_data):
         f"--pretrained laion2b_s34b_b79k --task zeroshot_classification",
         f"clip_benchmark eval --dataset wds/demo_shapes --dataset_root {demo_data['eval_data'][1]} --model ViT-B-32 "
         f"--pretrained laion2b_s34b_b79k --task linear_probe --fewshot_k 5"]
+    # no task given: the one vlp scores the set with (CLIP_benchmark would take classification for this name)
+    retrieval = load_suite(str(_suite(tmp_path, demo_data, extra=f"""  - dataset: wds/demo_retrieval
+    root: {demo_data['eval_data'][2]}
+""")))[-1]
+    assert clip_benchmark_commands([retrieval])[0].endswith("--task zeroshot_retrieval")
+    # a vlp export (or the run folder holding it) is CLIP_benchmark's local-dir: model, whatever --model says
+    (export := tmp_path / "run" / "export").mkdir(parents=True)
+    (export / "open_clip_config.json").write_text("{}")
+    for given in (export, export.parent):
+        assert clip_benchmark_commands(entries[:1], "vlp-tiny", str(given))[0].endswith(
+            f"--model local-dir:{export} --pretrained '' --task zeroshot_classification")
 
 
 @pytest.mark.parametrize("text,message", [

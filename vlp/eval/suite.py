@@ -165,16 +165,41 @@ def table_files(agg: dict) -> dict[str, str]:
             "suite.json": json.dumps(agg, indent=1, default=lambda o: None)}
 
 
+def clip_benchmark_model(model: str, checkpoint: str) -> tuple[str, str]:
+    """CLIP_benchmark's `--model`/`--pretrained` for vlp's `--model`/`--checkpoint`: an export folder (or a run
+    folder holding one) is `local-dir:EXPORT` with an empty `--pretrained`, since open_clip takes no folder as
+    `pretrained` and does not know vlp's own model names; anything else is passed as given."""
+    from vlp.models import EXPORT_CONFIG
+
+    for folder in (Path(checkpoint), Path(checkpoint) / "export"):
+        if (folder / EXPORT_CONFIG).is_file():
+            return f"local-dir:{folder}", "''"
+    return model, checkpoint
+
+
+def _task_of(spec: str) -> Optional[str]:
+    """The task vlp scores a set with (a wds root says it in dataset_type.txt); CLIP_benchmark would otherwise
+    take classification for any name it does not know (`wds/demo_retrieval`). None if the set cannot be opened."""
+    from vlp.eval.datasets import open_eval_set
+
+    try:
+        return open_eval_set(spec).task
+    except EvalError:
+        return None
+
+
 def clip_benchmark_commands(entries: list[SuiteEntry], model: str = "MODEL", pretrained: str = "PRETRAINED") -> list[str]:
     """The `clip_benchmark eval` command of each `dataset:` entry (the ones CLIP_benchmark can read)."""
+    model, pretrained = clip_benchmark_model(model, pretrained)
     out = []
     for e in entries:
         if e.dataset is None or e.task == "knn":          # CLIP_benchmark has no k-NN task
             continue
         cmd = f"clip_benchmark eval --dataset {e.dataset} --dataset_root {e.root} --model {model} " \
               f"--pretrained {pretrained}"
-        if e.task:
-            cmd += f" --task {e.task}"
+        task = e.task or _task_of(e.spec)
+        if task:
+            cmd += f" --task {task}"
         opts = parse_spec(e.spec)[1]
         if "fewshot_k" in opts:
             cmd += f" --fewshot_k {opts['fewshot_k']}"
