@@ -1,10 +1,10 @@
 """Attach caption rewrites to existing shards, writing new shards (the input is never modified).
 
     # LaCLIP's published format: original CSV (relpath,caption; no header) + line-aligned rewrite files
-    python -m data_tools.add_rewrites --shards 'cc3m/{00000..00331}.tar' --output cc3m_rw/ \\
+    vlp data add-rewrites --shards 'cc3m/{00000..00331}.tar' --output cc3m_rw/ \\
         --laclip-csv cc3m_original.csv --laclip-texts cc3m_chatgpt.txt cc3m_bard.txt cc3m_mscoco.txt cc3m_human.txt
     # or a JSONL keyed by sample key: {"key": "000000123", "rewrites": ["...", "..."]}
-    python -m data_tools.add_rewrites --shards shards/ --output shards_rw/ --jsonl rewrites.jsonl
+    vlp data add-rewrites --shards shards/ --output shards_rw/ --jsonl rewrites.jsonl
 
 Rewrites are stored as a list of strings in each sample's `.json` under `--field` (default `rewrites`,
 what the loader's `--rewrites-field` reads), appended to any already there (duplicates dropped).

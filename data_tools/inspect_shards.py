@@ -1,7 +1,7 @@
 """Check webdataset shards: counts, caption and image statistics, duplicates, unreadable members.
 
-    python -m data_tools.inspect_shards 'shards/{00000..00099}.tar'
-    python -m data_tools.inspect_shards shards/ --json report.json
+    vlp data inspect 'shards/{00000..00099}.tar'
+    vlp data inspect shards/ --json report.json
 
 Exit status 0 when every shard reads cleanly, 1 when something is broken (missing or truncated shard,
 corrupt header, unreadable image, missing/empty/non-UTF-8 caption, duplicate key, count differing from

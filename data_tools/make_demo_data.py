@@ -1,6 +1,6 @@
 """Write the built-in demo data: training shards (img2dataset layout) and eval sets (CLIP_benchmark layout).
 
-    python -m data_tools.make_demo_data --out demo_data --train-samples 20000
+    vlp data make-demo-data --out demo_data --train-samples 20000
 
 Training shards hold `{key}.jpg`, `{key}.txt` (a terse caption) and `{key}.json`
 (`caption`, `rewrites`: other phrasings of the same scene, `objects`), plus `sizes.json`.

@@ -1,7 +1,7 @@
 """Build the real-image learning benchmark: vendor icons in 15 drawing styles, captioned with their names.
 
-    python -m data_tools.make_icon_bench --output icon_bench            # ~3 min on 2 cores, ~60 MB
-    python -m data_tools.make_icon_bench --output icon_bench_quick --quick
+    vlp data make-icon-bench --output icon_bench            # ~3 min on 2 cores, ~60 MB
+    vlp data make-icon-bench --output icon_bench_quick --quick
 
 Images: 29,861 icons from six icon sets on the npm registry (Phosphor in 6 weights, Tabler outline/filled,
 Material Design Icons filled/outline, Remix line/fill, Bootstrap outline/fill, Lucide), fetched once with
@@ -201,7 +201,7 @@ def build(output: str | Path, cache: str | Path, *, train_size: int, heldout_con
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.make_icon_bench", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--output", "--out", dest="output", required=True, help="folder to write the benchmark into")

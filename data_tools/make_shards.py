@@ -1,7 +1,7 @@
 """Turn (image, caption) pairs into webdataset shards that vlp (and open_clip) train from.
 
-    python -m data_tools.make_shards --input cc3m.tsv --output shards/ --per-shard 10000 --resize-max 512
-    python -m data_tools.make_shards --input pairs_folder/ --output shards/
+    vlp data make-shards --input cc3m.tsv --output shards/ --per-shard 10000 --resize-max 512
+    vlp data make-shards --input pairs_folder/ --output shards/
 
 Input: a CSV/TSV/parquet/JSONL table with an image-path column and a caption column (other columns are
 kept in each sample's `.json`), or a folder of `NAME.jpg` + `NAME.txt` pairs (`NAME.json` kept if present).

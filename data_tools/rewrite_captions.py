@@ -1,10 +1,10 @@
 """Rewrite captions LaCLIP-style with a local causal LM (or with rules), resumably, into add_rewrites' formats.
 
     # with an LLM in a local folder (any transformers causal LM; nothing is downloaded)
-    python -m data_tools.rewrite_captions --input 'demo_data/train/{00000..00019}.tar' \\
+    vlp data rewrite-captions --input 'demo_data/train/{00000..00019}.tar' \\
         --model /models/llama-7b --out rewrites/ --format jsonl
     # without a model: stopword removal + EDA swaps/deletions/synonyms
-    python -m data_tools.rewrite_captions --input cc3m_original.csv --rule-based --num-rewrites 2 --out rewrites/
+    vlp data rewrite-captions --input cc3m_original.csv --rule-based --num-rewrites 2 --out rewrites/
 
 Input: webdataset shards (each sample's .txt, keyed by __key__), a LaCLIP CSV (`relpath,caption`, no
 header) or a text file with one caption per line. Each caption gets one rewrite per prompt pool (LLM:
@@ -29,7 +29,7 @@ from vlp.rewrite.sources import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_tools.rewrite_captions", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--input", required=True, help="shard spec (brace-expanded, '::'-joined), a .csv or a .txt file")

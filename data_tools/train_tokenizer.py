@@ -1,6 +1,6 @@
 """Train a small sentencepiece tokenizer on shard captions and write a matching open_clip model config.
 
-    python -m data_tools.train_tokenizer --train-data 'demo_data/train/{00000..00019}.tar' \\
+    vlp data train-tokenizer --train-data 'demo_data/train/{00000..00019}.tar' \\
         --vocab-size 2000 --out tok/demo --base-config vlp/model_configs/vlp-tiny.json
 
 writes `tok/demo.model` (+ `.vocab`) and `tok/demo.json`, an open_clip model config copied from the
@@ -77,7 +77,7 @@ def model_config_for(base_config: str, model_file: str, context_length: Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_tools.train_tokenizer", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--train-data", action="append", required=True,

@@ -126,7 +126,7 @@ def check_bad_fraction(counts: dict, good: int, limit: float, final: bool = Fals
     if (final or seen >= MIN_SEEN_FOR_ABORT) and bad > limit * seen:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
         raise DataError(f"{bad} of {seen} samples were unreadable ({bad / max(seen, 1):.1%} > --max-bad-fraction "
-                        f"{limit}): {detail}; check the shards with `python -m data_tools.inspect_shards`")
+                        f"{limit}): {detail}; check the shards with `vlp data inspect`")
 
 
 class _Stream(IterableDataset):

@@ -30,7 +30,7 @@ def preflight(shards: ShardSet, cfg: DataConfig, world_size: int) -> list[str]:
                f"not a tar; e.g. {bad[0]}): {what}")
         if lost > cfg.max_bad_fraction * total:
             raise DataError(f"{msg}, more than --max-bad-fraction {cfg.max_bad_fraction}; "
-                            f"check the shards with `python -m data_tools.inspect_shards`")
+                            f"check the shards with `vlp data inspect`")
         lines.append(f"warning: pre-flight: {msg}, counted as skipped every epoch")
     workers = max(1, cfg.workers)
     readers = world_size * workers
