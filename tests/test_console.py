@@ -119,10 +119,11 @@ def test_progress_bar_on_a_terminal_shows_the_figures():
 
 def test_eval_table_headline_first():
     t = eval_table({"eval/a/geometry/modality_gap": 0.5, "eval/a/acc1": 0.25, "eval/b/text_retrieval_recall@1": 0.125,
-                    "eval/a/acc5": float("nan")})
-    head, a, b = t.splitlines()
-    assert head.split() == ["dataset", "acc1", "acc5", "i2t@1", "gap"]
-    assert a.split() == ["a", "0.250", "-", "-", "0.500"] and b.split() == ["b", "-", "-", "0.125", "-"]
+                    "eval/a/acc5": float("nan"), "eval/c/acc": 0.75, "eval/c/acc/swap_att": 0.5})
+    head, a, b, c = t.splitlines()
+    assert head.split() == ["dataset", "acc1", "acc5", "i2t@1", "acc", "gap"]
+    assert a.split() == ["a", "0.250", "-", "-", "-", "0.500"] and b.split() == ["b", "-", "-", "0.125", "-", "-"]
+    assert c.split() == ["c", "-", "-", "-", "0.750", "-"]     # a compositional set's overall accuracy
 
 
 def test_thread_choice():

@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary_rows(result)
     print(f"\nvlp demo ({'with' if args.rewrites else 'without'} rewrites), {time.time() - t0:.0f} s in all; "
           f"run folder {result['run_dir']}")
-    print(f"{'dataset':<20} {'metric':<30} value")
+    width = max([len("metric")] + [len(m) for _, m, _ in rows])
+    print(f"{'dataset':<20} {'metric':<{width}} value")
     for dataset, metric, value in rows:
-        print(f"{dataset:<20} {metric:<30} {value}")
+        print(f"{dataset:<20} {metric:<{width}} {value}")
     return 0
 
 

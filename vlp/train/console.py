@@ -19,7 +19,7 @@ RATE_KEYS = ("perf/samples_per_s", "train/samples_per_s")
 PERF_SHOWN = (("perf/data_wait_frac", "data_wait", "{:.0%}"), ("perf/step_ms", "step_ms", "{:.0f}"),
               ("perf/mfu", "mfu", "{:.1%}"), ("perf/max_mem_gb", "mem_gb", "{:.1f}"))
 HEADLINE = ("acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1", "image_retrieval_recall@5",
-            "text_retrieval_recall@1", "text_retrieval_recall@5")
+            "text_retrieval_recall@1", "text_retrieval_recall@5", "acc")   # acc: compositional hard negatives
 GEOMETRY = ("geometry/modality_gap", "geometry/mean_paired_cosine")
 SHORT = {"mean_per_class_recall": "mpcr", "image_retrieval_recall@1": "t2i@1", "image_retrieval_recall@5": "t2i@5",
          "text_retrieval_recall@1": "i2t@1", "text_retrieval_recall@5": "i2t@5",
