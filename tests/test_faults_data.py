@@ -45,6 +45,24 @@ def test_size_file_claiming_phantom_samples_is_counted_and_stops_the_run(tmp_pat
     assert err.count("00001.tar: the size file says 400 samples, the shard holds 10") == 1
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_accepted_phantom_samples_are_not_made_up_by_repeats(tmp_path, capfd, workers):
+    """--max-bad-fraction raised to accept a shard claiming 400 samples that holds 10: the epoch ends early
+    (each sample at most once) instead of repeating the real samples ~10x to fill the claim; exact resume."""
+    write_shards(tmp_path / "sh", 40, 10)
+    _set_size(tmp_path / "sh", "00001.tar", 400)
+    c = cfg(str(tmp_path / "sh" / "{00000..00003}.tar"), batch_size=4, workers=workers, shuffle_buffer=8)
+    L = build_train_loader(c, preprocess(), IdTokenizer(), seed=1)
+    assert L.batches_per_epoch == 107                       # planned from the claim: 430 // 4
+    batches = collect(L)
+    ids = _ids(batches)
+    assert len(ids) == len(set(ids)), "a sample was repeated to fill the phantom count"
+    assert 0 < len(batches) <= 10 and L.skip_counts() == {"size_mismatch": 390}
+    assert capfd.readouterr().err.count("says 400 samples, the shard holds 10") == 1
+    for k in (1, len(batches) // 2):                        # the early end resumes exactly too
+        assert [t.tolist() for _, t in collect(resumed(c, k, seed=1))] == [t.tolist() for _, t in batches[k:]]
+
+
 def test_size_file_hiding_samples_is_counted_and_warned(tmp_path, capfd):
     write_shards(tmp_path / "sh", 40, 10)
     _set_size(tmp_path / "sh", "00002.tar", 3)             # holds 10: 7 hidden

@@ -205,3 +205,29 @@ def test_signal_to_one_rank_stops_both_under_torchrun(demo_data, micro_model_jso
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert losses[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
+def test_phantom_samples_on_one_rank_end_the_epoch_on_both(micro_model_json, tmp_path):
+    """torchrun, 2 CPU processes (gloo), a size file claiming 10x what its shard holds and --max-bad-fraction 1:
+    the rank whose range holds the phantoms runs out of data first; both ranks leave the epoch after the same
+    step (agreed in the end-of-step collective), nothing is repeated to fill the claim, and the run ends after
+    its --epochs, exit 0, with a checkpoint that resumes (the old code trained 4x the real data: 26 steps)."""
+    from tests.test_data_fixtures import write_shards
+    from tests.test_train_distributed import _free_port
+
+    write_shards(tmp_path / "sh", 128, 32)
+    sizes = json.loads((tmp_path / "sh" / "sizes.json").read_text())
+    sizes["00002.tar"] = 320                                   # holds 32
+    (tmp_path / "sh" / "sizes.json").write_text(json.dumps(sizes))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(repo_root() / "train.py"), "--",
+           "--train-data", str(tmp_path / "sh" / "{00000..00003}.tar"), "--model", micro_model_json,
+           "--logs", str(tmp_path), "--name", "lying", "--batch-size", "8", "--workers", "1", "--epochs", "1",
+           "--max-bad-fraction", "1", "--report-to", "none", "--no-progress", "--log-every", "1", "--warmup", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = sorted(_losses(tmp_path / "lying"))
+    assert steps and steps == list(range(1, len(steps) + 1)) and len(steps) <= 8   # 128 real samples / 16 per step
+    assert re.search(r"warning: epoch 0 ended after \d+ of 26 steps", proc.stderr), proc.stderr[-3000:]
+    assert "the size file says 320 samples, the shard holds 32" in proc.stderr
+    assert (tmp_path / "lying" / "checkpoints" / f"step_{steps[-1]:08d}.pt").is_file()

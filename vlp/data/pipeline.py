@@ -10,7 +10,11 @@ inside a shard: samples before the start are skipped undecoded, on a local file 
 than `batch_size * world_size` samples are left out (a different remainder every epoch, since the shard
 order changes). Only when samples of a range are unreadable does its worker top up by drawing from its
 own range again (a second pass, differently shuffled), or from the whole epoch when its range held no
-sample at all, so that all ranks keep full, equal batches.
+sample at all, so that all ranks keep full, equal batches. Samples a size file claims but its shard does not
+hold (phantoms) are not made up for: a worker whose range held `p` of them owes `(quota * B - p) // B` batches, and
+a rank's epoch ends at the first batch its round-robin cannot take from the worker it is due from (batch `i` is
+always worker `i % workers`'s, so the position stays exact). Ranks then differ in batches; the training loop ends
+the epoch on all of them together (`vlp.train.feed`).
 
 Resampled mode (`--dataset-resampled`). Each (rank, worker) draws shards with replacement from its own
 seeded RNG, weighted by `upsampling factor * shard size`; an epoch is `--train-num-samples` samples.
@@ -153,6 +157,8 @@ class _Stream(IterableDataset):
         self._counts: Counter = Counter()
         self._pass_good = 0
         self._size_notes: list[tuple[str, int, int]] = []   # (shard, size file's count, samples held), sent with a batch
+        self._phantoms = 0     # samples of this pass's range that the size files claim but the shards do not hold
+        self._quota = 0        # batches this worker owes in this epoch (lowered by the phantoms of its range)
 
     # ---- stage: read a range of the epoch's concatenated shards -------------------------------
     def _read(self, si: int, a: int, b: int, count: bool) -> Iterator[Sample]:
@@ -171,8 +177,10 @@ class _Stream(IterableDataset):
             if count and e.next_index < b:
                 self._counts[E.TAR_REASONS.get(e.kind, E.BAD_TAR)] += b - max(e.next_index, a)
             return
+        held = reader.count or 0
+        if held < b:   # the shard ended before the range did: the rest are phantoms (read the same way on a replay)
+            self._phantoms += b - max(held, a)
         if count:
-            held = reader.count or 0
             off = (b - a - delivered) + (held - b if to_end and held > b else 0)
             if off:
                 self._counts[E.SIZE_MISMATCH] += off
@@ -223,7 +231,7 @@ class _Stream(IterableDataset):
         hi = lo + plan.quotas[w] * B
         pass_no, whole = 0, False
         while True:
-            self._pass_good, raw = 0, [0]
+            self._pass_good, self._phantoms, raw = 0, 0, [0]
 
             def numbered(it, p=pass_no):
                 for s in it:
@@ -232,6 +240,10 @@ class _Stream(IterableDataset):
 
             items = numbered(self._range(plan, lo, hi, count=pass_no == 0))
             yield from _shuffle(items, self.cfg.shuffle_buffer, random.Random(_mix(*base, 3, pass_no)))
+            if pass_no == 0 and not whole and self._phantoms:   # owe only what the range really holds
+                self._quota = max(0, min(self._quota, (plan.quotas[w] * B - self._phantoms) // B))
+                if self._quota == 0:
+                    return
             # Topping up: from the worker's own share again, or, when that held no sample at all (it lies in
             # a truncated or missing stretch), from the whole epoch. Decided on raw counts, which a replay sees too.
             if raw[0] == 0 and not whole:
@@ -257,9 +269,9 @@ class _Stream(IterableDataset):
         # batch b the round-robin continues with batch b's worker (batch i always comes from worker i % W)
         w = ((info.id if info is not None else 0) + self.rotation) % self.n_workers
         plan = self.plan_fn(self.epoch)
-        quota = plan.quotas[w]
+        self._quota = plan.quotas[w]   # `_stream` lowers it once it knows the phantoms of this worker's range
         cur = self.cursors.get(w) or Cursor(w)
-        if cur.produced >= quota:
+        if cur.produced >= self._quota:
             return
         self._counts = Counter()
         B = self.batch
@@ -275,6 +287,8 @@ class _Stream(IterableDataset):
             # replaying re-counted the shard-level losses up to this point; the saved counters are exact
             self._counts = Counter(cur.counts)
         for s, pass_no in stream:
+            if pass_no and produced >= self._quota:   # a top-up pass is never drawn for phantoms
+                break
             pos += 1
             rng = random.Random(_mix(self.seed, self.epoch, self.rank, w, pos, 4))
             try:
@@ -294,8 +308,10 @@ class _Stream(IterableDataset):
                          Cursor(w, pos, produced, good, dict(self._counts)), self._size_notes)
                 imgs, texts, self._size_notes = [], [], []
                 yield batch
-                if produced >= quota:
-                    return
+                if produced >= self._quota:
+                    break
+        if produced < plan.quotas[w]:   # ended early (phantoms): an empty marker brings its Cursor (counts) home
+            yield None, None, Cursor(w, pos, produced, good, dict(self._counts)), self._size_notes
 
 
 class TrainLoader:
@@ -427,11 +443,18 @@ class TrainLoader:
         try:
             for images, texts, cur, size_notes in dl:
                 self._warn_sizes(size_notes)
+                if cur.worker != self._batches_done % W:   # not the worker due: it has ended
+                    break
                 self._cursors[cur.worker] = cur
+                if images is None:   # the worker due ended early (phantom samples): so does this rank's epoch
+                    break
                 self._batches_done += 1
                 check_bad_fraction(self._current_counts(), sum(c.good for c in self._cursors.values()),
                                    self.cfg.max_bad_fraction, final=self._batches_done >= plan.batches)
                 yield finish(images), texts
+            if self._batches_done < plan.batches:
+                check_bad_fraction(self._current_counts(), sum(c.good for c in self._cursors.values()),
+                                   self.cfg.max_bad_fraction, final=True)
         except DataError as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             last = lines[-1] if lines else "data error"

@@ -1,8 +1,10 @@
-"""The end-of-step check every rank agrees on: is the step finite, and has anyone been asked to stop?
+"""The end-of-step check every rank agrees on: is the step finite, has anyone been asked to stop, and does
+every rank have another step's batches?
 
-One all-reduce per step carries both flags (the loss check the loop always had, widened): the loss
+One all-reduce per step carries the three flags (the loss check the loop always had, widened): the loss
 and the gradient norm must be finite, and a stop signal that reached any rank stops every rank, so
-no rank raises or exits while the others wait in a collective. The gradient norm is the one
+no rank raises or exits while the others wait in a collective; and an epoch that ended on one rank (its
+data ran out early, see `vlp.train.feed`) ends on all. The gradient norm is the one
 `--grad-clip-norm` computes anyway, else one fused `get_total_norm` pass (vlp.compat.total_norm); under fp16 the gradient
 scaler already skips steps with inf/NaN gradients, so only the loss is checked there.
 """
@@ -24,6 +26,7 @@ class TrainingError(RuntimeError):
 class Verdict:
     problem: Optional[str]  # "loss is nan", "gradient norm is inf", ... (None: the step is finite on every rank)
     stop: bool  # a stop signal reached some rank
+    more: bool = True  # every rank has the next step's batches
 
 
 def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
@@ -49,20 +52,27 @@ def any_rank(flag: bool, device) -> bool:
     return reduce_mean(torch.tensor(float(flag), device=device)).item() > 0
 
 
-def agree(loss: torch.Tensor, norm: Optional[torch.Tensor], stop: bool) -> Verdict:
-    """Combine this rank's loss, gradient norm (None: not checked) and stop flag with every other rank's."""
+def all_ranks(flag: bool, device) -> bool:
+    """True on every rank when `flag` is true on all (one collective)."""
+    return not any_rank(not flag, device)
+
+
+def agree(loss: torch.Tensor, norm: Optional[torch.Tensor], stop: bool, more: bool = True) -> Verdict:
+    """Combine this rank's loss, gradient norm (None: not checked), stop flag and whether it has the next step's
+    batches with every other rank's."""
     from vlp.distributed import reduce_mean
 
     norm_ok = torch.isfinite(norm).float().to(loss.device) if norm is not None else torch.ones((), device=loss.device)
-    flags = torch.stack([torch.isfinite(loss).float(), norm_ok, torch.tensor(float(stop), device=loss.device)])
-    loss_ok, grads_ok, stop_any = reduce_mean(flags).tolist()  # the step's one collective and one sync
+    flags = torch.stack([torch.isfinite(loss).float(), norm_ok, torch.tensor(float(stop), device=loss.device),
+                         torch.tensor(float(more), device=loss.device)])
+    loss_ok, grads_ok, stop_any, more_all = reduce_mean(flags).tolist()  # the step's one collective and one sync
     problem = None
     if loss_ok < 1:
         problem = f"loss is {loss.item()}" if not torch.isfinite(loss) else "loss is not finite on another rank"
     elif grads_ok < 1:
         problem = f"gradient norm is {norm.item()}" if norm is not None and not torch.isfinite(norm) \
             else "gradient norm is not finite on another rank"
-    return Verdict(problem, stop_any > 0)
+    return Verdict(problem, stop_any > 0, more_all >= 1)
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:

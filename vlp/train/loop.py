@@ -13,7 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import yaml
@@ -26,6 +26,7 @@ from vlp.train import device_batch, health
 from vlp.train import sharding
 from vlp.train.checkpointer import Checkpointer
 from vlp.train.console import Console
+from vlp.train.feed import StepFeed
 from vlp.train.health import TrainingError
 from vlp.train.inloop_eval import InLoopEval, open_sets
 from vlp.train.preemption import Preempted, StopSignals
@@ -75,16 +76,6 @@ def build_model(cfg: Config):
         model.set_grad_checkpointing(True)
     prec.cast_model(model, run_precision(cfg))  # open_clip's bf16/fp16/pure_*: 16-bit weights, no autocast
     return bundle
-
-
-def step_batches(batches: Iterator, accum: int, to_device) -> Optional[list]:
-    """The next `accum` micro-batches moved by `to_device` (a `DeviceBatch`), or None when the epoch has fewer left."""
-    micro = []
-    for images, texts in batches:
-        micro.append(to_device(images, texts))
-        if len(micro) == accum:
-            return micro
-    return None  # epoch exhausted (a partial accumulation is dropped)
 
 
 def train(cfg: Config) -> dict:
@@ -149,7 +140,8 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
     # The plain module inside the DDP/compile wrappers (same parameters): what is saved, evaluated, clamped.
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
     loss_fn = build_loss(cfg.loss, rank=rank, world_size=world)
-    checkpointer = Checkpointer(paths.checkpoints, accelerator, net, optimizer, scheduler, loader, cfg,
+    feed = StepFeed(loader, cfg.optim.accum_freq, to_device)
+    checkpointer = Checkpointer(paths.checkpoints, accelerator, net, optimizer, scheduler, feed, cfg,
                                 model_identity(bundle, cfg.model.tokenizer))
 
     step, epoch, loader_state = 0, 0, None
@@ -174,23 +166,27 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
     last: dict = {}
     t_last, step_last = time.perf_counter(), step
     empty_epochs = 0
-    while step < total_steps:
+    # Without --max-steps the run is --epochs epochs: an epoch cut short (a size file's phantom samples) is not made
+    # up by extra epochs.
+    while step < total_steps and (cfg.optim.max_steps or epoch < cfg.optim.epochs):
         loader.set_epoch(epoch)
         if loader_state is not None:
             loader.load_state_dict(loader_state)
             loader_state = None
-        batches = iter(loader)
+        feed.start()
         step_at_epoch_start = step
-        while step < total_steps:
-            with meter.waiting():
-                micro = step_batches(batches, cfg.optim.accum_freq, to_device)
-            if micro is None:
-                break
-            losses = train_step(model, micro, loss_fn, backward=accelerator.backward,
+        with meter.waiting():
+            more = health.all_ranks(feed.fetch(), accelerator.device)
+        while more:
+            feed.advance()
+            losses = train_step(model, feed.current, loss_fn, backward=accelerator.backward,
                                 autocast=accelerator.autocast, no_sync=lambda: accelerator.no_sync(model))
-            # Every rank must agree, or one would raise while the others wait in a collective.
             norm = health.checked_grad_norm(accelerator, model, cfg.optim.grad_clip_norm)
-            verdict = health.agree(losses["loss"], norm, signals.requested)
+            with meter.waiting():   # the next step's batches, while the device still works on this one
+                more = step + 1 < total_steps and feed.fetch()
+            # Every rank must agree, or one would raise while the others wait in a collective.
+            verdict = health.agree(losses["loss"], norm, signals.requested, more)
+            more = verdict.more
             if verdict.problem:
                 optimizer.zero_grad(set_to_none=True)
                 saved = checkpointer.save_before_failure(step, epoch)
@@ -233,6 +229,10 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
         if empty_epochs >= 2:
             raise TrainingError(f"epoch {epoch} yielded no complete batch: check --train-data and the skip counts")
         if step < total_steps:
+            trained = feed.state_dict()["batches_done"] // cfg.optim.accum_freq
+            if trained < steps_per_epoch:   # a rank's data ran out early (the loader warned which shard lied)
+                console.print(f"warning: epoch {epoch} ended after {trained} of {steps_per_epoch} steps: shards held "
+                              f"fewer samples than their size files claim; the run still ends after --epochs")
             epoch += 1
     console.close()
 
