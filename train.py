@@ -17,13 +17,17 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from vlp.config import ConfigError, parse_config
     from vlp.data.errors import DataError
-    from vlp.train.loop import Preempted, TrainingError, train
-    from vlp.train.preemption import EXIT_PREEMPTED, ignore_stop_signals
+    from vlp.train.preemption import EXIT_PREEMPTED, Preempted, ignore_stop_signals
 
     try:
-        cfg = parse_config(argv)
+        cfg = parse_config(argv)  # before torch is imported, so --help and a bad flag answer at once
+        from vlp.train.loop import train
+
         result = train(cfg)
-    except (ConfigError, DataError, TrainingError) as e:
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except _training_error() as e:  # evaluated only when an exception gets here
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:  # SIGTERM/SIGINT/SIGUSR1: the state is saved; the same command + --resume latest goes on
@@ -34,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RANK", "0") == "0":  # one summary, not one per process
         print(json.dumps(result, indent=1, sort_keys=True))
     return 0
+
+
+def _training_error() -> type | tuple:
+    """vlp's TrainingError if the loop was imported (only then can one have been raised), else nothing to catch."""
+    health = sys.modules.get("vlp.train.health")
+    return health.TrainingError if health else ()
 
 
 if __name__ == "__main__":

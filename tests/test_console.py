@@ -165,3 +165,31 @@ def test_help_shows_every_default(monkeypatch):
     for name in FIELDS:
         block = blocks.get("--" + name.replace("_", "-"))
         assert block is not None and "default: " in block, (name, block)
+
+
+def test_train_help_answers_before_torch_is_imported():
+    """train.py --help and a bad flag are answered by the parser alone (torch took 11-23 s to import here)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import repo_root
+
+    code = ("import runpy, sys; sys.argv = ['train.py'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+            "except SystemExit as e:\n    print('torch' in sys.modules, e.code)\n") % str(repo_root() / "train.py")
+    for args, code_out in ((["--help"], "False 0"), (["--lr", "nan"], "False 2")):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().splitlines()[-1] == code_out, (args, out.stdout[-500:], out.stderr[-500:])
+
+
+def test_training_error_through_train_py_is_one_line(monkeypatch, capsys):
+    import train as train_py
+    import vlp.train.loop as loop
+    from vlp.train.health import TrainingError
+
+    def fail(cfg):
+        raise TrainingError("loss is nan at step 3; the state before this step is saved in X")
+
+    monkeypatch.setattr(loop, "train", fail)
+    assert train_py.main(["--train-data", "x.tar"]) == 2
+    assert capsys.readouterr().err == "error: loss is nan at step 3; the state before this step is saved in X\n"

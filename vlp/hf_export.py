@@ -17,8 +17,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 
 class ExportError(ValueError):
     """The model's architecture has no transformers CLIPModel equivalent; one line says why."""
@@ -26,6 +24,7 @@ class ExportError(ValueError):
 
 def _check(model) -> None:
     import open_clip
+    import torch
     from open_clip.transformer import VisionTransformer
 
     if type(model) is not open_clip.CLIP:
@@ -46,6 +45,7 @@ def _check(model) -> None:
 
 def _act(block) -> str:
     import open_clip.transformer as T
+    import torch
 
     act = block.mlp.gelu
     if isinstance(act, T.QuickGELU):
@@ -166,18 +166,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     import argparse
     import sys
 
-    import open_clip
-
-    from vlp.config import ConfigError
-    from vlp.models import load_checkpoint, read_checkpoint_meta
-
     p = argparse.ArgumentParser(description="Write a transformers CLIPModel + CLIPProcessor folder from a vlp "
                                             "checkpoint, export folder or open_clip file (ViT CLIP architectures).")
     p.add_argument("--checkpoint", required=True, help="vlp checkpoint, export folder, or open_clip file (with --model)")
     p.add_argument("--model", default=None, help="open_clip model name for an open_clip weights file")
     p.add_argument("--tokenizer", default=None, help="hf:DIR or spm:FILE (default: the checkpoint's)")
     p.add_argument("--output", required=True, help="folder to write")
-    a = p.parse_args(argv)
+    a = p.parse_args(argv)   # before torch is imported: --help answers at once
+    import open_clip
+
+    from vlp.config import ConfigError
+    from vlp.models import load_checkpoint, read_checkpoint_meta
+
     try:
         bundle = load_checkpoint(a.checkpoint, model_name=a.model, tokenizer=a.tokenizer)
         tokenizer = a.tokenizer or (read_checkpoint_meta(a.checkpoint) or {}).get("tokenizer") \
