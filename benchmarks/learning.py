@@ -21,7 +21,8 @@ NumPy 2.x), both in this process with --threads threads. One JSON line per (cont
 to --out as soon as it is done, so an interrupted table continues (finished runs are skipped).
 `--jobs N` trains N contenders at once (on a machine with 2 x N cores; scoring stays one at a time).
 
-The table: per figure, mean ± std over seeds, and the ratio of the mean to open_clip_train's.
+The table: per figure, mean ± std over seeds, and the ratio of the mean to open_clip_train's; `parity` counts
+the figures whose mean is at least open_clip_train's mean minus one standard deviation (within noise, or better).
 Figures: zero-shot top-1 on held-out concepts (`concepts`), on held-out styles (`styles`), Phosphor
 category top-1 (`category`), retrieval R@5 text->image (`t2i@5`) and image->text (`i2t@5`), and the
 training wall time (`train_s`, the whole process: on a loaded machine this is mostly other people's load).
@@ -214,18 +215,21 @@ def table(records: list[dict], scorer: str = "vlp") -> str:
             by.setdefault(r["contender"], []).append(r)
     base = by.get(BASELINE)
     cols = list(FIGURES) + ["train_s"]
-    lines = [f"| contender ({scorer}) | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    lines = [f"| contender ({scorer}) | seeds | " + " | ".join(cols) + " | parity |", "|---" * (len(cols) + 3) + "|"]
     for c, rs in by.items():
-        cells = []
+        cells, level = [], 0
         for f in cols:
             xs = [r["train_s"] if f == "train_s" else r[scorer][f] for r in rs]
             m, s = _mean_std(xs)
             cell = f"{m:.0f} ± {s:.0f}" if f == "train_s" else f"{100 * m:.1f} ± {100 * s:.1f}"
             if base and c != BASELINE:
-                bm = _mean_std([r["train_s"] if f == "train_s" else r[scorer][f] for r in base])[0]
+                bm, bs = _mean_std([r["train_s"] if f == "train_s" else r[scorer][f] for r in base])
                 cell += f" ({m / bm:.2f}x)" if bm else ""
+                level += f != "train_s" and m >= bm - bs
             cells.append(cell)
-        lines.append(f"| {c} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + " |")
+        # parity: figures whose mean is at least the baseline's mean minus one standard deviation (within noise or better)
+        verdict = f"{level}/{len(FIGURES)}" if base and c != BASELINE else ""
+        lines.append(f"| {c} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(lines)
 
 

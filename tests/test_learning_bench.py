@@ -37,7 +37,10 @@ def test_table_mean_std_and_ratio():
     recs = [rec(L.BASELINE, 0, 0.10, 100), rec(L.BASELINE, 1, 0.20, 100), rec("clip", 0, 0.30, 50), rec("clip", 1, 0.30, 50)]
     t = L.table(recs).splitlines()
     assert t[2].startswith(f"| {L.BASELINE} | 0,1 | 15.0 ± 7.1 |")
-    assert t[3].startswith("| clip | 0,1 | 30.0 ± 0.0 (2.00x) |") and t[3].endswith("50 ± 0 (0.50x) |")
+    assert t[3].startswith("| clip | 0,1 | 30.0 ± 0.0 (2.00x) |") and t[3].endswith("50 ± 0 (0.50x) | 5/5 |")
+    recs += [rec("low", 0, 0.08, 50), rec("low", 1, 0.08, 50), rec("lower", 0, 0.07, 50), rec("lower", 1, 0.07, 50)]
+    t = L.table(recs).splitlines()   # baseline 15.0 ± 7.1: 8.0 is within one std, 7.0 is not
+    assert t[4].endswith(" | 5/5 |") and t[5].endswith(" | 0/5 |") and t[2].endswith(" |  |")
 
 
 def test_decay_embeddings_ablation_decays_what_open_clip_decays(monkeypatch):
