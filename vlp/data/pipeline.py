@@ -267,9 +267,8 @@ class _Stream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         # Everything alive now (the model; the tokenizer's vocabulary, merges and word cache: ~400k objects for
-        # vlp-tiny) leaves the collector's reach. Otherwise each full collection walks them all (~0.8 s), and new
-        # words (rewrites, tags) grow the tokenizer's cache until one runs every few batches: on the icon
-        # benchmark with --use-rewrites that was 105 ms of GC per batch of 128, 1 ms after (benchmarks/loader_gc.py).
+        # vlp-tiny) leaves the collector's reach. Otherwise each full collection walks them all (~0.7 s): on the
+        # icon benchmark that was 10-14 ms of GC per batch of 128 over 60 batches, 0 after (benchmarks/loader_gc.py).
         gc.freeze()
         # DataLoader worker j yields first; it plays logical worker (j + rotation) % W, so that after a resume at
         # batch b the round-robin continues with batch b's worker (batch i always comes from worker i % W)
@@ -455,16 +454,18 @@ class TrainLoader:
                 if images is None:   # the worker due ended early (phantom samples): so does this rank's epoch
                     break
                 self._batches_done += 1
-                check_bad_fraction(self._current_counts(), sum(c.good for c in self._cursors.values()),
-                                   self.cfg.max_bad_fraction, final=self._batches_done >= plan.batches)
+                self._check_bad_fraction(final=self._batches_done >= plan.batches)
                 yield finish(images), texts
-            if self._batches_done < plan.batches:
-                check_bad_fraction(self._current_counts(), sum(c.good for c in self._cursors.values()),
-                                   self.cfg.max_bad_fraction, final=True)
+            if self._batches_done < plan.batches:   # ended early: the epoch's final check
+                self._check_bad_fraction(final=True)
         except DataError as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             last = lines[-1] if lines else "data error"
             raise DataError(last.split("DataError: ", 1)[-1]) from None
+
+    def _check_bad_fraction(self, final: bool) -> None:
+        check_bad_fraction(self._current_counts(), sum(c.good for c in self._cursors.values()),
+                           self.cfg.max_bad_fraction, final=final)
 
     def _warn_sizes(self, notes: list[tuple[str, int, int]]) -> None:
         """One stderr line per shard (per loader) whose size file differs from what it holds."""

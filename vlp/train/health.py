@@ -1,7 +1,7 @@
 """The end-of-step check every rank agrees on: is the step finite, has anyone been asked to stop, and does
 every rank have another step's batches?
 
-One all-reduce per step carries the three flags (the loss check the loop always had, widened): the loss
+One all-reduce per step carries the four flags (the loss check the loop always had, widened): the loss
 and the gradient norm must be finite, and a stop signal that reached any rank stops every rank, so
 no rank raises or exits while the others wait in a collective; and an epoch that ended on one rank (its
 data ran out early, see `vlp.train.feed`) ends on all. The gradient norm is the one

@@ -8,8 +8,8 @@ the run's precision (`vlp.precision.eval_autocast`: an amp_bf16 run scores in bf
 the evaluator's own autocast is off, which chose fp16 on CUDA whatever the run's precision), the
 features are gathered, and rank 0 computes the metrics once (`vlp.eval.evaluate` with
 `distributed=True`). A sharded (`--fsdp`) model's forward is collective, so there every rank encodes
-every set whole (the same number of batches on every rank), with the root's weights gathered. Results are logged to the metrics sink as `eval/{dataset}/{metric}` and
-returned flat.
+every set whole (the same number of batches on every rank), with the root's weights gathered. Results
+are logged to the metrics sink as `eval/{dataset}/{metric}` and returned flat.
 
 A set that fails during training (an image that no longer decodes, a file gone) does not stop training:
 the failure is logged as `eval/{dataset}/error` in metrics.jsonl and as one line on stderr, the other
