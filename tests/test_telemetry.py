@@ -89,6 +89,18 @@ def test_meter_figures_on_a_scripted_clock(monkeypatch):
     assert "perf/mfu" not in out and "perf/max_mem_gb" not in out  # CPU, no known peak
     assert meter.report() == {}  # a report starts a new window
 
+    # the training loop's order: compute, then the next step's fetch inside the step (vlp.train.feed)
+    meter = Meter(samples_per_step=64, world_size=1, flops=None, device="cpu", clock=clock)
+    for _ in range(2):
+        meter.begin()
+        clock.t += 0.3            # forward and backward
+        with meter.waiting():
+            clock.t += 0.1        # the next step's batches
+        meter.step()
+        clock.t += 5.0
+    out = meter.report()
+    assert out["perf/step_ms"] == pytest.approx(400.0) and out["perf/data_wait_frac"] == pytest.approx(0.25)
+
     # an epoch that ends (a wait without a step) and the next epoch's first batch: one step's time
     monkeypatch.setenv(telemetry.PEAK_ENV, "1")  # 1 TFLOP/s
     meter = Meter(samples_per_step=10, world_size=1, flops=10**9, device="cpu", clock=clock)

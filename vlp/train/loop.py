@@ -178,6 +178,7 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
         with meter.waiting():
             more = health.all_ranks(feed.fetch(), accelerator.device)
         while more:
+            meter.begin()   # the step's clock: its compute, the next step's fetch, the optimiser
             feed.advance()
             losses = train_step(model, feed.current, loss_fn, backward=accelerator.backward,
                                 autocast=accelerator.autocast, no_sync=lambda: accelerator.no_sync(model))

@@ -122,12 +122,17 @@ class Meter:
         self.steps, self.busy_s, self.wait_s = 0, 0.0, 0.0
         self._start: Optional[float] = None
 
+    def begin(self) -> None:
+        """A step's work starts (its clock, unless a wait for its batches already started it)."""
+        if self._start is None:
+            self._start = self.clock()
+
     @contextmanager
     def waiting(self):
-        """Around fetching (and moving) a step's batches: starts the step's clock, counts data wait."""
+        """Around fetching (and moving) batches: starts the step's clock if not running, counts data wait.
+        An epoch's end (no batch) and the next epoch's first wait are one step's."""
         t0 = self.clock()
-        if self._start is None:  # an epoch's end (no batch) and the next epoch's first wait are one step's
-            self._start = t0
+        self.begin()
         try:
             yield
         finally:
