@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("clip", "laclip", "cua", "fini", "siglip")
 BASELINE = "open_clip_train"
-BUDGET = {"model": "vlp-tiny", "batch-size": 128, "epochs": 2, "lr": 1e-3, "wd": 0.1, "warmup": 100,
+BUDGET = {"model": "vlp-icon", "batch-size": 128, "epochs": 2, "lr": 1e-3, "wd": 0.1, "warmup": 100,
           "precision": "fp32", "workers": 1}
 QUICK_BUDGET = {**BUDGET, "warmup": 10}
 SETS = {"concepts": "icons_unseen_concepts", "styles": "icons_unseen_styles", "category": "icons_category",

@@ -26,7 +26,7 @@ def test_recipe_configs_parse_into_valid_runs():
 
     for r in L.RECIPES:
         cfg = parse_config(["--config", str(L.ROOT / "configs" / f"{r}.yaml"), "--train-data", "x.tar"])
-        assert cfg.model.model == "vlp-tiny" and cfg.data.batch_size == 128
+        assert cfg.model.model == "vlp-icon" and cfg.data.batch_size == 128
     assert parse_config(["--config", str(L.ROOT / "configs/siglip.yaml"), "--train-data", "x.tar"]).loss.loss == "siglip"
 
 
