@@ -6,8 +6,8 @@
 
 Data: the icon benchmark (`data_tools.make_icon_bench`; built into --bench first if that folder is empty).
 Contenders, each trained in its own process with OMP_NUM_THREADS=--threads and the same budget
-(vlp-tiny: 64 px ViT 4 layers width 192, text 4 layers; batch 128, 2 epochs, lr 1e-3, wd 0.1, warmup 100,
-fp32, 1 loader worker, seed s):
+(vlp-icon: vlp-tiny at 48 px, a 4-layer width-128 ViT with 8 px patches and a 4-layer text tower with a
+16-token context; batch 128, 2 epochs, lr 1e-3, wd 0.1, warmup 100, fp32, 1 loader worker, seed s):
   open_clip_train   `open_clip_train.main` with those flags (its own defaults otherwise: for a model name
                     without "vit", AdamW beta2 0.999 / eps 1e-8; its webdataset loader, with the empty
                     end-of-shard record of webdataset 1.x dropped, as benchmarks/loader.py does);

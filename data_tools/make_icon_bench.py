@@ -1,6 +1,6 @@
 """Build the real-image learning benchmark: vendor icons in 15 drawing styles, captioned with their names.
 
-    vlp data make-icon-bench --output icon_bench            # ~3 min on 2 cores, ~60 MB
+    vlp data make-icon-bench --output icon_bench            # ~1.5 CPU-min once the tarballs are cached, 71 MB
     vlp data make-icon-bench --output icon_bench_quick --quick
 
 Images: 29,861 icons from six icon sets on the npm registry (Phosphor in 6 weights, Tabler outline/filled,
