@@ -41,6 +41,12 @@ def test_table_mean_std_and_ratio():
     recs += [rec("low", 0, 0.08, 50), rec("low", 1, 0.08, 50), rec("lower", 0, 0.07, 50), rec("lower", 1, 0.07, 50)]
     t = L.table(recs).splitlines()   # baseline 15.0 ± 7.1: 8.0 is within one std, 7.0 is not
     assert t[4].endswith(" | 5/5 |") and t[5].endswith(" | 0/5 |") and t[2].endswith(" |  |")
+    # a second draw of open_clip_train (its shuffle is unseeded): the baseline is both draws pooled
+    recs += [{**rec("again", s, x, 100), "recipe": L.BASELINE} for s, x in ((0, 0.30), (1, 0.40))]
+    t = L.table(recs).splitlines()   # pool 0.1, 0.2, 0.3, 0.4: 25.0 ± 12.9
+    assert t[-1].startswith(f"| {L.BASELINE}, all 4 runs | 0,1,0,1 | 25.0 ± 12.9 |") and t[-1].endswith(" |  |")
+    assert t[2].startswith(f"| {L.BASELINE} | 0,1 | 15.0 ± 7.1 (0.60x) |") and t[2].endswith(" | 5/5 |")
+    assert t[3].startswith("| clip | 0,1 | 30.0 ± 0.0 (1.20x) |") and t[4].endswith(" | 0/5 |")  # 8.0 < 25.0 - 12.9
 
 
 def test_decay_embeddings_ablation_decays_what_open_clip_decays(monkeypatch):
