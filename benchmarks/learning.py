@@ -23,6 +23,8 @@ to --out as soon as it is done, so an interrupted table continues (finished runs
 
 The table: per figure, mean ± std over seeds, and the ratio of the mean to open_clip_train's; `parity` counts
 the figures whose mean is at least open_clip_train's mean minus one standard deviation (within noise, or better).
+open_clip_train's sample shuffle is unseeded, so a rerun of its seeds is a new draw: run it again under another
+label ('open_clip_train-again=open_clip_train:') and the baseline becomes all its runs pooled (a last row).
 Figures: zero-shot top-1 on held-out concepts (`concepts`), on held-out styles (`styles`), Phosphor
 category top-1 (`category`), retrieval R@5 text->image (`t2i@5`) and image->text (`i2t@5`), and the
 training wall time (`train_s`, the whole process: on a loaded machine this is mostly other people's load).
