@@ -225,22 +225,26 @@ def table(records: list[dict], scorer: str = "vlp") -> str:
         by[f"{BASELINE}, all {len(base_runs)} runs"] = base_runs
     elif labels:
         base_runs = by[labels.pop()]  # the row that is the baseline itself
-    base = base_runs or None
     cols = list(FIGURES) + ["train_s"]
+
+    def stats(rs: list[dict], f: str) -> tuple[float, float]:
+        return _mean_std([r["train_s"] if f == "train_s" else r[scorer][f] for r in rs])
+
+    base = {f: stats(base_runs, f) for f in cols} if base_runs else None  # once, not per row
     lines = [f"| contender ({scorer}) | seeds | " + " | ".join(cols) + " | parity |", "|---" * (len(cols) + 3) + "|"]
     for c, rs in by.items():
+        scored = base is not None and rs is not base_runs
         cells, level = [], 0
         for f in cols:
-            xs = [r["train_s"] if f == "train_s" else r[scorer][f] for r in rs]
-            m, s = _mean_std(xs)
+            m, s = stats(rs, f)
             cell = f"{m:.0f} ± {s:.0f}" if f == "train_s" else f"{100 * m:.1f} ± {100 * s:.1f}"
-            if base and rs is not base_runs:
-                bm, bs = _mean_std([r["train_s"] if f == "train_s" else r[scorer][f] for r in base])
+            if scored:
+                bm, bs = base[f]
                 cell += f" ({m / bm:.2f}x)" if bm else ""
                 level += f != "train_s" and m >= bm - bs
             cells.append(cell)
         # parity: figures whose mean is at least the baseline's mean minus one standard deviation (within noise or better)
-        verdict = f"{level}/{len(FIGURES)}" if base and rs is not base_runs else ""
+        verdict = f"{level}/{len(FIGURES)}" if scored else ""
         lines.append(f"| {c} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(lines)
 
