@@ -52,6 +52,7 @@ from vlp.data.preflight import preflight
 from vlp.data.shards import ShardSet, load_shards
 from vlp.data.tario import Sample, TarError, read_shard
 from vlp.data.transforms import build_transform
+from vlp.train.preemption import start_workers, worker_init
 
 MIN_SEEN_FOR_ABORT = 256
 STATE_VERSION = 1
@@ -443,10 +444,10 @@ class TrainLoader:
         gen = torch.Generator().manual_seed(_mix(self.seed, self._epoch, self.rank, 5) >> 1)
         dl = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.workers, generator=gen,
                         persistent_workers=False, prefetch_factor=4 if self.cfg.workers > 0 else None,
-                        pin_memory=self.device_normalize and torch.cuda.is_available())
+                        pin_memory=self.device_normalize and torch.cuda.is_available(), worker_init_fn=worker_init)
         finish = (lambda x: x) if self.device_normalize else self.transform.normalize
         try:
-            for images, texts, cur, size_notes in dl:
+            for images, texts, cur, size_notes in start_workers(dl):
                 self._warn_sizes(size_notes)
                 if cur.worker != self._batches_done % W:   # not the worker due: it has ended
                     break

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
+from vlp.data.errors import DataError
+
 
 def step_batches(batches: Iterator, accum: int, to_device: Callable) -> Optional[list]:
     """The next `accum` micro-batches moved by `to_device` (a `DeviceBatch`), or None when the epoch has fewer left."""
@@ -34,6 +36,7 @@ class StepFeed:
         self._next: Optional[list] = None
         self._batches: Optional[Iterator] = None
         self._position = self._next_position = None
+        self.error: Optional[DataError] = None
 
     def start(self) -> None:
         """Begin the loader's current epoch (after `set_epoch` / `load_state_dict`)."""
@@ -42,8 +45,14 @@ class StepFeed:
         self.current = self._next = None
 
     def fetch(self) -> bool:
-        """Fetch the next step's micro-batches; whether this rank has them all."""
-        self._next = step_batches(self._batches, self.accum, self.to_device)
+        """Fetch the next step's micro-batches; whether this rank has them all. A data error (too many bad
+        samples, no readable shard) is kept in `error` and ends this rank's epoch, so that the loop can finish
+        the step in flight and save it before stopping."""
+        try:
+            self._next = step_batches(self._batches, self.accum, self.to_device)
+        except DataError as e:
+            self.error, self._next = e, None
+            return False
         self._next_position = self.loader.state_dict()
         return self._next is not None
 

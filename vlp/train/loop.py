@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from vlp.config import Config, ConfigError
+from vlp.data.errors import DataError
 from vlp import precision as prec
 from vlp.models import create_model, export_open_clip, model_identity
 from vlp.train import checkpoint as ckpt
@@ -29,8 +30,10 @@ from vlp.train.console import Console
 from vlp.train.feed import StepFeed
 from vlp.train.health import TrainingError
 from vlp.train.inloop_eval import InLoopEval, open_sets
+from vlp.train.peers import Peers
 from vlp.train.preemption import Preempted, StopSignals
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
+from vlp.train.run_state import RunFolder
 from vlp.train.step import train_step
 from vlp.train.telemetry import Meter
 from vlp.train.threads import configure_threads
@@ -81,11 +84,20 @@ def build_model(cfg: Config):
 def train(cfg: Config) -> dict:
     """Run training as configured; returns the last logged scalars (and eval figures, if any).
     SIGTERM/SIGINT/SIGUSR1 end it after the current step with a checkpoint (raises Preempted)."""
-    with StopSignals() as signals:
-        return _train(cfg, signals)
+    paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
+    with StopSignals() as signals, RunFolder(paths.root) as folder:
+        try:
+            return _train(cfg, paths, signals, folder)
+        except RuntimeError as e:   # a collective that failed because a rank died: one line naming it
+            lost = folder.peers.lost(e) if folder.peers is not None else None
+            if lost is None:
+                raise
+            found = ckpt.list_checkpoints(paths.checkpoints)
+            raise TrainingError(f"{lost}; the last checkpoint is {found[-1][1] if found else 'none yet'}: "
+                                f"start the run again with --resume latest") from None
 
 
-def _train(cfg: Config, signals: StopSignals) -> dict:
+def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder) -> dict:
     from accelerate.utils import set_seed
 
     from vlp.data.pipeline import build_train_loader
@@ -96,10 +108,13 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
     if not cfg.data.train_data:
         raise ConfigError("--train-data is required")
     eval_sets = open_sets(cfg.run.eval_data)          # a bad --eval-data set stops the run before step 1
-    paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
     accelerator = make_accelerator(cfg, paths)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
+    refused = folder.hold() if main else None   # one run per folder; every rank learns the answer
+    if health.any_rank(refused is not None, accelerator.device):
+        raise ConfigError(refused or f"run folder {paths.root} is in use by another training")
+    folder.peers = Peers(accelerator)
     console = Console(main, cfg.run.progress)
     threads = configure_threads(cfg.run.threads, cfg.data.workers, accelerator.device,
                                 int(os.environ.get("LOCAL_WORLD_SIZE", world)))
@@ -149,6 +164,7 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
         step, epoch, loader_state = checkpointer.restore(resume_from)
         console.print(f"resumed from {resume_from} at step {step}")
 
+    folder.start(step)
     if main:
         (paths.root / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
     if cfg.run.report_to not in (None, "none"):
@@ -225,6 +241,9 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
             if verdict.stop:
                 raise Preempted(f"{signals.name}: stopped after step {step}, state saved in "
                                 f"{checkpointer.save(step, epoch)}; continue with --resume latest")
+        if health.any_rank(feed.error is not None, accelerator.device):   # the last good state first
+            raise DataError(f"{feed.error or 'a data error on another rank'}; the state after step {step} is saved "
+                            f"in {checkpointer.save(step, epoch)}")
         # A resumed run may start at the very end of an epoch; two empty epochs in a row mean no data.
         empty_epochs = empty_epochs + 1 if step == step_at_epoch_start else 0
         if empty_epochs >= 2:

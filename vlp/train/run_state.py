@@ -1,0 +1,107 @@
+"""Who holds a run folder, and how the run in it ended.
+
+The lock: the main process holds `RUN/.lock` (`fcntl.flock`) for the run's life, so a second training given the
+same `--logs/--name` (two jobs, a double submit) stops with one line before it reads or writes anything there.
+The kernel drops the lock when its holder dies, however it dies, so a killed run never blocks its resume.
+
+The status: `RUN/status.json`, replaced atomically by the main process: `running` once the run has started,
+then `finished`, `preempted` (stopped by a signal with its state saved: run the same command with
+`--resume latest`) or `failed` (exit 2 or a crash). Launchers do not pass the ranks' exit code 75 on (torchrun
+exits 1 whatever its workers return), so a requeue script reads the state from this file instead. It also
+names the newest checkpoint and its step. A run refused before it started (a bad flag, a folder in use or
+already holding a run) leaves the folder's status as it was.
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+from vlp.train import checkpoint as ckpt
+
+LOCK, STATUS = ".lock", "status.json"
+
+
+class RunFolder:
+    """Context manager around a run: `hold()` the folder, `start()` the run, and on exit record how it ended."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.peers = None   # vlp.train.peers.Peers, once the processes are up: names a lost rank
+        self._lock_fh = None
+        self._started = False
+
+    def hold(self) -> Optional[str]:
+        """Take the folder's lock (main process only); None, or one line saying who holds it."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fh = open(self.root / LOCK, "a+")
+        except OSError as e:
+            return f"cannot write the run folder {self.root} (--logs/--name): {e.strerror or e}"
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            return (f"run folder {self.root} is in use by another training ({holder}): "
+                    f"pass another --name, or wait for that run to end")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n")
+        fh.flush()
+        self._lock_fh = fh
+        return None
+
+    def start(self, step: int) -> None:
+        """The run is under way (from `step`); from now on its end is recorded."""
+        self._started = self._lock_fh is not None
+        self._write("running", None, "", step=step)
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from vlp.train.preemption import EXIT_PREEMPTED, Preempted
+
+        if self._started:
+            if exc is None:
+                self._write("finished", 0, "")
+            elif isinstance(exc, Preempted):
+                self._write("preempted", EXIT_PREEMPTED, str(exc))
+            elif isinstance(exc, Exception):
+                self._write("failed", None, ckpt.first_line(exc, limit=1000))
+        if self._lock_fh is not None:
+            self._lock_fh.close()   # releases the lock
+            self._lock_fh = None
+
+    def _write(self, state: str, code: Optional[int], message: str, step: Optional[int] = None) -> None:
+        if not self._started:
+            return
+        found = ckpt.list_checkpoints(self.root / "checkpoints")
+        record = {"state": state, "exit_code": code, "message": message, "pid": os.getpid(),
+                  "host": socket.gethostname(), "time": _now(),
+                  "checkpoint": str(found[-1][1]) if found else None,
+                  "checkpoint_step": found[-1][0] if found else None}
+        if step is not None:
+            record["step"] = step
+        try:
+            ckpt.atomic_write_bytes(self.root / STATUS, (json.dumps(record, indent=1) + "\n").encode())
+        except ckpt.CheckpointWriteError:
+            pass   # a full disk: the run's own error says so; the status stays what it was
+
+
+def read_status(root: Path) -> Optional[dict]:
+    """A run folder's status.json, or None when it has none."""
+    try:
+        return json.loads((root / STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
