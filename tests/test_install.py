@@ -94,59 +94,108 @@ def test_pytest_settings_live_outside_the_environment_key():
 # ---- scripts/setup.sh, run against a stand-in python3 --------------------------------------------------------
 
 FAKE_PYTHON3 = r"""#!/usr/bin/env bash
-# Stands in for python3: `-m venv DIR` makes DIR/bin/python, which only logs its arguments.
+# Stands in for python3: `-m venv DIR` makes DIR/bin/python, which only logs its arguments (the shared
+# environment); a clone's own `.venv` is made by the real interpreter (it holds no packages: cheap).
 case "$1" in
   --version) echo "Python 3.11.7" ;;
   -m) [ "$2" = venv ] || exit 3
-      mkdir -p "$3/bin"
-      printf '#!/usr/bin/env bash\necho "$0 $*" >> "%s"\n' "$FAKE_LOG" > "$3/bin/python"
-      chmod +x "$3/bin/python" ;;
+      dir="${@: -1}"
+      if [ "${dir##*/}" = .venv ]; then exec "$REAL_PYTHON" -m venv --without-pip "$dir"; fi
+      sleep "${FAKE_VENV_SECONDS:-0}"
+      mkdir -p "$dir/bin" "$dir/lib/python3.11/site-packages"
+      printf '#!/usr/bin/env bash\necho "$0 $*" >> "%s"\n' "$FAKE_LOG" > "$dir/bin/python"
+      chmod +x "$dir/bin/python" ;;
   *) exit 3 ;;
 esac
 """
 
 
-@pytest.fixture()
-def setup_sandbox(tmp_path):
-    repo = tmp_path / "clone"
+def _sandbox_clone(repo: Path) -> Path:
     (repo / "scripts").mkdir(parents=True)
     for name in ("setup.cfg", "pyproject.toml", "constraints.txt", "scripts/setup.sh"):
         (repo / name).write_bytes((ROOT / name).read_bytes())
+    return repo
+
+
+@pytest.fixture()
+def setup_sandbox(tmp_path):
+    repo = _sandbox_clone(tmp_path / "clone")
     shims = tmp_path / "bin"
     shims.mkdir()
     (shims / "python3").write_text(FAKE_PYTHON3)
     (shims / "python3").chmod(0o755)
     log = tmp_path / "pip.log"
     environ = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "FAKE_LOG": str(log),
-               "VLP_ENV_ROOT": str(tmp_path / "envs")}
+               "VLP_ENV_ROOT": str(tmp_path / "envs"), "REAL_PYTHON": sys.executable}
 
-    def run_setup():
-        subprocess.run(["bash", "scripts/setup.sh"], cwd=repo, env=environ, check=True, capture_output=True)
+    def run_setup(clone: Path = repo, **extra):
+        subprocess.run(["bash", "scripts/setup.sh"], cwd=clone, env={**environ, **extra}, check=True,
+                       capture_output=True)
         lines = log.read_text().splitlines() if log.exists() else []
         log.unlink(missing_ok=True)
-        return lines, (repo / ".venv").resolve()
+        return lines, clone / ".venv", (clone / ".venv" / "shared").resolve()
 
     return repo, run_setup
 
 
 def test_setup_sh_installs_through_the_lock_and_keys_the_venv_on_it(setup_sandbox):
     repo, run_setup = setup_sandbox
-    calls, venv = run_setup()
+    calls, _, venv = run_setup()
     installs = [c for c in calls if " -m pip install " in c]
     assert installs and all("-c constraints.txt" in c for c in installs), calls
     assert any('-e .[dev,remote,hf]' in c for c in installs), calls
     assert (venv / ".complete").exists()
     # Reused: only the editable link is refreshed, nothing is resolved again.
-    calls, again = run_setup()
+    calls, _, again = run_setup()
     assert again == venv and len(calls) == 1 and "--no-deps" in calls[0], calls
     # A range edited in setup.cfg alone installs nothing new; a changed lock is a new environment.
     (repo / "setup.cfg").write_text((repo / "setup.cfg").read_text().replace("torch>=", "torch>=0.1,>="))
-    calls, same = run_setup()
+    calls, _, same = run_setup()
     assert same == venv and len(calls) == 1 and "--no-deps" in calls[0], calls
     with open(repo / "constraints.txt", "a") as fh:
         fh.write("# changed\n")
-    calls, changed = run_setup()
+    calls, _, changed = run_setup()
     assert changed != venv and any("-c constraints.txt" in c for c in calls), calls
+
+
+def test_two_setups_started_together_build_the_environment_once(setup_sandbox, tmp_path):
+    """Without the lock the second set-up saw no finished environment, removed the one being built and built
+    its own (`OSError ... libtriton.so` in the first); with it the second waits and reuses the first's."""
+    import concurrent.futures
+
+    repo, run_setup = setup_sandbox
+    other = _sandbox_clone(tmp_path / "other")
+    calls = []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for job in [pool.submit(run_setup, clone, FAKE_VENV_SECONDS="1") for clone in (repo, other)]:
+            calls += job.result()[0]
+    (env,) = (tmp_path / "envs").glob("venv-*")
+    assert (env / ".complete").exists() and (repo / ".venv" / "shared").resolve() == env
+    assert sum(".[dev,remote,hf]" in c for c in calls) == 1, calls   # built once; the other run reused it
+
+
+def test_each_clone_runs_its_own_code_from_the_shared_environment(setup_sandbox, tmp_path):
+    """Two clones set up one after the other share one environment, whose editable install then points at the
+    second: `.venv/bin/python` and `.venv/bin/vlp` of the first still import the first clone's vlp."""
+    repo, run_setup = setup_sandbox
+    other = _sandbox_clone(tmp_path / "other")
+    for clone in (repo, other):
+        (clone / "vlp").mkdir()
+        (clone / "vlp" / "__init__.py").write_text(f"WHO = {clone.name!r}\n")
+    *_, env = run_setup(repo)
+    site = next(env.glob("lib/python3*/site-packages"))
+    (env / "bin" / "vlp").write_text(f"#!{env}/bin/python\nimport vlp\nprint('vlp', vlp.WHO)\n")
+    (env / "bin" / "vlp").chmod(0o755)
+    for clone in (repo, other):
+        run_setup(clone)
+    (site / "__editable__.vlp-0.1.0.pth").write_text(f"{other}\n")   # what `pip install -e .` in `other` leaves
+    for clone in (repo, other):
+        py = subprocess.run([str(clone / ".venv" / "bin" / "python"), "-c", "import vlp; print(vlp.WHO)"],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+        assert py.stdout.strip() == clone.name, py.stderr
+        cmd = subprocess.run([str(clone / ".venv" / "bin" / "vlp")], capture_output=True, text=True, cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": ""})
+        assert cmd.stdout.strip() == f"vlp {clone.name}", cmd.stderr
 
 
 # ---- vlp.compat ----------------------------------------------------------------------------------------------

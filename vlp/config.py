@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -144,8 +145,7 @@ FIELDS = _field_index()
 
 
 def _resolved_type(section: str, f: dataclasses.Field):
-    hints = typing.get_type_hints(SECTIONS[section])
-    return hints[f.name]
+    return typing.get_type_hints(SECTIONS[section])[f.name]
 
 
 def _coerce(name: str, value: Any, tp) -> Any:
@@ -198,10 +198,7 @@ def _apply(cfg: Config, d: dict, source: str) -> None:
 def _default_text(f: dataclasses.Field) -> str:
     if "default_text" in f.metadata:
         return f.metadata["default_text"]
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
-    else:
-        value = f.default
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
     if value is None or value == []:
         return "none"
     if isinstance(value, bool):
@@ -296,6 +293,11 @@ def parse_config(argv: Optional[list[str]] = None) -> Config:
                 loaded = yaml.safe_load(fh) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config file {yaml_path}: {e.strerror}") from None
+        except yaml.YAMLError as e:   # one line, not the parser's 54
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise ConfigError(f"config file {yaml_path} is not valid YAML{where}: "
+                              f"{getattr(e, 'problem', None) or ' '.join(str(e).split())}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {yaml_path} must hold a mapping of options")
         _apply(cfg, loaded, source=yaml_path)
@@ -355,12 +357,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--threads must be at least 1")
     if d.text_aug not in (None, "stopwords", "eda", "stopwords+eda"):
         raise ConfigError(f"--text-aug must be stopwords, eda or stopwords+eda (got {d.text_aug!r})")
-    lo_, hi = d.rrc_scale
-    if not (0 < lo_ <= hi <= 1):
-        raise ConfigError(f"--rrc-scale must satisfy 0 < min <= max <= 1 (got {lo_} {hi})")
-    lo_, hi = d.strong_rrc_scale
-    if not (0 < lo_ <= hi <= 1):
-        raise ConfigError(f"--strong-rrc-scale must satisfy 0 < min <= max <= 1 (got {lo_} {hi})")
+    for flag, (lo_, hi) in (("--rrc-scale", d.rrc_scale), ("--strong-rrc-scale", d.strong_rrc_scale)):
+        if not (0 < lo_ <= hi <= 1):
+            raise ConfigError(f"{flag} must satisfy 0 < min <= max <= 1 (got {lo_} {hi})")
     if d.shuffle_buffer < 0:
         raise ConfigError("--shuffle-buffer must be 0 or more")
     if d.train_num_samples is not None and d.train_num_samples < 1:
@@ -372,6 +371,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--max-bad-fraction must be between 0 and 1")
     if d.shard_retries < 0:
         raise ConfigError("--shard-retries must be 0 or more")
+    if r.name is not None and (os.path.isabs(r.name) or os.path.normpath(r.name).split(os.sep)[0] in ("..", ".")):
+        raise ConfigError(f"--name {r.name!r} must name a folder inside --logs (not an absolute path, not '..')")
     if r.keep_checkpoints < 1:
         raise ConfigError("--keep-checkpoints must be at least 1")
     if o.grad_clip_norm is not None and o.grad_clip_norm <= 0:

@@ -10,9 +10,9 @@ signals every process of the step and torchrun relays the signal to its ranks as
 
 DataLoader workers ignore the three signals (`worker_init`) unless their parent sends SIGTERM: SLURM,
 torchrun and Ctrl-C signal the whole process group, and torch's worker set-up makes a SIGTERM from anyone but
-the parent kill the worker, which the main process then reports as a crash instead of finishing its step. The signals are blocked while the
-workers are forked (`start_workers`), so none lands in the moment before a worker ignores it; the main
-process receives such a signal as soon as the workers have started.
+the parent kill the worker, which the main process then reports as a crash instead of finishing its step.
+The signals are blocked while the workers are forked (`start_workers`), so none lands in the moment before
+a worker ignores it; the main process receives such a signal as soon as the workers have started.
 """
 from __future__ import annotations
 
