@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from vlp.config import ConfigError
+from vlp.train import peers
 
 STEP_RE = re.compile(r"^step_(\d{8})\.pt$")
 LATEST = "latest"
@@ -241,14 +242,21 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointWriteError(f"cannot create checkpoint folder {ckpt_dir}: {e.strerror}") from None
-    for stale in ckpt_dir.glob(".*.tmp-*"):  # left by a writer that was killed
-        stale.unlink(missing_ok=True)
+    for stale in ckpt_dir.glob(".*.tmp-*"):  # left by a writer that was killed; a live writer's stays
+        if not writer_alive(stale):
+            stale.unlink(missing_ok=True)
     path = ckpt_dir / checkpoint_name(step)
     atomic_torch_save(state, path)
     atomic_write_bytes(ckpt_dir / LATEST, path.name.encode())
     for _, old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def writer_alive(tmp: Path) -> bool:
+    """Whether the process named in a temporary file's name (`.NAME.tmp-PID`) still runs (not this one)."""
+    pid = tmp.name.rsplit("-", 1)[-1]
+    return pid.isdigit() and int(pid) != os.getpid() and peers.alive(int(pid))
 
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:

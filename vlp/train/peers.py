@@ -21,11 +21,12 @@ class Peers:
     """(host, pid) of every rank of the run, gathered once at the start (every rank must build it)."""
 
     def __init__(self, accelerator):
-        from vlp.train.checkpointer import per_rank
+        self.rank, self.host = accelerator.process_index, socket.gethostname()
+        self.ranks: list = [(self.host, os.getpid())] * accelerator.num_processes
+        if accelerator.num_processes > 1:
+            import torch.distributed as dist
 
-        self.rank = accelerator.process_index
-        self.host = socket.gethostname()
-        self.ranks: list = per_rank(accelerator, (self.host, os.getpid()))
+            dist.all_gather_object(self.ranks, (self.host, os.getpid()))
 
     def lost(self, error: BaseException, wait_s: float = 3.0) -> Optional[str]:
         """One line naming the lost rank(s) if `error` is a peer gone, else None."""
@@ -34,7 +35,7 @@ class Peers:
         local = [(r, pid) for r, (host, pid) in enumerate(self.ranks) if host == self.host and r != self.rank]
         deadline = time.monotonic() + wait_s
         while True:
-            dead = [(r, pid) for r, pid in local if not _alive(pid)]
+            dead = [(r, pid) for r, pid in local if not alive(pid)]
             if dead:
                 return ", ".join(f"rank {r} (pid {pid})" for r, pid in dead) + f" ended during training on {self.host}"
             if time.monotonic() > deadline or not local:
@@ -47,7 +48,7 @@ class Peers:
         return None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, ended but not yet reaped by its launcher, counts as ended)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:

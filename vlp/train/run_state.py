@@ -21,7 +21,9 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from vlp.config import ConfigError
 from vlp.train import checkpoint as ckpt
+from vlp.train.run_log import RunPaths
 
 LOCK, STATUS = ".lock", "status.json"
 
@@ -38,10 +40,10 @@ class RunFolder:
     def hold(self) -> Optional[str]:
         """Take the folder's lock (main process only); None, or one line saying who holds it."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            RunPaths(self.root).create()
             fh = open(self.root / LOCK, "a+")
-        except OSError as e:
-            return f"cannot write the run folder {self.root} (--logs/--name): {e.strerror or e}"
+        except (ConfigError, OSError) as e:
+            return str(e) if isinstance(e, ConfigError) else f"cannot write the run folder {self.root}: {e.strerror}"
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
