@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from vlp.eval.datasets import CAPTION_SELECTION, EvalError, EvalSet, Sample
+from vlp.eval.evalset import CAPTION_SELECTION, EvalError, EvalSet, Sample
 
 SUGARCREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 _OPS = ("replace", "swap", "add")

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vlp.eval.datasets import Sample, iter_batches
+from vlp.eval.decode import iter_batches
+from vlp.eval.evalset import Sample
 
 CACHE_BYTES = int(os.environ.get("VLP_EVAL_CACHE_MB", "1024")) * 2**20
 _image_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()

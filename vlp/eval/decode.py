@@ -1,0 +1,72 @@
+"""Decode and preprocess eval images in batches, as the training loader decodes them.
+
+Each sample carries its index, so several workers may decode in parallel while the order of results
+stays that of the set. An image that cannot be decoded is skipped and counted (as training skips it).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from vlp.data.errors import SkipSample
+from vlp.data.images import decode_rgb
+from vlp.eval.evalset import EvalError, Sample
+
+
+
+def decode_image(sample: Sample):
+    """RGB PIL image, decoded as the training loader decodes (`vlp.data.images.decode_rgb`: EXIF orientation applied)."""
+    try:
+        data = sample.data
+        if data is None:
+            with open(sample.path, "rb") as fh:
+                if sample.span is not None:
+                    fh.seek(sample.span[0])
+                    data = fh.read(sample.span[1])
+                else:
+                    data = fh.read()
+        return decode_rgb(data)
+    except (SkipSample, OSError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise EvalError(f"cannot decode image {sample.key} ({sample.where}): {first}") from None
+
+
+class _Decoded(torch.utils.data.IterableDataset):
+    """Decode + preprocess; worker w takes samples w, w+W, ... and tags each with its index."""
+
+    def __init__(self, samples: list[Sample], preprocess: Callable):
+        self.samples, self.preprocess = samples, preprocess
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(wid, len(self.samples), nw):
+            try:
+                x = self.preprocess(decode_image(self.samples[i]))
+            except EvalError as e:
+                yield i, None, str(e)        # raised in the main process, so the message stays one line
+                return
+            yield i, x, None
+
+
+def _collate(batch):
+    return batch
+
+
+
+def iter_batches(samples: list[Sample], preprocess: Callable, batch_size: int, num_workers: int = 0
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(indices [B], images [B,3,H,W]) batches; with workers the order of batches may interleave."""
+    ds = _Decoded(samples, preprocess)
+    if num_workers > 0:
+        per_worker = (len(samples) + num_workers - 1) // num_workers
+        num_workers = max(1, min(num_workers, per_worker // 8 or 1))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                                         persistent_workers=False)
+    for batch in loader:
+        for _, x, err in batch:
+            if err is not None:
+                raise EvalError(err)
+        idx = torch.tensor([b[0] for b in batch], dtype=torch.long)
+        yield idx, torch.stack([b[1] for b in batch])
