@@ -66,9 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--templates", default=None, help="templates for sets that do not name their own: FILE, 'openai', 'simple'")
     p.add_argument("--recall-k", "--recall_k", dest="recall_k", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--per-class", action="store_true", help="add per-class accuracy and top confusions to the JSON")
-    p.add_argument("--ties", choices=["vlp", "clip_benchmark"], default="vlp",
-                   help="retrieval ties: vlp = a negative within 1e-6 of the positive ties, in the positive's favour; "
-                        "clip_benchmark = topk order, figure for figure with CLIP_benchmark")
+    p.add_argument("--ties", choices=["clip_benchmark", "positive_wins"], default="clip_benchmark",
+                   help="retrieval and compositional ties: clip_benchmark (default) = topk order / argmax, as "
+                        "CLIP_benchmark, so figures compare with published tables; positive_wins = a negative within "
+                        "1e-6 of the positive ties, in the positive's favour. Recorded in each result as vlp.ties")
     p.add_argument("--fewshot-k", "--fewshot_k", dest="fewshot_k", type=int, default=-1,
                    help="linear probe: training samples per class (-1: all)")
     p.add_argument("--seed", type=int, default=0, help="linear probe: held-out split and few-shot draw")

@@ -76,7 +76,7 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
              amp: Optional[bool] = None, num_workers: int = 0, recall_k: Sequence[int] = (1, 5, 10),
              geometry: bool = True, per_class: bool = False, classnames: Optional[str] = None,
              templates: Optional[str] = None, progress: bool = False, step: Optional[int] = None,
-             cache_images: bool = True, ties: str = "vlp", fewshot_k: int = -1, seed: int = 0,
+             cache_images: bool = True, ties: str = R.TIE_RULES[0], fewshot_k: int = -1, seed: int = 0,
              knn_k: Sequence[int] = (1, 10, 20), feature_cache: Union[str, None, bool] = None,
              distributed: bool = False, on_error: str = "raise") -> list[dict]:
     """Score `model` on every eval set; one CLIP_benchmark-schema dict per (dataset, task).
@@ -87,9 +87,9 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
     call and its mode restored. `amp=None` means autocast on CUDA and fp32 elsewhere. Raises `EvalError`
     (one line) on bad input.
 
-    `ties`: how retrieval ranks a negative that scores the same as the positive (`vlp`: within
-    `retrieval.TIE_TOL`, in the positive's favour; `clip_benchmark`: by `torch.topk`'s order, figure for
-    figure). Linear probe / k-NN: `fewshot_k` (per class, -1 = all; a spec's `fewshot_k=` wins), `seed`,
+    `ties`: how retrieval and compositional sets count a negative that scores the same as the positive
+    (`clip_benchmark`, the default: by `torch.topk`'s order / argmax, as CLIP_benchmark; `positive_wins`: within
+    `retrieval.TIE_TOL`, in the positive's favour); every result records it as `vlp.ties`. Linear probe / k-NN: `fewshot_k` (per class, -1 = all; a spec's `fewshot_k=` wins), `seed`,
     `knn_k`, and `feature_cache` (folder for float16 features; None: `features.default_cache_dir()`;
     False: no disk cache).
 
@@ -103,7 +103,7 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error must be 'raise' or 'record', not {on_error!r}")
     if ties not in R.TIE_RULES:
-        raise EvalError(f"ties must be one of {R.TIE_RULES}")
+        raise EvalError(f"ties must be one of {', '.join(R.TIE_RULES)}, not {ties!r}")
     sets = [s if isinstance(s, EvalSet) else open_eval_set(s, classnames, templates) for s in eval_data]
     share = Share()
     if distributed:
@@ -131,7 +131,7 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
                     probe = dict(fewshot_k=fewshot_k, seed=seed, knn_k=knn_k, feature_cache=feature_cache)
                     metrics, extra = _probe(model, preprocess, es, probe, kw)
                 elif es.task == CAPTION_SELECTION:
-                    metrics, extra = _caption_selection(model, tokenizer, preprocess, es, kw)
+                    metrics, extra = _caption_selection(model, tokenizer, preprocess, es, kw, ties)
                 else:  # pragma: no cover - open_eval_set validates the task
                     raise EvalError(f"{es.name}: unsupported task {es.task}")
             except Exception as e:  # noqa: BLE001 - in "record" mode any failure of one set is reported, not fatal
@@ -143,6 +143,7 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
             if metrics is None:          # not rank 0: features shared, nothing to report
                 continue
             extra["seconds"] = round(time.perf_counter() - t0, 3)
+            extra["ties"] = ties
             if share.world > 1:
                 extra["world_size"] = share.world
             if step is not None:
@@ -260,7 +261,7 @@ def _probe(model, preprocess, es: EvalSet, probe: dict, kw):
     return metrics, extra
 
 
-def _caption_selection(model, tokenizer, preprocess, es: EvalSet, kw):
+def _caption_selection(model, tokenizer, preprocess, es: EvalSet, kw, ties):
     from vlp.eval.compositional import selection_metrics
 
     samples = es.samples()
@@ -275,5 +276,5 @@ def _caption_selection(model, tokenizer, preprocess, es: EvalSet, kw):
     txt = _texts(model, tokenizer, texts, kw, f"{es.name} captions")
     if not kw["share"].main:
         return None, None
-    metrics = selection_metrics(img, txt, t2i, positive, [s.key.split("/", 1)[0] for s in samples])
+    metrics = selection_metrics(img, txt, t2i, positive, [s.key.split("/", 1)[0] for s in samples], ties)
     return metrics, {"n_items": len(samples), "n_images": len(uniq), "n_texts": len(texts)}

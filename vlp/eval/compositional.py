@@ -12,7 +12,8 @@ Image paths are relative to `root=` (default: the folder of the annotation file(
 COCO's `val2017` folder.
 
 Metric: the share of images whose positive caption scores at least as high as every negative (`acc`, as
-CLIP_benchmark's `image_caption_selection`: its argmax keeps index 0, the positive, on a tie), overall, per
+CLIP_benchmark's `image_caption_selection`: its argmax keeps index 0, the positive, on an exact tie; with
+`ties="positive_wins"` a negative must score more than `retrieval.TIE_TOL` above it), overall, per
 subset (`acc/<subset>`) and, where subsets are named SugarCrepe's way (`{replace,swap,add}_{obj,att,rel}`),
 per operation and per kind (`acc/replace`, `acc/object`, ...).
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from vlp.eval.evalset import CAPTION_SELECTION, EvalError, EvalSet, Sample
+from vlp.eval.retrieval import TIE_RULES, TIE_TOL
 
 SUGARCREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 _OPS = ("replace", "swap", "add")
@@ -140,7 +142,7 @@ def _read(path: Path):
 
 
 def selection_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                      is_positive: torch.Tensor, subsets: list[str]) -> dict[str, float]:
+                      is_positive: torch.Tensor, subsets: list[str], ties: str = TIE_RULES[0]) -> dict[str, float]:
     """`acc` overall and per subset/group. Captions are rows of `text_emb`; `text_to_image` names each caption's
     image and `is_positive` marks the one positive caption of each image. Every score is the same dot product
     (no separate path for the positive), so an exact tie is a tie and goes to the positive."""
@@ -150,7 +152,9 @@ def selection_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
         0, text_to_image[~is_positive], scores[~is_positive], reduce="amax", include_self=True)
     pos = torch.full((n,), float("-inf")).scatter_reduce(
         0, text_to_image[is_positive], scores[is_positive], reduce="amax", include_self=True)
-    correct = (pos >= best_neg).float()
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {TIE_RULES}, not {ties!r}")
+    correct = (pos + (TIE_TOL if ties == "positive_wins" else 0.0) >= best_neg).float()
     out = {"acc": correct.mean().item()}
     names = sorted(set(subsets))
     sub = torch.tensor([names.index(s) for s in subsets])
