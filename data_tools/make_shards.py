@@ -249,7 +249,7 @@ def _swap_in(staging: Path, out: Path, prefix: str, stats: dict) -> None:
 def _write(recs: list, folder: Path, src: Path, per_shard: int, prefix: str, workers: int, progress: bool,
            opts: dict) -> dict:
     skipped: Counter = Counter()
-    from tqdm import tqdm
+    from vlp.progress import progress_bar
 
     written = 0
     with ShardWriter(str(folder / f"{prefix}%05d.tar"), per_shard) as sink:
@@ -260,7 +260,7 @@ def _write(recs: list, folder: Path, src: Path, per_shard: int, prefix: str, wor
             _init(opts)
             pool, results = None, map(process, recs)
         try:
-            for i, (rec, (data, cap, info)) in enumerate(tqdm(zip(recs, results), total=len(recs), unit="img",
+            for i, (rec, (data, cap, info)) in enumerate(progress_bar(zip(recs, results), total=len(recs), unit="img",
                                                                desc="make_shards", disable=not progress)):
                 if data is None:
                     skipped[cap] += 1

@@ -12,10 +12,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from vlp.eval.decode import iter_batches
 from vlp.eval.evalset import Sample
+from vlp.progress import progress_bar
 
 CACHE_BYTES = int(os.environ.get("VLP_EVAL_CACHE_MB", "1024")) * 2**20
 _image_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
@@ -195,7 +195,7 @@ def encode_texts(model, tokenizer: Callable, texts: list[str], *, device="cpu", 
             prefix = _SharedPrefix(model, tok[rows[:1], :shared].to(device)) if shared >= 2 else None
         rows = rows[torch.argsort(pool[rows], stable=True)] if pool is not None else rows
         jobs += [(chunk, prefix) for chunk in _chunks(rows, pool, batch_size, device, _text_width(model))]
-    for rows, prefix in tqdm(jobs, desc=desc, disable=not progress, unit="batch", leave=False):
+    for rows, prefix in progress_bar(jobs, desc=desc, disable=not progress, unit="batch", leave=False):
         t = tok[rows].to(device)
         with autocast(device, amp):
             if prefix is not None:
@@ -252,7 +252,7 @@ def encode_images(model, preprocess: Callable, samples: list[Sample], *, device=
         pixels = _image_cache[key]
         batches = ((torch.arange(s, min(s + batch_size, n)), pixels[s:s + batch_size]) for s in range(0, n, batch_size))
         total = (n + batch_size - 1) // batch_size
-        return _embed_tensor_batches(model, tqdm(batches, total=total, desc=desc, disable=not progress, leave=False),
+        return _embed_tensor_batches(model, progress_bar(batches, total=total, desc=desc, disable=not progress, leave=False),
                                      n, device, amp)
     stream = iter_batches(samples, preprocess, batch_size, num_workers)
     keep: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -260,7 +260,7 @@ def encode_images(model, preprocess: Callable, samples: list[Sample], *, device=
 
     def tee():
         nonlocal budget
-        for idx, x in tqdm(stream, total=(n + batch_size - 1) // batch_size, desc=desc, disable=not progress,
+        for idx, x in progress_bar(stream, total=(n + batch_size - 1) // batch_size, desc=desc, disable=not progress,
                            leave=False):
             if budget > 0:
                 budget -= x.numel() * x.element_size()
