@@ -122,6 +122,7 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
     try:
         for es in sets:
             t0 = time.perf_counter()
+            kw["skip"] = {"n": 0, "local": []}
             try:
                 if es.task == CLASSIFICATION:
                     metrics, extra = _classification(model, tokenizer, preprocess, es, geometry, per_class, kw)
@@ -144,6 +145,7 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
                 continue
             extra["seconds"] = round(time.perf_counter() - t0, 3)
             extra["ties"] = ties
+            extra.update(_skip_report(kw["skip"]))
             if share.world > 1:
                 extra["world_size"] = share.world
             if step is not None:
@@ -154,6 +156,29 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
     finally:
         model.train(was_training)
     return results
+
+
+def _skip_report(skip: dict) -> dict:
+    """The result's record of images that could not be decoded and were left out (as training skips them)."""
+    if not skip["n"]:
+        return {}
+    from collections import Counter
+
+    out = {"skipped_images": skip["n"]}
+    if skip["local"]:      # what this process saw (all of it unless the set was split across ranks)
+        out["skipped"] = dict(Counter(reason for _, reason, _ in skip["local"]))
+        out["skipped_first"] = skip["local"][0][2]
+    return out
+
+
+def _decoded(img: torch.Tensor, kw: dict) -> torch.Tensor:
+    """Which rows of `img` hold features (a skipped image's row is NaN); counts the others in kw["skip"]."""
+    keep = ~img.isnan().any(dim=1)
+    kw["skip"]["n"] += int((~keep).sum())
+    if not keep.any():
+        raise EvalError("no image of the set could be decoded" +
+                        (f" ({kw['skip']['local'][0][2]})" if kw["skip"]["local"] else ""))
+    return keep
 
 
 def _encode_kw(kw: dict) -> dict:
@@ -167,7 +192,7 @@ def _images(model, preprocess, es: EvalSet, kw: dict, samples=None, cache: Optio
     fp = es.fingerprint() if (kw["cache"] if cache is None else cache) else None
     return share.encode(len(samples), lambda a, b: encode_images(
         model, preprocess, samples[a:b], num_workers=kw["num_workers"], desc=f"{es.name} images",
-        cache_key=None if fp is None else (fp, a, b, len(samples)), **_encode_kw(kw)))
+        cache_key=None if fp is None else (fp, a, b, len(samples)), skipped=kw["skip"]["local"], **_encode_kw(kw)))
 
 
 def _texts(model, tokenizer, texts: list[str], kw: dict, desc: str) -> torch.Tensor:
@@ -186,6 +211,8 @@ def _classification(model, tokenizer, preprocess, es: EvalSet, geometry, per_cla
     img = _images(model, preprocess, es, kw)
     if not share.main:
         return None, None
+    keep = _decoded(img, kw)
+    img, target, samples = img[keep], target[keep], [s for s, k in zip(samples, keep.tolist()) if k]
     logits = Z.logits(img, classifier)
     metrics = Z.classification_metrics(logits, target, len(es.classnames))
     if geometry:
@@ -200,11 +227,13 @@ def _classification(model, tokenizer, preprocess, es: EvalSet, geometry, per_cla
 
 def _retrieval(model, tokenizer, preprocess, es: EvalSet, geometry, recall_k, kw, ties):
     samples = es.samples()
-    texts = [c for s in samples for c in s.target]
-    if not texts:
+    if not any(s.target for s in samples):
         raise EvalError(f"{es.name}: no captions in the retrieval set")
-    t2i = torch.tensor([i for i, s in enumerate(samples) for _ in s.target], dtype=torch.long)
     img = _images(model, preprocess, es, kw)
+    keep = _decoded(img, kw)             # features are gathered: every rank keeps the same images
+    img, samples = img[keep], [s for s, k in zip(samples, keep.tolist()) if k]
+    texts = [c for s in samples for c in s.target]
+    t2i = torch.tensor([i for i, s in enumerate(samples) for _ in s.target], dtype=torch.long)
     txt = _texts(model, tokenizer, texts, kw, f"{es.name} captions")
     if not kw["share"].main:
         return None, None
@@ -248,6 +277,8 @@ def _probe(model, preprocess, es: EvalSet, probe: dict, kw):
     x, y = _split_features(model, preprocess, es, kw, cache_dir, model_id)
     if not kw["share"].main:
         return None, None
+    keep_t, keep = _decoded(tx, kw), _decoded(x, kw)
+    tx, ty, x, y = tx[keep_t], ty[keep_t], x[keep], y[keep]
     n_classes = len(es.classnames)
     extra = {"n_images": len(y), "n_train": len(ty), "n_classes": n_classes}
     if es.task == KNN:
@@ -265,16 +296,19 @@ def _caption_selection(model, tokenizer, preprocess, es: EvalSet, kw, ties):
     from vlp.eval.compositional import selection_metrics
 
     samples = es.samples()
-    texts = [c for s in samples for c in s.target]
-    t2i = torch.tensor([i for i, s in enumerate(samples) for _ in s.target], dtype=torch.long)
-    positive = torch.tensor([j == 0 for s in samples for j in range(len(s.target))])
     # SugarCrepe's subsets share COCO images: encode each image file once
     first: dict = {}
     which = torch.tensor([first.setdefault(s.path or s.key, len(first)) for s in samples])
     uniq = list({s.path or s.key: s for s in samples}.values())
-    img = _images(model, preprocess, es, kw, samples=uniq, cache=False)[which]
+    img = _images(model, preprocess, es, kw, samples=uniq, cache=False)
+    keep_u = _decoded(img, kw)           # features are gathered: every rank keeps the same images
+    keep = keep_u[which]
+    img, samples = img[which][keep], [s for s, k in zip(samples, keep.tolist()) if k]
+    texts = [c for s in samples for c in s.target]
+    t2i = torch.tensor([i for i, s in enumerate(samples) for _ in s.target], dtype=torch.long)
+    positive = torch.tensor([j == 0 for s in samples for j in range(len(s.target))])
     txt = _texts(model, tokenizer, texts, kw, f"{es.name} captions")
     if not kw["share"].main:
         return None, None
     metrics = selection_metrics(img, txt, t2i, positive, [s.key.split("/", 1)[0] for s in samples], ties)
-    return metrics, {"n_items": len(samples), "n_images": len(uniq), "n_texts": len(texts)}
+    return metrics, {"n_items": len(samples), "n_images": int(keep_u.sum()), "n_texts": len(texts)}

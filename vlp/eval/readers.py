@@ -100,7 +100,13 @@ def read_caption_file(es: EvalSet) -> list[Sample]:
             if img is None or caps is None:
                 raise EvalError(f"{path}: entry {i + 1} needs an image key ({_IMAGE_COLS[0]}) and a caption key "
                                 f"({_CAPTION_COLS[0]}/{_CAPTION_COLS[1]})")
-            caps = [caps] if isinstance(caps, str) else [str(c) for c in caps]
+            if isinstance(caps, str):
+                caps = [caps]
+            elif isinstance(caps, list) and all(isinstance(c, str) for c in caps):
+                caps = list(caps)
+            else:
+                raise EvalError(f"{path}: entry {i + 1}: a caption must be text or a list of texts, "
+                                f"not {json.dumps(caps)[:60]}")
             groups.setdefault(str(img), []).extend(caps)
     else:
         delim = "\t" if path.suffix.lower() == ".tsv" else ","
