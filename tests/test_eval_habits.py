@@ -67,3 +67,35 @@ def test_traceback_cases_are_one_line(export, demo_data, tmp_path, capsys):
     (tmp_path / "ints.jsonl").write_text(json.dumps({"image": "0.png", "caption": 7}) + "\n")
     rc, err = _run(["--checkpoint", export, "--data", str(tmp_path / "ints.jsonl")], capsys)
     assert rc == 2 and "entry 1: a caption must be text" in err and len(err.splitlines()) == 1
+
+
+def test_class_lists_that_would_score_silently_wrong(tmp_path, demo_data, export, capsys):
+    """A duplicated class name, and an empty class folder, are one line naming the real fault."""
+    import shutil
+
+    colors = tmp_path / "colors"
+    shutil.copytree(demo_data["eval_data"][0], colors)
+    names = (colors / "classnames.txt").read_text().split()
+    (colors / "classnames.txt").write_text("\n".join([names[0]] + names[:-1]) + "\n")
+    rc, err = _run(["--checkpoint", export, "--data", str(colors)], capsys)
+    assert rc == 2 and f"class name '{names[0]}' appears twice" in err and len(err.splitlines()) == 1
+    from vlp.data import demo_world as W
+
+    for c in ("red", "blue", "green"):
+        (tmp_path / "f" / c).mkdir(parents=True)
+    for c in ("red", "blue"):
+        W.render([W.Thing(c, "circle", "large", "center")], 32, __import__("random").Random(0)).save(tmp_path / "f" / c / "0.png")
+    (tmp_path / "f" / "classnames.txt").write_text("red\nblue\n")
+    rc, err = _run(["--checkpoint", export, "--data", str(tmp_path / "f") + "?templates=simple"], capsys)
+    assert rc == 2 and "class folder(s) green" in err and "hold no images" in err
+
+
+def test_probe_acc5_is_nan_below_five_classes():
+    """As CLIP_benchmark reports it: no top-5 figure with 3 classes (it would be 1.0 by construction)."""
+    import math
+
+    from vlp.eval.probe import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 8, generator=g), torch.arange(60) % 3
+    assert math.isnan(linear_probe(x, y, x[:30], y[:30], 3)[0]["lp_acc5"])

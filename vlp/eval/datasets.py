@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import parse_qsl
 
+from vlp.data.images import IMAGE_FILE_SUFFIXES
 from vlp.eval import compositional, readers
 from vlp.eval.decode import decode_image, iter_batches
 from vlp.eval.evalset import (CAPTION_FILE_EXTS, CAPTION_SELECTION, CLASSIFICATION, KNN, LABELLED, LINEAR_PROBE,
@@ -99,6 +100,10 @@ def _open_folder(spec: str, root: Path, opts: dict) -> EvalSet:
     task = opts.get("task", CLASSIFICATION)
     if task not in LABELLED:
         raise EvalError(f"{spec}: an image folder can only be used for classification, linear_probe or knn")
+    empty = [c for c in classes if not any(p.suffix.lower() in IMAGE_FILE_SUFFIXES for p in (root / c).rglob("*"))]
+    if empty:
+        raise EvalError(f"{opts.get('name', root.name)}: class folder(s) {', '.join(empty[:5])} in {root} hold no "
+                        "images: remove them, or add their images")
     es = EvalSet(spec, opts.get("name", root.name), task, "folder", root, options=opts, reader=readers.read_folder)
     es.options["_folders"] = json.dumps(classes)
     if "classnames" not in opts and not (root / "classnames.txt").is_file() and len(classes) == 1000:
@@ -159,10 +164,15 @@ def _classnames(es: EvalSet, default_file: Path, folders: Optional[list[str]] = 
         hint = "give classnames=FILE, classnames=imagenet or classnames=folders" if folders is not None \
             else f"expected {default_file}"
         raise EvalError(f"{es.name}: no class names ({hint})")
-    names = _read_list(path, es.name)
+    names = [str(n).strip() for n in _read_list(path, es.name)]
     if not names:
         raise EvalError(f"{es.name}: class name file {path} is empty")
-    return [str(n).strip() for n in names]
+    seen: set = set()
+    dup = next((n for n in names if n in seen or seen.add(n)), None)
+    if dup is not None:
+        raise EvalError(f"{es.name}: class name '{dup}' appears twice in {path}: its two classes would share one "
+                        "zero-shot classifier row; give each class its own name")
+    return names
 
 
 def _templates(es: EvalSet, default_file: Path, default: Optional[str] = None):
