@@ -64,6 +64,7 @@ def test_precision_mapping_to_accelerate():
         ["fp16", "bf16", "no", "no", "no"]
     assert prec.cpu_warning("fp32", "cpu") is None and prec.cpu_warning("amp_bf16", "cuda") is None
     assert "slower" in prec.cpu_warning("amp_bf16", "cpu") and "fp32" in prec.cpu_warning("amp", "cpu")
+    assert "samples/s" not in prec.cpu_warning("bf16", "cpu")     # no figure that was not measured (was: 9 vs 66)
 
 
 def test_eval_accepts_clip_benchmark_flags(demo_data, micro_model_json, tmp_path):
