@@ -30,7 +30,7 @@ class Answer(argparse.Action):
 def suggestion(parser: argparse.ArgumentParser, flag: str) -> Optional[str]:
     """The parser's flag closest to a mistyped one (None if nothing is close)."""
     known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
-    close = difflib.get_close_matches(flag.split("=", 1)[0], known, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(flag.split("=", 1)[0], known, n=1, cutoff=0.8)
     return close[0] if close else None
 
 
