@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default=None, help="CLIP_benchmark's: the split of every set (default: test)")
     p.add_argument("--output", default=None,
                    help="output folder (default: RUN/eval for a run folder, else ./eval_results), or CLIP_benchmark's "
-                        "file template, e.g. '{dataset}_{task}.json' (keys: dataset, pretrained, model, language, task)")
+                        "file template, e.g. '{dataset}_{task}.json' (keys: dataset, pretrained, model, language, "
+                        "task)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
     p.add_argument("--workers", "--num_workers", dest="workers", type=int, default=None,
                    help="image decoding worker processes (default: min(4, CPUs) on CUDA; 0 on CPU, where the "

@@ -10,7 +10,8 @@
    forward, --repeat times each in alternating order, best wall time kept (the machine is shared).
    CLIP_benchmark's side is its own `zero_shot_classifier` + `run_classification` on its own wds
    loader (`build_dataset("wds/..")`); its `accuracy()` breaks under NumPy 2.x, so top-1 is computed from its
-   logits with `.item()` (and its probe runs with `numpy2_safe_accuracy` in its place). Prints both times, the ratio (target >= 3x), and whether acc1 agrees.
+   logits with `.item()` (and its probe runs with `numpy2_safe_accuracy` in its place). Prints both times,
+   the ratio (target >= 3x), and whether acc1 agrees.
    Where vlp's time goes down: prompts tokenised from their pieces (`vlp.eval.prompt_tokens`), each
    template's shared prefix encoded once, text batches trimmed at their last end-of-text token, and on CPU
    each --batch-size batch run in L2-sized calls (`vlp.eval.encode.cpu_chunk_rows`); CLIP_benchmark runs

@@ -83,8 +83,9 @@ def test_class_lists_that_would_score_silently_wrong(tmp_path, demo_data, export
 
     for c in ("red", "blue", "green"):
         (tmp_path / "f" / c).mkdir(parents=True)
+    rng = __import__("random").Random(0)
     for c in ("red", "blue"):
-        W.render([W.Thing(c, "circle", "large", "center")], 32, __import__("random").Random(0)).save(tmp_path / "f" / c / "0.png")
+        W.render([W.Thing(c, "circle", "large", "center")], 32, rng).save(tmp_path / "f" / c / "0.png")
     (tmp_path / "f" / "classnames.txt").write_text("red\nblue\n")
     rc, err = _run(["--checkpoint", export, "--data", str(tmp_path / "f") + "?templates=simple"], capsys)
     assert rc == 2 and "class folder(s) green" in err and "hold no images" in err
