@@ -223,3 +223,19 @@ def test_every_command_answers_a_bad_command_line_with_one_error_line(argv, caps
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_demo_says_where_it_writes_its_data(tmp_path, capsys, monkeypatch):
+    import data_tools.make_demo_data as M
+    from vlp.demo import ensure_data
+
+    real = M.make_demo_data
+    monkeypatch.setattr(M, "make_demo_data", lambda out, train_samples: real(out, train_samples, eval_samples=40,
+                                                                              image_size=32, progress=False))
+
+    ensure_data(tmp_path / "data", 200)
+    first = capsys.readouterr().err
+    assert "demo data: writing 200 training samples" in first and str(tmp_path / "data") in first
+    assert "written in" in first
+    ensure_data(tmp_path / "data", 200)
+    assert "written before" in capsys.readouterr().err
