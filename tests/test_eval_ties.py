@@ -146,3 +146,38 @@ def test_default_figures_equal_clip_benchmark_on_the_same_export(tmp_path, micro
     assert favour["zeroshot_retrieval"]["vlp"]["ties"] == "positive_wins"
     fav = favour["zeroshot_retrieval"]["metrics"]
     assert all(fav[k] >= got[k] for k in got if "recall" in k) and any(fav[k] > got[k] for k in got if "recall" in k)
+
+
+def test_compositional_default_is_clip_benchmarks_computation():
+    """CLIP_benchmark's image_caption_selection run on given embeddings (a stub model returns them) equals
+    vlp's default exactly, also where a third of the negatives are the caption itself: its [1, D] x [D, 2]
+    product can score two identical captions a bit apart, which decides such a tie, and vlp's default makes the
+    same product. `positive_wins` counts every such tie for the caption."""
+    from clip_benchmark.metrics import image_caption_selection as ics
+
+    from vlp.eval.compositional import selection_metrics
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 300, 64
+    img = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    caps = F.normalize(img + 2.0 * torch.randn(n, d, generator=g) / d ** 0.5, dim=-1)
+    negs = F.normalize(img + 2.0 * torch.randn(n, d, generator=g) / d ** 0.5, dim=-1)
+    negs[::3] = caps[::3]                                             # the negative is the caption itself
+    table = torch.stack([caps, negs], 1).reshape(2 * n, d)            # text i*2 + j
+
+    class Stub(torch.nn.Module):
+        def encode_image(self, x):
+            return x.flatten(1)
+
+        def encode_text(self, tok):
+            return table[tok]
+
+    loader = [(img[a:a + 64, :, None, None], [[2 * i, 2 * i + 1] for i in range(a, min(n, a + 64))])
+              for a in range(0, n, 64)]
+    theirs = ics.evaluate(Stub(), loader, lambda texts: torch.tensor(texts), "cpu", amp=False)["acc"]
+    t2i = torch.arange(n).repeat_interleave(2)
+    pos = torch.tensor([True, False]).repeat(n)
+    emb_i, emb_t = F.normalize(img, dim=-1), F.normalize(table, dim=-1)
+    assert selection_metrics(emb_i, emb_t, t2i, pos, ["s"] * n)["acc"] == theirs
+    favour = selection_metrics(emb_i, emb_t, t2i, pos, ["s"] * n, ties="positive_wins")["acc"]
+    assert favour > theirs                                            # the last bit did not always favour it
