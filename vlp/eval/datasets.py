@@ -25,7 +25,8 @@ from typing import Optional
 from urllib.parse import parse_qsl
 
 from vlp.data.images import IMAGE_FILE_SUFFIXES
-from vlp.eval import compositional, readers
+from vlp.eval.compositional import is_compositional, open_set as open_compositional_set
+from vlp.eval.readers import read_caption_file, read_folder, read_wds
 from vlp.eval.decode import decode_image, iter_batches
 from vlp.eval.evalset import (CAPTION_FILE_EXTS, CAPTION_SELECTION, CLASSIFICATION, KNN, LABELLED, LINEAR_PROBE,
                               PROBE_TASKS, RETRIEVAL, SPEC_KEYS, TASKS, EvalError, EvalSet, Sample, Template)
@@ -60,13 +61,13 @@ def open_eval_set(spec: str, classnames: Optional[str] = None, templates: Option
         opts["templates"] = templates
     if not path.exists():
         raise EvalError(f"eval data not found: {path}")
-    if compositional.is_compositional(path, opts):
-        return compositional.open_set(spec, path, opts)
+    if is_compositional(path, opts):
+        return open_compositional_set(spec, path, opts)
     if path.is_file():
         if path.suffix.lower() not in CAPTION_FILE_EXTS:
             raise EvalError(f"{path}: a caption file must be .csv, .tsv, .jsonl or .json")
         es = EvalSet(spec, opts.get("name", path.stem), opts.get("task", RETRIEVAL), "captions", path, options=opts,
-                     reader=readers.read_caption_file)
+                     reader=read_caption_file)
         if es.task != RETRIEVAL:
             raise EvalError(f"{spec}: a caption file can only be used for retrieval")
         return es
@@ -85,7 +86,7 @@ def _open_wds(spec: str, root: Path, opts: dict, split: str) -> EvalSet:
     if dtype == "multilabel":
         raise EvalError(f"{root}: multi-label classification sets are not supported")
     task = opts.get("task", RETRIEVAL if dtype == "retrieval" else CLASSIFICATION)
-    es = EvalSet(spec, opts.get("name", "wds/" + root.name), task, "wds", root, options=opts, reader=readers.read_wds)
+    es = EvalSet(spec, opts.get("name", "wds/" + root.name), task, "wds", root, options=opts, reader=read_wds)
     if task in LABELLED:
         es.classnames = _classnames(es, root / "classnames.txt")
     if task == CLASSIFICATION:
@@ -104,7 +105,7 @@ def _open_folder(spec: str, root: Path, opts: dict) -> EvalSet:
     if empty:
         raise EvalError(f"{opts.get('name', root.name)}: class folder(s) {', '.join(empty[:5])} in {root} hold no "
                         "images: remove them, or add their images")
-    es = EvalSet(spec, opts.get("name", root.name), task, "folder", root, options=opts, reader=readers.read_folder)
+    es = EvalSet(spec, opts.get("name", root.name), task, "folder", root, options=opts, reader=read_folder)
     es.options["_folders"] = json.dumps(classes)
     if "classnames" not in opts and not (root / "classnames.txt").is_file() and len(classes) == 1000:
         opts["classnames"] = "imagenet"
