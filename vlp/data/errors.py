@@ -39,3 +39,11 @@ REASONS = (NOT_IMAGE, CORRUPT_IMAGE, MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTI
 # TarError kinds (vlp.data.tario) -> the reason their lost samples are counted under
 TAR_REASONS = {"missing": MISSING_SHARD, "truncated": TRUNCATED_TAR, "bad_header": BAD_TAR,
                "unreadable": UNREADABLE_SHARD}
+
+
+class Absent(OSError):
+    """A location that says it holds nothing (HTTP 404, no such object, a pipe that failed before writing)."""
+
+
+class Stalled(OSError):
+    """A transport that sent nothing for `--shard-timeout` seconds."""

@@ -41,12 +41,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlp.config import DataConfig
-from vlp.data import errors as E
 from vlp.data.captions import CaptionPicker
 from vlp.data.errors import DataError
 from vlp.data.plan import Cursor, EpochPlan, check_bad_fraction, mix
 from vlp.data.preflight import preflight
-from vlp.data.shards import ShardSet, load_shards
+from vlp.data.shards import ShardSet, load_shards, shard_list_hash
 from vlp.data.transforms import build_transform
 from vlp.data.worker import WorkerStream
 
@@ -66,7 +65,7 @@ class TrainLoader:
         self.tokenizer = tokenizer
         self.n_workers = max(1, cfg.workers)
         self.shards = shards or load_shards(cfg.train_data, cfg.train_data_upsampling_factors,
-                                            retries=cfg.shard_retries)
+                                            retries=cfg.shard_retries, timeout=cfg.shard_timeout)
         for line in preflight(self.shards, cfg, world_size):   # raises DataError when it cannot work
             if rank == 0:
                 print(line, file=sys.stderr, flush=True)
@@ -86,7 +85,8 @@ class TrainLoader:
         self._batches_done = 0
         self._cursors: dict[int, Cursor] = {}
         self._prev_counts: Counter = Counter()
-        self._size_warned: set[str] = set()
+        self._prev_retries = 0
+        self._warned: set[str] = set()
         self.plan(0)  # fail early (too few samples for one global batch, ...)
 
     # ---- the epoch plan (pure function of the data, seed and epoch) ---------------------------
@@ -142,6 +142,7 @@ class TrainLoader:
         """Select the epoch the next iteration draws; a new epoch starts at its first batch."""
         if epoch != self._epoch:
             self._prev_counts += self._current_counts()
+            self._prev_retries += sum(c.retries for c in self._cursors.values())
             self._epoch = epoch
             self._batches_done = 0
             self._cursors = {}
@@ -152,6 +153,10 @@ class TrainLoader:
         for cur in self._cursors.values():
             c.update(cur.counts)
         return c
+
+    def retries(self) -> int:
+        """Remote reads reopened after a transport error since the loader was built (or as restored)."""
+        return self._prev_retries + sum(c.retries for c in self._cursors.values())
 
     def skip_counts(self) -> dict[str, int]:
         """Samples skipped by reason since the loader was built (or as restored from a checkpoint)."""
@@ -180,8 +185,8 @@ class TrainLoader:
                         pin_memory=self.device_normalize and torch.cuda.is_available())
         finish = (lambda x: x) if self.device_normalize else self.transform.normalize
         try:
-            for images, texts, cur, size_notes in dl:
-                self._warn_sizes(size_notes)
+            for images, texts, cur, notes in dl:
+                self._warn(notes)
                 if cur.worker != self._batches_done % W:   # not the worker due: it has ended
                     break
                 self._cursors[cur.worker] = cur
@@ -201,13 +206,13 @@ class TrainLoader:
         check_bad_fraction(self._current_counts(), sum(c.good for c in self._cursors.values()),
                            self.cfg.max_bad_fraction, final=final)
 
-    def _warn_sizes(self, notes: list[tuple[str, int, int]]) -> None:
-        """One stderr line per shard (per loader) whose size file differs from what it holds."""
-        for url, claimed, held in notes:
-            if url not in self._size_warned:
-                self._size_warned.add(url)
-                print(f"warning: {url}: the size file says {claimed} samples, the shard holds {held} "
-                      f"(counted as {E.SIZE_MISMATCH}; fix sizes.json)", file=sys.stderr, flush=True)
+    def _warn(self, notes: list[tuple[str, str]]) -> None:
+        """One stderr line per shard and fault (per loader): a size file that differs from what its shard holds, a
+        shard given up as missing, unreadable (after `--shard-retries`), truncated or corrupt."""
+        for key, line in notes:
+            if key not in self._warned:
+                self._warned.add(key)
+                print(line, file=sys.stderr, flush=True)
 
     # ---- exact resume -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -220,6 +225,8 @@ class TrainLoader:
             "resampled": bool(self.cfg.dataset_resampled),
             "worker_state": [cur.to_list() for _, cur in sorted(self._cursors.items())],
             "prev_counts": {str(k): int(v) for k, v in self._prev_counts.items()},
+            "prev_retries": int(self._prev_retries),
+            "shards": shard_list_hash(self.shards),
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -230,11 +237,17 @@ class TrainLoader:
                           ("rank", self.rank)):
             if d.get(key) != mine:
                 raise DataError(f"cannot resume the data loader exactly: saved with {key}={d.get(key)}, now {mine}")
+        saved, now = d.get("shards"), shard_list_hash(self.shards)
+        if saved is not None and saved != now:
+            raise DataError(f"cannot resume the data loader exactly: the shard list changed since the checkpoint "
+                            f"(saved {saved}, now {now}: shard names, sizes or weights differ), so its epoch plan "
+                            f"would repeat some samples and skip others; resume with the saved --train-data")
         self._epoch = int(d["epoch"])
         self._batches_done = int(d["batches_done"])
         cursors = [Cursor.from_list(x) for x in d.get("worker_state", [])]
         self._cursors = {c.worker: c for c in cursors}
         self._prev_counts = Counter({k: int(v) for k, v in d.get("prev_counts", {}).items()})
+        self._prev_retries = int(d.get("prev_retries", 0))
 
 
 def build_train_loader(cfg: DataConfig, preprocess: Any, tokenizer: Callable, *, rank: int = 0,

@@ -35,23 +35,26 @@ class EpochPlan:
 @dataclass
 class Cursor:
     """One worker's exact position in its epoch: samples taken from its post-shuffle stream, batches and usable
-    samples produced, samples skipped by reason. Carried with every batch; the last one per worker is the
-    loader's state, and a worker given a Cursor replays its stream to `pos` without decoding, then continues."""
+    samples produced, samples skipped by reason, remote reads retried. Carried with every batch; the last one per
+    worker is the loader's state, and a worker given a Cursor replays its stream to `pos` without decoding, then
+    continues."""
 
     worker: int
     pos: int = 0
     produced: int = 0
     good: int = 0
     counts: dict = field(default_factory=dict)
+    retries: int = 0
 
     def to_list(self) -> list:
         return [int(self.worker), int(self.pos), int(self.produced), int(self.good),
-                {str(k): int(v) for k, v in self.counts.items()}]
+                {str(k): int(v) for k, v in self.counts.items()}, int(self.retries)]
 
     @classmethod
     def from_list(cls, x: list) -> "Cursor":
-        w, pos, produced, good, counts = x
-        return cls(int(w), int(pos), int(produced), int(good), {str(k): int(v) for k, v in counts.items()})
+        w, pos, produced, good, counts = x[:5]
+        retries = int(x[5]) if len(x) > 5 else 0   # states saved before retries were counted have 5 fields
+        return cls(int(w), int(pos), int(produced), int(good), {str(k): int(v) for k, v in counts.items()}, retries)
 
 
 def shuffle(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:

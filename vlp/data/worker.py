@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import random
 from collections import Counter
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -46,9 +46,10 @@ class WorkerStream(IterableDataset):
         # per-iteration state
         self._counts: Counter = Counter()
         self._pass_good = 0
-        self._size_notes: list[tuple[str, int, int]] = []   # (shard, size file's count, samples held), sent with a batch
-        self._phantoms = 0     # samples of this pass's range that the size files claim but the shards do not hold
-        self._quota = 0        # batches this worker owes in this epoch (lowered by the phantoms of its range)
+        self._notes: list[tuple[str, str]] = []   # (key, warning line), sent with a batch; printed once per key
+        self._retries = 0      # remote reads reopened after a transport error
+        self._lost = 0         # samples of this pass's range that the shards do not hold or could not deliver
+        self._quota = 0        # batches this worker owes in this epoch (lowered by the losses of its range)
 
     # ---- stage: read a range of the epoch's concatenated shards -------------------------------
     def _read(self, si: int, a: int, b: int, count: bool) -> Iterator[Sample]:
@@ -56,7 +57,7 @@ class WorkerStream(IterableDataset):
         reads on to the real end, so that a size file that lies (either way) is noticed and counted."""
         url, n = self.shards.urls[si], self.shards.sizes[si]
         to_end = b >= n
-        reader = read_shard(url, a, None if to_end else b, self.exts, retries=self.cfg.shard_retries)
+        reader = self._reader(url, a, None if to_end else b)
         delivered = 0
         try:
             for s in reader:
@@ -64,17 +65,24 @@ class WorkerStream(IterableDataset):
                     delivered += 1
                     yield s
         except TarError as e:
-            if count and e.next_index < b:
-                self._counts[E.TAR_REASONS.get(e.kind, E.BAD_TAR)] += b - max(e.next_index, a)
+            if e.next_index < b:   # lost, not made up by repeating others (read the same way on a replay)
+                lost = b - max(e.next_index, a)
+                self._lost += lost
+                if count:
+                    reason = E.TAR_REASONS.get(e.kind, E.BAD_TAR)
+                    self._counts[reason] += lost
+                    self._notes.append((f"{url} {e.kind}", f"warning: {e}; {lost} samples counted as {reason}"))
             return
+        finally:
+            self._retries += reader.retried
         held = reader.count or 0
         if held < b:   # the shard ended before the range did: the rest are phantoms (read the same way on a replay)
-            self._phantoms += b - max(held, a)
+            self._lost += b - max(held, a)
         if count:
             off = (b - a - delivered) + (held - b if to_end and held > b else 0)
             if off:
                 self._counts[E.SIZE_MISMATCH] += off
-                self._size_notes.append((url, n, held))
+                self._notes.append(self._size_note(url, n, held))
 
     def _range(self, plan: EpochPlan, start: int, end: int, count: bool) -> Iterator[Sample]:
         cum = 0
@@ -94,16 +102,20 @@ class WorkerStream(IterableDataset):
         while True:
             si = rng.choices(ids, weights=weights, k=1)[0]
             url, got = self.shards.urls[si], 0
-            reader = read_shard(url, 0, None, self.exts, retries=self.cfg.shard_retries)
+            reader = self._reader(url, 0, None)
             try:
                 for s in reader:
                     got += 1
                     yield s
             except TarError as e:
-                self._counts[E.TAR_REASONS.get(e.kind, E.BAD_TAR)] += max(self.shards.sizes[si] - e.next_index, 1)
+                reason = E.TAR_REASONS.get(e.kind, E.BAD_TAR)
+                self._counts[reason] += max(self.shards.sizes[si] - e.next_index, 1)
+                self._notes.append((f"{url} {e.kind}", f"warning: {e}; counted as {reason}"))
             else:
                 if reader.count != self.shards.sizes[si]:
-                    self._size_notes.append((url, self.shards.sizes[si], reader.count or 0))
+                    self._notes.append(self._size_note(url, self.shards.sizes[si], reader.count or 0))
+            finally:
+                self._retries += reader.retried
             empty = 0 if got else empty + 1
             if empty > 2 * len(ids) + 8:
                 raise DataError(f"no readable samples in {empty} shards drawn in a row (e.g. {url})")
@@ -119,30 +131,30 @@ class WorkerStream(IterableDataset):
         B = self.batch
         lo = (self.rank * plan.batches + sum(plan.quotas[:w])) * B
         hi = lo + plan.quotas[w] * B
-        pass_no, whole = 0, False
+        pass_no = 0
         while True:
-            self._pass_good, self._phantoms, raw = 0, 0, [0]
-
-            def numbered(it, p=pass_no):
-                for s in it:
-                    raw[0] += 1
-                    yield s, p
-
-            items = numbered(self._range(plan, lo, hi, count=pass_no == 0))
+            self._pass_good, self._lost = 0, 0
+            items = ((s, pass_no) for s in self._range(plan, lo, hi, count=pass_no == 0))
             yield from shuffle(items, self.cfg.shuffle_buffer, random.Random(mix(*base, 3, pass_no)))
-            if pass_no == 0 and not whole and self._phantoms:   # owe only what the range really holds
-                self._quota = max(0, min(self._quota, (plan.quotas[w] * B - self._phantoms) // B))
+            if pass_no == 0 and self._lost:   # owe only what the range really delivers: a lost sample is not
+                # made up by repeating others (issue 22.11: a truncated shard had 50 of 592 samples trained twice)
+                self._quota = max(0, min(self._quota, (plan.quotas[w] * B - self._lost) // B))
                 if self._quota == 0:
                     return
-            # Topping up: from the worker's own share again, or, when that held no sample at all (it lies in
-            # a truncated or missing stretch), from the whole epoch. Decided on raw counts, which a replay sees too.
-            if raw[0] == 0 and not whole:
-                whole, lo, hi = True, 0, plan.n_samples
-            elif self._pass_good == 0:
-                where = "epoch" if whole else "this worker's share of epoch"
-                raise DataError(f"no readable samples in {where} {self.epoch} "
+            # Topping up for unusable samples (corrupt images, ...): from the worker's own share again.
+            if self._pass_good == 0:
+                raise DataError(f"no readable samples in this worker's share of epoch {self.epoch} "
                                 f"(shards {self.shards.urls[plan.order[0]]} ...); skipped: {dict(self._counts)}")
             pass_no += 1
+
+    def _reader(self, url: str, start: int, stop: Optional[int]):
+        return read_shard(url, start, stop, self.exts, retries=self.cfg.shard_retries,
+                          timeout=getattr(self.cfg, "shard_timeout", None))
+
+    @staticmethod
+    def _size_note(url: str, claimed: int, held: int) -> tuple[str, str]:
+        return (f"{url} size", f"warning: {url}: the size file says {claimed} samples, the shard holds {held} "
+                               f"(counted as {E.SIZE_MISMATCH}; fix sizes.json)")
 
     # ---- stage: decode/augment + caption ------------------------------------------------------
     def _sample(self, s: Sample, rng: random.Random):
@@ -163,11 +175,11 @@ class WorkerStream(IterableDataset):
         # batch b the round-robin continues with batch b's worker (batch i always comes from worker i % W)
         w = ((info.id if info is not None else 0) + self.rotation) % self.n_workers
         plan = self.plan_fn(self.epoch)
-        self._quota = plan.quotas[w]   # `_stream` lowers it once it knows the phantoms of this worker's range
+        self._quota = plan.quotas[w]   # `_stream` lowers it once it knows the losses of this worker's range
         cur = self.cursors.get(w) or Cursor(w)
         if cur.produced >= self._quota:
             return
-        self._counts = Counter()
+        self._counts, self._retries = Counter(), 0
         B = self.batch
         imgs, texts = [], []
         stream = self._stream(plan, w)
@@ -178,10 +190,10 @@ class WorkerStream(IterableDataset):
                 if next(stream, None) is None:
                     raise DataError("loader state does not match the data (stream ended before the saved position)")
             pos = cur.pos
-            # replaying re-counted the shard-level losses up to this point; the saved counters are exact
-            self._counts = Counter(cur.counts)
+            # replaying re-counted the shard-level losses and retries up to this point; the saved counters are exact
+            self._counts, self._retries = Counter(cur.counts), cur.retries
         for s, pass_no in stream:
-            if pass_no and produced >= self._quota:   # a top-up pass is never drawn for phantoms
+            if pass_no and produced >= self._quota:   # a top-up pass is never drawn for lost samples
                 break
             pos += 1
             rng = random.Random(mix(self.seed, self.epoch, self.rank, w, pos, 4))
@@ -199,11 +211,11 @@ class WorkerStream(IterableDataset):
             if len(imgs) == B:
                 produced += 1
                 batch = (self.transform.finish(imgs), self.tokenizer(texts),
-                         Cursor(w, pos, produced, good, dict(self._counts)), self._size_notes)
-                imgs, texts, self._size_notes = [], [], []
+                         Cursor(w, pos, produced, good, dict(self._counts), self._retries), self._notes)
+                imgs, texts, self._notes = [], [], []
                 yield batch
                 if produced >= self._quota:
                     break
-        if produced < plan.quotas[w]:   # ended early (phantoms): an empty marker brings its Cursor (counts) home
-            yield None, None, Cursor(w, pos, produced, good, dict(self._counts)), self._size_notes
+        if produced < plan.quotas[w]:   # ended early (lost samples): an empty marker brings its Cursor (counts) home
+            yield None, None, Cursor(w, pos, produced, good, dict(self._counts), self._retries), self._notes
 
