@@ -90,8 +90,8 @@ def _small_file(url: str, mtime: Optional[float], timeout: Optional[float], retr
         if url.startswith(("s3://", "s3a://")) and not (os.environ.get("AWS_ENDPOINT_URL")
                                                        or os.environ.get("FSSPEC_S3_ENDPOINT_URL")):
             hint = "; for an S3-compatible store (MinIO, Ceph, moto) set AWS_ENDPOINT_URL=http://host:port"
-        raise DataError(f"cannot read the size file {_short(url)}: {str(e).splitlines()[0] if str(e) else e!r}"
-                        f"{hint}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"cannot read the size file {_short(url)}: {why}{hint}") from None
 
 
 def _read_cached(url: str, timeout: Optional[float] = None, retries: int = 0) -> Optional[bytes]:

@@ -50,6 +50,7 @@ class WorkerStream(IterableDataset):
         self._retries = 0      # remote reads reopened after a transport error
         self._lost = 0         # samples of this pass's range that the shards do not hold or could not deliver
         self._quota = 0        # batches this worker owes in this epoch (lowered by the losses of its range)
+        self._produced = -1    # batches made so far (-1 while replaying to a saved position: every pass is read)
 
     # ---- stage: read a range of the epoch's concatenated shards -------------------------------
     def _read(self, si: int, a: int, b: int, count: bool) -> Iterator[Sample]:
@@ -141,6 +142,8 @@ class WorkerStream(IterableDataset):
                 self._quota = max(0, min(self._quota, (plan.quotas[w] * B - self._lost) // B))
                 if self._quota == 0:
                     return
+            if self._produced >= self._quota:   # owed batches all made: no further pass (nor its reads)
+                return
             # Topping up for unusable samples (corrupt images, ...): from the worker's own share again.
             if self._pass_good == 0:
                 raise DataError(f"no readable samples in this worker's share of epoch {self.epoch} "
@@ -184,6 +187,7 @@ class WorkerStream(IterableDataset):
         imgs, texts = [], []
         stream = self._stream(plan, w)
         pos, produced, good = 0, cur.produced, cur.good
+        self._produced = -1
         if cur.pos:
             for _ in range(cur.pos):
                 self._pass_good = 1   # replay: nothing is decoded; a pass is never judged empty
@@ -192,6 +196,7 @@ class WorkerStream(IterableDataset):
             pos = cur.pos
             # replaying re-counted the shard-level losses and retries up to this point; the saved counters are exact
             self._counts, self._retries = Counter(cur.counts), cur.retries
+        self._produced = produced
         for s, pass_no in stream:
             if pass_no and produced >= self._quota:   # a top-up pass is never drawn for lost samples
                 break
@@ -209,7 +214,7 @@ class WorkerStream(IterableDataset):
             good += 1
             self._pass_good += 1
             if len(imgs) == B:
-                produced += 1
+                produced = self._produced = produced + 1
                 batch = (self.transform.finish(imgs), self.tokenizer(texts),
                          Cursor(w, pos, produced, good, dict(self._counts), self._retries), self._notes)
                 imgs, texts, self._notes = [], [], []

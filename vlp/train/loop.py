@@ -213,6 +213,7 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/samples_per_s": rate, "train/epoch": epoch,
                     **{f"data/skipped/{k}": v for k, v in loader.skip_counts().items()},
+                    "data/retries": loader.retries(),
                     **meter.report(),
                 })
                 metrics.log(step, last)
