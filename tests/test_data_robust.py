@@ -80,3 +80,29 @@ def test_non_tar_file_is_counted(tmp_path, seed):
     ids = [int(i) for _, t in collect(L) for i in t[:, 0]]
     assert len(ids) == len(set(ids)) == 8                     # the 10 readable samples, none repeated
     assert L.skip_counts() == {"bad_tar": 10}
+
+
+def test_image_over_the_pixel_limit_is_refused_by_its_header(tmp_path, monkeypatch):
+    """Issue 22.18: a 33 kB single-colour 12000x12000 PNG raised a loader process's peak RSS from 1.15 to 1.91 GB
+    before it was rejected (benchmarks/huge_image.py: +841 MB before, +0 now). Refused by the header's size, PIL's
+    MAX_IMAGE_PIXELS (here lowered so that the test image is small), without decoding."""
+    import io
+
+    from PIL import Image
+
+    from vlp.data import images
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000 * 800)
+    buf = io.BytesIO()
+    Image.new("RGB", (1000, 801), (40, 90, 200)).save(buf, format="PNG")
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda im: decoded.append(im.size) or real_load(im))
+    with pytest.raises(images.E.SkipSample) as e:
+        images.decode_rgb(buf.getvalue())
+    assert e.value.reason == "image_too_large" and decoded == []
+    write_shards(tmp_path / "sh", 20, 10, bad={3: {"jpg": None, "png": buf.getvalue()}})
+    c = cfg(str(tmp_path / "sh" / "{00000..00001}.tar"), batch_size=4, workers=0)
+    L = build_train_loader(c, preprocess(), IdTokenizer())
+    ids = [int(i) for _, t in collect(L) for i in t[:, 0]]
+    assert L.skip_counts() == {"image_too_large": 1} and 3 not in ids and (1000, 801) not in decoded

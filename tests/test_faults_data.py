@@ -199,3 +199,33 @@ def test_make_shards_reencoding_keeps_the_orientation(tmp_path):
     assert im.size == (150, 240)                           # upright: taller than wide
     x = torch.tensor(list(ImageOps.exif_transpose(im).convert("RGB").getdata())).view(240, 150, 3).permute(2, 0, 1)
     assert _top_red_bottom_blue(x / 255.0 * 10)
+
+
+# ---- issue 22.12: resume after the shard list changed -----------------------------------------------------
+
+def test_resume_on_a_changed_shard_list_is_refused_in_one_line(tmp_path):
+    """Before: saved on 4 shards, resumed on 6: no line, exit 0, 110 samples trained twice and 118 never."""
+    write_shards(tmp_path / "sh", 60, 10)
+    c4 = cfg(str(tmp_path / "sh" / "{00000..00003}.tar"), batch_size=4, workers=2)
+    L = build_train_loader(c4, preprocess(), IdTokenizer())
+    it = iter(L)
+    next(it)
+    state = json.loads(json.dumps(L.state_dict()))
+    it.close()
+    assert state["shards"].startswith("4 shards, ")
+    c6 = cfg(str(tmp_path / "sh" / "{00000..00005}.tar"), batch_size=4, workers=2)
+    R = build_train_loader(c6, preprocess(), IdTokenizer())
+    with pytest.raises(DataError) as e:
+        R.load_state_dict(state)
+    assert "\n" not in str(e.value) and "the shard list changed" in str(e.value) and "saved 4 shards" in str(e.value)
+    _set_size(tmp_path / "sh", "00001.tar", 9)                 # same names, a size changed: the plan changes too
+    with pytest.raises(DataError, match="the shard list changed"):
+        build_train_loader(c4, preprocess(), IdTokenizer()).load_state_dict(state)
+    _set_size(tmp_path / "sh", "00001.tar", 10)
+    moved = tmp_path / "moved"
+    (tmp_path / "sh").rename(moved)                            # the same shards read from a new place resume
+    build_train_loader(cfg(str(moved / "{00000..00003}.tar"), batch_size=4, workers=2), preprocess(),
+                       IdTokenizer()).load_state_dict(state)
+    del state["shards"]                                         # a state saved before the hash was recorded
+    build_train_loader(cfg(str(moved / "{00000..00005}.tar"), batch_size=4, workers=2), preprocess(),
+                       IdTokenizer()).load_state_dict(state)
