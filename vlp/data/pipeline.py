@@ -87,6 +87,7 @@ class TrainLoader:
         self._prev_counts: Counter = Counter()
         self._prev_retries = 0
         self._warned: set[str] = set()
+        self._shards_hash = shard_list_hash(self.shards)   # in every state (one per batch): computed once
         self.plan(0)  # fail early (too few samples for one global batch, ...)
 
     # ---- the epoch plan (pure function of the data, seed and epoch) ---------------------------
@@ -226,7 +227,7 @@ class TrainLoader:
             "worker_state": [cur.to_list() for _, cur in sorted(self._cursors.items())],
             "prev_counts": {str(k): int(v) for k, v in self._prev_counts.items()},
             "prev_retries": int(self._prev_retries),
-            "shards": shard_list_hash(self.shards),
+            "shards": self._shards_hash,
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -237,7 +238,7 @@ class TrainLoader:
                           ("rank", self.rank)):
             if d.get(key) != mine:
                 raise DataError(f"cannot resume the data loader exactly: saved with {key}={d.get(key)}, now {mine}")
-        saved, now = d.get("shards"), shard_list_hash(self.shards)
+        saved, now = d.get("shards"), self._shards_hash
         if saved is not None and saved != now:
             raise DataError(f"cannot resume the data loader exactly: the shard list changed since the checkpoint "
                             f"(saved {saved}, now {now}: shard names, sizes or weights differ), so its epoch plan "
