@@ -23,15 +23,17 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterator, Optional
 
+from data_tools import staging as staging_folders
 from data_tools.outputs import check_name
 from vlp.data.images import IMAGE_FILE_SUFFIXES
 from vlp.data.tario import ShardWriter
+
+STAGING_PREFIX = ".make_shards-"
 
 IMAGE_COLS = ("image", "image_path", "filepath", "file", "path", "relpath", "img", "filename", "url")
 CAPTION_COLS = ("caption", "text", "title", "txt", "captions")
@@ -202,7 +204,9 @@ def make_shards(inp: str, output: str, *, per_shard: int = 10000, image_col=None
         raise InputError(f"{len(urls)} of {len(recs)} image paths are URLs (first: {urls[0]}): make_shards reads "
                          f"local files and does not download; img2dataset downloads them and writes shards itself")
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".make_shards-", dir=out))
+    for gone in staging_folders.sweep(out, STAGING_PREFIX):
+        print(f"removed {gone}: the staging folder of a make-shards run that was killed", file=sys.stderr)
+    staging = staging_folders.make(out, STAGING_PREFIX)
     try:
         stats = _write(recs, staging, src, per_shard, prefix, workers, progress,
                        {"resize_shorter": resize_shorter, "resize_max": resize_max, "quality": quality,

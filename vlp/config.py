@@ -39,6 +39,7 @@ class DataConfig:
     strong_rrc_scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop scale range of strong views"})
     fast_decode: bool = field(default=True, metadata={"help": "vlp's fast decode/crop (reduced-size JPEG decoding); off: apply the model's preprocess as is"})
     shard_retries: int = field(default=3, metadata={"help": "reopen a remote shard this many times after a transport error, then count it unreadable"})
+    shard_timeout: float = field(default=60.0, metadata={"help": "seconds a remote shard or size file may send nothing (connect, answer, body) before the read counts as failed and is retried"})
 
 
 @dataclass
@@ -362,6 +363,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--max-bad-fraction must be between 0 and 1")
     if d.shard_retries < 0:
         raise ConfigError("--shard-retries must be 0 or more")
+    if not d.shard_timeout > 0:
+        raise ConfigError("--shard-timeout must be more than 0 seconds")
     if r.keep_checkpoints < 1:
         raise ConfigError("--keep-checkpoints must be at least 1")
     if o.grad_clip_norm is not None and o.grad_clip_norm <= 0:
