@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from vlp.flags import Answer, check
+
 PRECISIONS = ["auto", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32"]
 
 # What a run folder's checkpoint names count: vlp writes step_XXXXXXXX.pt, open_clip_train epoch_N.pt
@@ -36,8 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", "--pretrained", dest="checkpoint", default=None,
-                   help="vlp checkpoint, export folder, open_clip weights file (with --model), or run folder")
-    p.add_argument("--model", default=None, help="open_clip model name or JSON config (needed for open_clip files)")
+                   help="vlp checkpoint, export folder, open_clip weights file (with --model), or run folder; "
+                        "'' (CLIP_benchmark's form with --model local-dir:EXPORT) means none")
+    p.add_argument("--model", default=None, help="open_clip model name or JSON config (needed for open_clip files); "
+                                                 "local-dir:EXPORT (CLIP_benchmark's form) is --checkpoint EXPORT")
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (hf:DIR / spm:FILE); default: the checkpoint's")
     p.add_argument("--data", "--dataset", dest="data", nargs="+", required=True,
                    help="eval set specs; with --dataset_root, CLIP_benchmark dataset names (wds/NAME)")
@@ -49,7 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CLIP_benchmark's: the task of every set (auto: each set's own, from dataset_type.txt)")
     p.add_argument("--split", default=None, help="CLIP_benchmark's: the split of every set (default: test)")
     p.add_argument("--output", default=None,
-                   help="output folder (default: RUN/eval for a run folder, else ./eval_results)")
+                   help="output folder (default: RUN/eval for a run folder, else ./eval_results), or CLIP_benchmark's "
+                        "file template, e.g. '{dataset}_{task}.json' (keys: dataset, pretrained, model, language, "
+                        "task)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
     p.add_argument("--workers", "--num_workers", dest="workers", type=int, default=None,
                    help="image decoding worker processes (default: min(4, CPUs) on CUDA; 0 on CPU, where the "
@@ -61,14 +67,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "autocast, bf16/fp16/pure_* = 16-bit weights; auto = amp on CUDA, fp32 on CPU")
     p.add_argument("--no_amp", dest="precision", action="store_const", const="fp32",
                    help="CLIP_benchmark's: same as --precision fp32")
+    p.add_argument("--amp", dest="precision", action="store_const", const="amp",
+                   help="CLIP_benchmark's: same as --precision amp")
+    p.add_argument("--language", nargs="+", default=["en"],
+                   help="CLIP_benchmark's: only en (vlp reads each set's own class names and templates)")
+    p.add_argument("--save-clf", "--save_clf", action=Answer, nargs="?",
+                   answer="CLIP_benchmark's; vlp does not save the zero-shot classifier (its prompts' features "
+                          "are rebuilt from the set's class names and templates in well under a second per 1000)")
     p.add_argument("--classnames", default=None,
                    help="class names for sets that do not name their own: FILE, 'imagenet' or 'folders'")
     p.add_argument("--templates", default=None, help="templates for sets that do not name their own: FILE, 'openai', 'simple'")
     p.add_argument("--recall-k", "--recall_k", dest="recall_k", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--per-class", action="store_true", help="add per-class accuracy and top confusions to the JSON")
-    p.add_argument("--ties", choices=["vlp", "clip_benchmark"], default="vlp",
-                   help="retrieval ties: vlp = a negative within 1e-6 of the positive ties, in the positive's favour; "
-                        "clip_benchmark = topk order, figure for figure with CLIP_benchmark")
+    p.add_argument("--ties", choices=["clip_benchmark", "positive_wins"], default="clip_benchmark",
+                   help="retrieval and compositional ties: clip_benchmark (default) = topk order / argmax, as "
+                        "CLIP_benchmark, so figures compare with published tables; positive_wins = a negative within "
+                        "1e-6 of the positive ties, in the positive's favour. Recorded in each result as vlp.ties")
     p.add_argument("--fewshot-k", "--fewshot_k", dest="fewshot_k", type=int, default=-1,
                    help="linear probe: training samples per class (-1: all)")
     p.add_argument("--seed", type=int, default=0, help="linear probe: held-out split and few-shot draw")
@@ -82,7 +96,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", default=None,
                    help="run folder only: evaluate only these steps (epochs for open_clip_train runs), e.g. '1000,2000'")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    from vlp.eval.evalset import EvalError
+
+    a = check(p, argv, EvalError)
+    if a.language != ["en"]:
+        raise EvalError(f"--language {' '.join(a.language)}: vlp scores the class names and templates each set "
+                        "gives (only en)")
+    if a.checkpoint == "":                        # CLIP_benchmark's --pretrained '' beside --model local-dir:
+        a.checkpoint = None
+    if a.model and a.model.startswith("local-dir:") and a.checkpoint is None:
+        a.model, a.checkpoint = None, a.model[len("local-dir:"):]
+    return a
 
 
 def clip_benchmark_specs(datasets: list[str], dataset_root: Optional[str], task: str, split: Optional[str],
@@ -131,17 +155,16 @@ def find_checkpoints(path: Path) -> Optional[tuple[str, list[tuple[int, Path]]]]
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
     from vlp.config import ConfigError
-    from vlp.eval.datasets import EvalError
+    from vlp.eval.evalset import EvalError
 
     try:
-        return run(a)
+        return run(parse_args(argv))
     except (EvalError, ConfigError) as e:
-        print(f"eval_zeroshot: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("eval_zeroshot: interrupted; nothing written", file=sys.stderr)
+        print("interrupted: nothing written", file=sys.stderr)
         return 130
 
 
@@ -170,7 +193,9 @@ def run(a: argparse.Namespace) -> int:
     data = clip_benchmark_specs(a.data, a.dataset_root, a.task, a.split, skip=is_suite)
     entries = [e for arg in data for e in (load_suite(arg) if is_suite(arg) else [SuiteEntry(arg)])]
     if a.clip_benchmark_commands:
-        print("\n".join(clip_benchmark_commands(entries, a.model or "MODEL", a.checkpoint or "PRETRAINED")))
+        amp = a.precision not in ("fp32", "auto") or (a.precision == "auto" and torch.device(device).type == "cuda")
+        print("\n".join(clip_benchmark_commands(entries, a.model or "MODEL", a.checkpoint or "PRETRAINED", amp=amp,
+                                                 recall_k=a.recall_k)))
         return 0
     if a.fewshot_k == 0 or a.fewshot_k < -1 or min(a.knn_k) < 1:
         raise EvalError("--fewshot-k must be -1 or >= 1, and every --knn-k >= 1")
@@ -208,6 +233,12 @@ def run(a: argparse.Namespace) -> int:
         else:
             jobs = [(None, str(ck))]
     out_dir = Path(a.output) if a.output else (run_dir / "eval" if run_dir else Path("eval_results"))
+    template = None
+    if "{" in out_dir.name:                       # CLIP_benchmark's --output '{dataset}_{task}.json'
+        out_dir, template = out_dir.parent, out_dir.name
+    blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise EvalError(f"--output {a.output}: {blocker} is a file, not a folder")
 
     results = []
     for i, (at, path) in enumerate(jobs):
@@ -238,10 +269,15 @@ def run(a: argparse.Namespace) -> int:
     table = None
     if any(is_suite(arg) for arg in a.data):
         table = table_files(aggregate(results, entries, names))
-    from vlp.eval.plot import read_loss_curve
+    from vlp.eval.plot import read_eval_rows, read_loss_curve
 
-    written = write_results(results, out_dir, plot=run_dir is not None, extra=table,
-                            loss_curve=read_loss_curve(run_dir) if run_dir is not None else None)
+    written = write_results(results, out_dir, plot=run_dir is not None, extra=table, name_template=template,
+                            loss_curve=read_loss_curve(run_dir) if run_dir is not None else None,
+                            eval_rows=read_eval_rows(run_dir) if run_dir is not None else None)
+    for r in results:
+        if r["vlp"].get("skipped_images"):
+            print(f"warning: {r['dataset']}: {r['vlp']['skipped_images']} image(s) could not be decoded and were left "
+                  f"out (first: {r['vlp'].get('skipped_first', '?')})", file=sys.stderr)
     print(summary_table(results))
     if table:
         print("\n" + table["suite.md"])

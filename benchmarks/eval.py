@@ -10,7 +10,8 @@
    forward, --repeat times each in alternating order, best wall time kept (the machine is shared).
    CLIP_benchmark's side is its own `zero_shot_classifier` + `run_classification` on its own wds
    loader (`build_dataset("wds/..")`); its `accuracy()` breaks under NumPy 2.x, so top-1 is computed from its
-   logits with `.item()`. Prints both times, the ratio (target >= 3x), and whether acc1 agrees.
+   logits with `.item()` (and its probe runs with `numpy2_safe_accuracy` in its place). Prints both times,
+   the ratio (target >= 3x), and whether acc1 agrees.
    Where vlp's time goes down: prompts tokenised from their pieces (`vlp.eval.prompt_tokens`), each
    template's shared prefix encoded once, text batches trimmed at their last end-of-text token, and on CPU
    each --batch-size batch run in L2-sized calls (`vlp.eval.encode.cpu_chunk_rows`); CLIP_benchmark runs
@@ -174,11 +175,21 @@ def probe_rows(n_train: int, n_test: int, dim: int, classes: int) -> dict:
     return out
 
 
+def numpy2_safe_accuracy(output, target, topk=(1,)):
+    """CLIP_benchmark's `accuracy` (same figures) without its `float(ndarray)`, which NumPy 2 refuses."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+
 def _clip_benchmark_probe(x, y, xv, yv, xt, yt) -> dict:
-    """CLIP_benchmark's linear_probe.evaluate on given features (its featurizer skipped: the cache is in place)."""
+    """CLIP_benchmark's linear_probe.evaluate on given features (its featurizer skipped: the cache is in place),
+    with its accuracy() swapped for the NumPy-2-safe copy for the call."""
+    from unittest import mock
+
     from clip_benchmark.metrics import linear_probe as lp
 
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as root, mock.patch.object(lp, "accuracy", numpy2_safe_accuracy):
         d = Path(root) / "bench"
         d.mkdir()
         for name, (f, t) in {"train": (x, y), "val": (xv, yv), "test": (xt, yt)}.items():

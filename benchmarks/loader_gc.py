@@ -30,8 +30,8 @@ def measure(spec: str, model: str, batch_size: int, batches: int, rewrites: bool
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     bundle = create_model(model)
     cfg = DataConfig(train_data=spec, batch_size=batch_size, workers=0, use_rewrites=rewrites)
-    real = pipeline.gc.freeze
-    pipeline.gc.freeze = real if freeze else (lambda: None)
+    real = gc.freeze
+    gc.freeze = real if freeze else (lambda: None)
     gc_time, starts, collections = [0.0], [0.0], [0, 0, 0]
 
     def on_gc(phase, info):
@@ -51,7 +51,7 @@ def measure(spec: str, model: str, batch_size: int, batches: int, rewrites: bool
         cpu = time.process_time() - cpu
     finally:
         gc.callbacks.remove(on_gc) if on_gc in gc.callbacks else None
-        pipeline.gc.freeze = real
+        gc.freeze = real
     return {"cpu_ms": 1e3 * cpu / batches, "gc_ms": 1e3 * gc_time[0] / batches, "collections": collections}
 
 

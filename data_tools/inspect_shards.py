@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections import Counter
@@ -148,6 +149,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if target and not Path(target).resolve().parent.is_dir():  # say so now, not after the whole scan
             print(f"error: {flag} {target}: folder {Path(target).parent} does not exist", file=sys.stderr)
             return 2
+        if target and not os.access(Path(target).resolve().parent, os.W_OK):   # read-only file system, no rights
+            print(f"error: {flag} {target}: folder {Path(target).parent} is not writable", file=sys.stderr)
+            return 2
     try:
         r = inspect(a.shards, decode=not a.no_decode, rewrites_field=a.rewrites_field, show=show)
     except DataError as e:
@@ -179,7 +183,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print("  " + ex)
     if a.json:
         r["shown"] = [{k: v for k, v in s.items() if k != "image"} for s in r["shown"]]
-        Path(a.json).write_text(json.dumps(r, indent=1))
+        try:
+            Path(a.json).write_text(json.dumps(r, indent=1))
+        except OSError as e:
+            print(f"error: cannot write --json {a.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
     return 0 if r["ok"] else 1
 
 

@@ -16,10 +16,9 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
-
 from vlp.data import demo_world as W
 from vlp.data.tario import ShardWriter
+from vlp.progress import progress_bar
 
 
 def _shards(out_dir: Path, pattern: str, maxcount: int) -> ShardWriter:
@@ -30,7 +29,7 @@ def _shards(out_dir: Path, pattern: str, maxcount: int) -> ShardWriter:
 def write_train(out: Path, n: int, image_size: int, per_shard: int, seed: int, progress: bool = True) -> None:
     rng = random.Random(seed)
     with _shards(out, "%05d.tar", per_shard) as sink:
-        for i in tqdm(range(n), desc="train shards", disable=not progress, unit="img"):
+        for i in progress_bar(range(n), desc="train shards", disable=not progress, unit="img"):
             things = W.random_scene(rng)
             captions = W.phrasings(things, rng)
             key = f"{i:09d}"

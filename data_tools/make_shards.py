@@ -23,15 +23,17 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterator, Optional
 
+from data_tools import staging as staging_folders
 from data_tools.outputs import check_name
 from vlp.data.images import IMAGE_FILE_SUFFIXES
 from vlp.data.tario import ShardWriter
+
+STAGING_PREFIX = ".make_shards-"
 
 IMAGE_COLS = ("image", "image_path", "filepath", "file", "path", "relpath", "img", "filename", "url")
 CAPTION_COLS = ("caption", "text", "title", "txt", "captions")
@@ -202,7 +204,9 @@ def make_shards(inp: str, output: str, *, per_shard: int = 10000, image_col=None
         raise InputError(f"{len(urls)} of {len(recs)} image paths are URLs (first: {urls[0]}): make_shards reads "
                          f"local files and does not download; img2dataset downloads them and writes shards itself")
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".make_shards-", dir=out))
+    for gone in staging_folders.sweep(out, STAGING_PREFIX):
+        print(f"removed {gone}: the staging folder of a make-shards run that was killed", file=sys.stderr)
+    staging = staging_folders.make(out, STAGING_PREFIX)
     try:
         stats = _write(recs, staging, src, per_shard, prefix, workers, progress,
                        {"resize_shorter": resize_shorter, "resize_max": resize_max, "quality": quality,
@@ -249,7 +253,7 @@ def _swap_in(staging: Path, out: Path, prefix: str, stats: dict) -> None:
 def _write(recs: list, folder: Path, src: Path, per_shard: int, prefix: str, workers: int, progress: bool,
            opts: dict) -> dict:
     skipped: Counter = Counter()
-    from tqdm import tqdm
+    from vlp.progress import progress_bar
 
     written = 0
     with ShardWriter(str(folder / f"{prefix}%05d.tar"), per_shard) as sink:
@@ -260,7 +264,7 @@ def _write(recs: list, folder: Path, src: Path, per_shard: int, prefix: str, wor
             _init(opts)
             pool, results = None, map(process, recs)
         try:
-            for i, (rec, (data, cap, info)) in enumerate(tqdm(zip(recs, results), total=len(recs), unit="img",
+            for i, (rec, (data, cap, info)) in enumerate(progress_bar(zip(recs, results), total=len(recs), unit="img",
                                                                desc="make_shards", disable=not progress)):
                 if data is None:
                     skipped[cap] += 1

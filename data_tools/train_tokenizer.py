@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from tqdm import tqdm
+from vlp.progress import progress_bar
 
 from vlp.rewrite.sources import InputError, open_input
 
@@ -30,7 +30,7 @@ def caption_stream(inputs: list[str], use_rewrites: bool = True, max_sentences: 
     n = 0
     for spec in inputs:
         _, records, total = open_input(spec)
-        for rec in tqdm(records, desc=f"reading {Path(spec.split('::')[0]).name}", total=total,
+        for rec in progress_bar(records, desc=f"reading {Path(spec.split('::')[0]).name}", total=total,
                         disable=not progress, unit="sample", leave=False):
             for text in [rec.caption] + (rec.rewrites if use_rewrites else []):
                 if text:

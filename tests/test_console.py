@@ -193,3 +193,49 @@ def test_training_error_through_train_py_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(loop, "train", fail)
     assert train_py.main(["--train-data", "x.tar"]) == 2
     assert capsys.readouterr().err == "error: loss is nan at step 3; the state before this step is saved in X\n"
+
+
+def test_banner_names_the_device_kind_for_several_processes():
+    """Under torchrun every rank has its own device index: the banner says `2 x cpu`, not rank 0's `cpu:0`."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vlp.train.console import banner_fields
+
+    shards = SimpleNamespace(source=[], urls=[], sizes=[], weights=[], missing=[])
+    common = dict(model_name="m", net=torch.nn.Linear(2, 2), flops=None, precision="fp32", threads=(1, "x"),
+                  samples_per_epoch=10, steps_per_epoch=1, total_steps=1, global_batch=2, accum=1, run_dir=Path("r"),
+                  shards=shards, workers=0)
+    two = dict(banner_fields(device="cpu:0", world=2, **common))
+    one = dict(banner_fields(device="cuda:1", world=1, **common))
+    assert two["devices"].startswith("2 x cpu,") and one["devices"] == "1 x cuda:1"
+
+
+@pytest.mark.parametrize("argv", [["data", "make-shards", "--bogus"], ["eval", "--data", "x", "--bogus"],
+                                  ["train", "--train-data", "x", "--bogus"], ["export-hf"], ["nope"]])
+def test_every_command_answers_a_bad_command_line_with_one_error_line(argv, capsys):
+    from vlp.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_demo_says_where_it_writes_its_data(tmp_path, capsys, monkeypatch):
+    import data_tools.make_demo_data as M
+    from vlp.demo import ensure_data
+
+    real = M.make_demo_data
+    monkeypatch.setattr(M, "make_demo_data", lambda out, train_samples: real(out, train_samples, eval_samples=40,
+                                                                              image_size=32, progress=False))
+
+    ensure_data(tmp_path / "data", 200)
+    first = capsys.readouterr().err
+    assert "demo data: writing 200 training samples" in first and str(tmp_path / "data") in first
+    assert "written in" in first
+    ensure_data(tmp_path / "data", 200)
+    assert "written before" in capsys.readouterr().err

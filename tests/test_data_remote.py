@@ -107,15 +107,20 @@ def test_connection_dropped_mid_shard_is_retried_and_loses_nothing(server):
     assert all(n >= 2 for p, n in _Handler.served.items() if p.endswith(".tar"))   # each shard was dropped once
 
 
-def test_connection_always_dropped_counts_the_shard_unreadable(server):
+@pytest.mark.parametrize("attempt", range(3))
+def test_connection_always_dropped_counts_the_shard_unreadable(server, capfd, attempt):
+    """Deterministic (issue 22.8: webdataset's pipe dropped the bytes curl had read, so 1 run in 18 counted the
+    shard missing): the half body always holds the same 4 complete samples, which are delivered; the other 4 are
+    unreadable, said in one line, and not made up by repeating other samples (22.11)."""
     root, url = server
     write_shards(root / "sh", 32, 8)
     spec = f"{url}/sh/{{00000..00002}}.tar::{url}/dropall/sh/00003.tar"
     got, counts = _run(spec, shard_retries=1)
-    assert counts["unreadable_shard"] >= 4 and set(counts) == {"unreadable_shard"}
-    assert counts["unreadable_shard"] <= 8                     # at most the shard's samples, minus those delivered
+    assert counts == {"unreadable_shard": 4}                    # the 4 samples of the half body were delivered
     ids = [int(i) for _, t in got for i in t[:, 0]]
-    assert len(got) == 8 and set(ids) <= set(range(32))          # topped up from the readable shards
+    assert len(ids) == len(set(ids)) == 24 and set(ids) >= set(range(24, 28))
+    err = capfd.readouterr().err
+    assert err.count("00003.tar: unreadable after 4 samples") == 1 and "2 tries" in err
 
 
 def test_missing_remote_shard_counts_its_samples(tmp_path):
@@ -125,7 +130,8 @@ def test_missing_remote_shard_counts_its_samples(tmp_path):
     (tmp_path / "sh" / "sizes.json").write_text(json.dumps(sizes))
     spec = f"pipe:cat {tmp_path}/sh/{{00000..00002}}.tar 2>/dev/null"
     got, counts = _run(spec, shard_retries=0)
-    assert counts == {"missing_shard": 8} and len(got) == 6
+    ids = [int(i) for _, t in got for i in t[:, 0]]
+    assert counts == {"missing_shard": 8} and len(ids) == len(set(ids)) and 2 <= len(got) <= 4   # none repeated
 
 
 def test_fsspec_url(tmp_path):

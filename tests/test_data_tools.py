@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from data_tools import add_rewrites, inspect_shards, make_shards
 from tests.test_data_fixtures import jpeg, write_shards
 from vlp.data.shards import load_shards
@@ -110,3 +112,61 @@ def test_specs_sizes_and_stats_files(tmp_path):
     assert s.urls[-1].endswith("a/00000.tar") and s.source == [0, 0, 1]
     assert s.sizes == [3, 3, 3]  # stats file, counted from the tar, stats file
     assert s.weights == [1.0, 2.0]
+
+
+def test_staging_folder_of_a_sigkilled_make_shards_is_removed_by_the_next_run(tmp_path, capsys):
+    """Issue 22.19: a SIGKILLed make-shards left its staging folder for ever. The run is killed for real while it
+    writes (its next image is a FIFO nobody writes to, so it waits there, mid-run); the next run removes the dead
+    run's folder, and leaves a live run's folder and another host's alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from data_tools import staging
+
+    rows = ["image,caption"]
+    for i in range(6):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(i, (64, 48)))
+        rows.append(f"{i}.jpg,thing {i}")
+    os.mkfifo(tmp_path / "stuck.jpg")
+    (tmp_path / "in.csv").write_text("\n".join(rows + ["stuck.jpg,never read"]) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "data_tools.make_shards", "--input", str(tmp_path / "in.csv"),
+                             "--output", str(out), "--per-shard", "2", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".make_shards-*/0000*.tar")):
+        assert proc.poll() is None and time.monotonic() < deadline, "make-shards did not start writing"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    dead = list(out.glob(".make_shards-*"))
+    assert len(dead) == 1 and staging.is_abandoned(dead[0])
+    live = staging.make(out, ".make_shards-")                 # this process's: alive
+    elsewhere = staging.make(out, ".make_shards-")
+    (elsewhere / staging.OWNER).write_text(json.dumps({"host": "another-node", "pid": 1, "start": None}))
+    (tmp_path / "stuck.jpg").unlink()
+    (tmp_path / "in.csv").write_text("\n".join(rows) + "\n")
+    assert make_shards.main(["--input", str(tmp_path / "in.csv"), "--output", str(out), "--per-shard", "2",
+                             "--no-progress"]) == 0
+    assert f"removed {dead[0]}" in capsys.readouterr().err
+    assert sorted(out.glob(".make_shards-*")) == sorted([live, elsewhere])
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+
+
+@pytest.mark.parametrize("where", ["proc", "readonly_mount"])
+def test_inspect_json_onto_a_read_only_file_system_is_one_line(tmp_path, where):
+    """Issue 22.16: `vlp data inspect --json` onto a read-only file system ended in a traceback. /proc refuses new
+    files even to root (chmod does not stop root); /sys is mounted read-only in most containers."""
+    import subprocess
+    import sys
+
+    write_shards(tmp_path / "sh", 4, 4)
+    target = "/proc/vlp-report.json" if where == "proc" else "/sys/vlp-report.json"
+    vlp = "import sys; from vlp.cli import main; sys.exit(main(sys.argv[1:]))"   # what the `vlp` script runs
+    r = subprocess.run([sys.executable, "-c", vlp, "data", "inspect", str(tmp_path / "sh"), "--json", target],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert f"--json {target}" in r.stderr and "Traceback" not in r.stderr

@@ -126,7 +126,7 @@ def _fails(argv, capsys, out_dir: Path) -> str:
     rc = eval_zeroshot.main(argv + ["--quiet", "--workers", "0", "--output", str(out_dir)])
     err = capsys.readouterr().err.strip()
     assert rc == 2
-    assert len(err.splitlines()) == 1 and err.startswith("eval_zeroshot: error:")
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
     assert not out_dir.exists() or not any(out_dir.iterdir())     # nothing (half-)written
     return err
 
@@ -190,3 +190,48 @@ def test_open_clip_train_run_folder_is_scored_by_epoch(micro, sets, tmp_path, ca
     assert sorted(r["vlp"]["epoch"] for r in res) == [1, 2] and all("step" not in r["vlp"] for r in res)
     assert (run / "eval" / "metrics_vs_step.png").is_file()
     assert res[0]["metrics"] == res[1]["metrics"]                               # same weights, same numbers
+
+
+def test_corrupt_images_are_skipped_and_counted(micro, sets, tmp_path):
+    """A corrupt image in a set is left out and counted (as training skips it), for every task kind; the other
+    images are scored as without it, and the result JSON says how many and why."""
+    import shutil
+
+    from vlp.eval import evaluate
+
+    good = tmp_path / "good"
+    shutil.copytree(sets["folder"], good)
+    bad = tmp_path / "bad"
+    shutil.copytree(sets["folder"], bad)
+    png = (bad / "square" / "0.png").read_bytes()
+    (bad / "square" / "zz.png").write_bytes(png[:len(png) // 2])        # a PNG cut in half
+    caps = Path(sets["caps.csv"]).read_text() + "imgs/missing.png,a caption of no image\n"
+    (Path(sets["root"]) / "caps_missing.csv").write_text(caps)
+    spec = "?classnames=folders&templates=simple"
+    kw = dict(batch_size=4, geometry=False)
+    ref = evaluate(micro.model, micro.tokenizer, micro.preprocess_val, [str(good) + spec, sets["caps.csv"]], **kw)
+    got = evaluate(micro.model, micro.tokenizer, micro.preprocess_val,
+                   [str(bad) + spec, str(Path(sets["root"]) / "caps_missing.csv")], **kw)
+    for r, g in zip(ref, got):
+        assert json.dumps(g["metrics"]) == json.dumps(r["metrics"]) and "skipped_images" not in r["vlp"]
+        assert g["vlp"]["skipped_images"] == 1 and g["vlp"]["n_images"] == r["vlp"]["n_images"]
+    assert got[0]["vlp"]["skipped"] == {"corrupt_image": 1} and "zz.png" in got[0]["vlp"]["skipped_first"]
+    assert got[1]["vlp"]["skipped"] == {"missing_image": 1}
+
+
+def test_run_plot_uses_in_loop_evals_and_skips_single_points():
+    """One scored checkpoint + in-loop evaluations every 50 steps in metrics.jsonl: the eval panels follow the
+    in-loop points, every panel shares the step axis, and a figure with one point has no panel."""
+    from vlp.eval.plot import draw
+    from vlp.eval.report import progress
+
+    results = [{"dataset": "wds/c", "task": "zeroshot_classification", "metrics": {"acc1": 0.5, "acc5": 0.9},
+                "vlp": {"step": 200, "n_classes": 8, "n_images": 80}}]
+    rows = [(s, {"eval/wds/c/acc1": s / 400, "eval/wds/c/geometry/modality_gap": 0.5}) for s in (50, 100, 150, 200)]
+    fig = draw(results, [(1, 5.0), (100, 4.0), (200, 3.5)], progress, rows)
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title().split(" (")[0] for ax in axes] == ["training loss", "acc1", "geometry/modality_gap"]
+    (line,) = [ln for ln in axes[1].get_lines() if ln.get_linestyle() != "--"]
+    assert list(line.get_xdata()) == [50, 100, 150, 200] and line.get_ydata()[-1] == 0.5   # the checkpoint wins
+    assert all(ax.get_shared_x_axes().joined(axes[0], ax) for ax in axes)
+    assert draw(results, [(1, 5.0)], progress) is None          # one checkpoint, one loss point: nothing to plot

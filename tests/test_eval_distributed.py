@@ -71,22 +71,25 @@ def test_two_ranks_give_the_single_process_figures(demo_data, micro_model_json, 
                 assert a["metrics"][k] == pytest.approx(v, abs=1e-9), (a["dataset"], k)
 
 
-def test_a_failure_on_one_rank_is_reported_and_the_other_sets_still_scored(demo_data, micro_model_json, tmp_path):
-    """Rank 1 gets the second half of the images; the last one is corrupt."""
+def test_a_corrupt_image_on_one_rank_is_counted_and_a_failed_set_reported(demo_data, micro_model_json, tmp_path):
+    """Rank 1 gets the second half of the images; the last one is corrupt: it is left out and counted once the
+    features are gathered. A set where no image decodes is reported, and the other sets are still scored."""
     from vlp.data import demo_world as W
 
-    folder = tmp_path / "bad"
     import random
 
     rng = random.Random(0)
-    for c in ("red", "blue"):
-        (folder / c).mkdir(parents=True)
-        for i in range(4):
-            (folder / c / f"{i}.png").write_bytes(W.encode_png(W.render(W.random_scene(rng), 32, rng)))
-    (folder / "red" / "3.png").write_bytes(b"not a png at all")   # classes sort blue, red: the last image
-    sets = [f"{folder}?classnames=folders&templates=simple", demo_data["eval_data"][0]]
-    rank0, rank1 = _run(2, micro_model_json, sets, tmp_path / "fail", on_error="record")
+    for name in ("bad", "none"):
+        for c in ("red", "blue"):
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(4):
+                data = W.encode_png(W.render(W.random_scene(rng), 32, rng)) if name == "bad" else b"not a png"
+                (tmp_path / name / c / f"{i}.png").write_bytes(data)
+    (tmp_path / "bad" / "red" / "3.png").write_bytes(b"not a png at all")   # classes sort blue, red: the last image
+    sets = [f"{tmp_path / name}?classnames=folders&templates=simple" for name in ("bad", "none")]
+    rank0, rank1 = _run(2, micro_model_json, sets + [demo_data["eval_data"][0]], tmp_path / "fail", on_error="record")
     assert rank1 == []
-    err, ok = rank0
-    assert err["dataset"] == "bad" and "cannot decode image" in err["error"] and "(on rank 1)" in err["error"]
+    skipped, err, ok = rank0
+    assert skipped["dataset"] == "bad" and skipped["vlp"]["skipped_images"] == 1 and skipped["vlp"]["n_images"] == 7
+    assert err["dataset"] == "none" and "no image of the set could be decoded" in err["error"]
     assert ok["dataset"] == "wds/demo_colors" and 0 <= ok["metrics"]["acc1"] <= 1

@@ -175,3 +175,21 @@ def test_model_fingerprint_tracks_weights(micro_model_json):
     with torch.no_grad():
         next(b.model.parameters()).view(-1)[0] += 1e-3
     assert FC.model_fingerprint(b.model) != a
+
+
+def test_benchmark_patches_clip_benchmark_accuracy_for_numpy_2():
+    """benchmarks/eval.py runs CLIP_benchmark's probe with a NumPy-2-safe accuracy(): same figures as its own
+    formula (computed here with .item()), where its own accuracy() raises under NumPy 2."""
+    import numpy as np
+    from clip_benchmark.metrics import linear_probe as lp
+
+    from benchmarks.eval import numpy2_safe_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
+    top = logits.topk(5, 1)[1]
+    want = [(top[:, :k] == target[:, None]).any(1).float().mean().item() for k in (1, 5)]
+    assert numpy2_safe_accuracy(logits, target.float(), (1, 5)) == pytest.approx(want)
+    if int(np.__version__.split(".")[0]) >= 2:
+        with pytest.raises(TypeError):
+            lp.accuracy(logits, target.float(), (1, 5))     # what the unpatched path would hit

@@ -89,23 +89,33 @@ def test_clip_benchmark_mapping(tmp_path, demo_data):
     task: linear_probe
     fewshot_k: 5
 """)))
-    cmds = clip_benchmark_commands(entries, "ViT-B-32", "laion2b_s34b_b79k")
+    cmds = clip_benchmark_commands(entries, "ViT-B-32", "laion2b_s34b_b79k", amp=False)
     assert cmds == [
         f"clip_benchmark eval --dataset wds/demo_colors --dataset_root {demo_data['eval_data'][0]} --model ViT-B-32 "
-        f"--pretrained laion2b_s34b_b79k --task zeroshot_classification",
+        f"--pretrained laion2b_s34b_b79k --task zeroshot_classification --no_amp",
         f"clip_benchmark eval --dataset wds/demo_shapes --dataset_root {demo_data['eval_data'][1]} --model ViT-B-32 "
-        f"--pretrained laion2b_s34b_b79k --task linear_probe --fewshot_k 5"]
+        f"--pretrained laion2b_s34b_b79k --task linear_probe --fewshot_k 5 --val_proportion 0.2 --no_amp"]
     # no task given: the one vlp scores the set with (CLIP_benchmark would take classification for this name)
     retrieval = load_suite(str(_suite(tmp_path, demo_data, extra=f"""  - dataset: wds/demo_retrieval
     root: {demo_data['eval_data'][2]}
 """)))[-1]
-    assert clip_benchmark_commands([retrieval])[0].endswith("--task zeroshot_retrieval")
+    assert clip_benchmark_commands([retrieval])[0].endswith("--task zeroshot_retrieval --recall_k 1 5 10")
+    # a relative root is read against the suite's folder; one that is not there is one line, not a command
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.yaml").write_text("- {dataset: wds/x, root: nowhere/x}\n")
+    with pytest.raises(EvalError, match="root .*nowhere/x does not exist .*suite file's folder"):
+        clip_benchmark_commands(load_suite(str(tmp_path / "sub" / "s.yaml")))
     # a vlp export (or the run folder holding it) is CLIP_benchmark's local-dir: model, whatever --model says
     (export := tmp_path / "run" / "export").mkdir(parents=True)
     (export / "open_clip_config.json").write_text("{}")
     for given in (export, export.parent):
         assert clip_benchmark_commands(entries[:1], "vlp-tiny", str(given))[0].endswith(
             f"--model local-dir:{export} --pretrained '' --task zeroshot_classification")
+    # relative paths as given on the command line: the commands name absolute roots, runnable from anywhere
+    import os
+
+    rel = load_suite(os.path.relpath(_suite(tmp_path, demo_data)))[:1]
+    assert f"--dataset_root {demo_data['eval_data'][0]} " in clip_benchmark_commands(rel)[0]
 
 
 @pytest.mark.parametrize("text,message", [

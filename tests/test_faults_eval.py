@@ -62,9 +62,13 @@ def test_eval_failing_mid_run_is_logged_and_training_goes_on(demo_data, micro_mo
     from vlp.config import parse_config
     from vlp.train.loop import train
 
-    bad = _bad_image_folder(tmp_path / "bad")
+    bad = _bad_image_folder(tmp_path / "bad")                  # one corrupt image: skipped and counted
+    for png in sorted((tmp_path / "bad").rglob("*.png")):      # then none decodes: the set fails, the run goes on
+        png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    one = _bad_image_folder(tmp_path / "one").replace("name=bad", "name=one")
     cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "goes_on", "--max-steps", "6",
-                              "--eval-every", "3", "--log-every", "3", "--eval-data", bad, demo_data["eval_data"][0]))
+                              "--eval-every", "3", "--log-every", "3", "--eval-data", bad, demo_data["eval_data"][0],
+                              one))
     result = train(cfg)                                        # no exception
     err = capfd.readouterr().err
     failures = [line for line in err.splitlines() if "failed:" in line]
@@ -73,8 +77,9 @@ def test_eval_failing_mid_run_is_logged_and_training_goes_on(demo_data, micro_mo
     rows = [json.loads(line) for line in (tmp_path / "goes_on" / "metrics.jsonl").read_text().splitlines()]
     errors = {r["step"]: r["eval/bad/error"] for r in rows if "eval/bad/error" in r}
     scored = {r["step"] for r in rows if "eval/wds/demo_colors/acc1" in r}
-    assert sorted(errors) == [3, 6] and "red/2.png" in errors[3]
+    assert sorted(errors) == [3, 6] and "no image of the set could be decoded" in errors[3]
     assert scored == {3, 6}                                    # the other set is still scored
+    assert {r["step"]: r.get("eval/one/skipped_images") for r in rows if "eval/one/acc1" in r} == {3: 1, 6: 1}
     assert max(r["step"] for r in rows if "train/loss" in r) == 6
     assert (tmp_path / "goes_on" / "checkpoints" / "step_00000006.pt").is_file()
     assert result["eval/bad/error"] == errors[6]

@@ -32,6 +32,16 @@ def test_open_clip_flags_answer_with_vlp_equivalent(flag, answer):
     assert answer in str(e.value) and "\n" not in str(e.value)
 
 
+def test_every_open_clip_flag_and_typo_is_named_at_once():
+    """A real open_clip command line: all of its answered flags and the typo in one line (was: the first only)."""
+    with pytest.raises(ConfigError) as e:
+        parse_config(BASE + ["--save-frequency", "1", "--zeroshot-frequency", "2", "--val-data", "v.tar",
+                             "--batch-szie", "32"])
+    msg = str(e.value)
+    assert "\n" not in msg and all(f in msg for f in ("--save-every", "--eval-every", "--eval-data"))
+    assert "--batch-szie (did you mean --batch-size?)" in msg
+
+
 def test_precision_names():
     for name in ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32", "auto"):
         assert parse_config(BASE + ["--precision", name]).run.precision == name
@@ -64,6 +74,7 @@ def test_precision_mapping_to_accelerate():
         ["fp16", "bf16", "no", "no", "no"]
     assert prec.cpu_warning("fp32", "cpu") is None and prec.cpu_warning("amp_bf16", "cuda") is None
     assert "slower" in prec.cpu_warning("amp_bf16", "cpu") and "fp32" in prec.cpu_warning("amp", "cpu")
+    assert "samples/s" not in prec.cpu_warning("bf16", "cpu")     # no figure that was not measured (was: 9 vs 66)
 
 
 def test_eval_accepts_clip_benchmark_flags(demo_data, micro_model_json, tmp_path):

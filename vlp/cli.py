@@ -7,6 +7,7 @@ when their subcommand runs, so `vlp env` answers even where torch or open_clip i
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from typing import Optional, Union
@@ -68,19 +69,26 @@ def dispatch(table: Table, argv: list[str], prog: str) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in table:
-        print(f"{prog}: unknown command {name!r} (commands: {', '.join(table)})", file=sys.stderr)
+        print(f"error: unknown command {name!r} for {prog} (commands: {', '.join(table)})", file=sys.stderr)
         return 2
     target = table[name][0]
     sub_prog = f"{prog} {name}"
     if isinstance(target, dict):
         return dispatch(target, rest, sub_prog)
-    saved = sys.argv[0]
+    saved, saved_error = sys.argv[0], argparse.ArgumentParser.error
     sys.argv[0] = sub_prog  # argparse's default prog, so `vlp env --help` says "usage: vlp env"
+    argparse.ArgumentParser.error = _one_line_error   # every tool's bad flag: `error: ...`, as train's and eval's
     try:
         rc = resolve(target)(rest)
     finally:
-        sys.argv[0] = saved
+        sys.argv[0], argparse.ArgumentParser.error = saved, saved_error
     return 0 if rc is None else int(rc)
+
+
+def _one_line_error(parser: argparse.ArgumentParser, message: str):
+    """argparse's error, as one line with vlp's prefix instead of a usage block."""
+    print(f"error: {message} (see {parser.prog} --help)", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from vlp.flags import Answer, check as check_flags
+
 
 class ConfigError(ValueError):
     """A bad option or combination of options; its message is one line for the user."""
@@ -38,6 +40,7 @@ class DataConfig:
     strong_rrc_scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={"help": "RandomResizedCrop scale range of strong views"})
     fast_decode: bool = field(default=True, metadata={"help": "vlp's fast decode/crop (reduced-size JPEG decoding); off: apply the model's preprocess as is"})
     shard_retries: int = field(default=3, metadata={"help": "reopen a remote shard this many times after a transport error, then count it unreadable"})
+    shard_timeout: float = field(default=60.0, metadata={"help": "seconds a remote shard or size file may send nothing (connect, answer, body) before the read counts as failed and is retried"})
 
 
 @dataclass
@@ -208,17 +211,6 @@ def _default_text(f: dataclasses.Field) -> str:
     return str(value)
 
 
-class _Answer(argparse.Action):
-    """An open_clip flag vlp spells differently: stop with one line naming vlp's equivalent."""
-
-    def __init__(self, option_strings, dest, answer: str = "", **kw):
-        self.answer = answer
-        super().__init__(option_strings, dest, nargs="*", default=argparse.SUPPRESS, **kw)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        raise ConfigError(f"{option_string} is open_clip's; in vlp: {self.answer}")
-
-
 # open_clip_train flags whose meaning vlp has under another name: exact ones are aliases, the others
 # are answered with vlp's equivalent instead of argparse's "unrecognized arguments".
 OPEN_CLIP_ANSWERS = {
@@ -263,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--imagenet-val", dest="_imagenet_val", default=argparse.SUPPRESS, metavar="DIR",
                     help="same as adding --eval-data 'DIR?name=imagenet-val&classnames=imagenet&templates=openai'")
     for flag, answer in OPEN_CLIP_ANSWERS.items():
-        oc.add_argument(flag, action=_Answer, answer=answer, metavar="X", help=f"answered: {answer}".replace("%", "%%"))
+        oc.add_argument(flag, action=Answer, answer=f"open_clip's; in vlp: {answer}", metavar="X",
+                        help=f"answered: {answer}".replace("%", "%%"))
     return p
 
 
@@ -279,10 +272,8 @@ def _open_clip_flags(ns: dict) -> list[str]:
 
 def parse_config(argv: Optional[list[str]] = None) -> Config:
     """CLI flags (+ optional YAML) -> validated Config. Raises ConfigError with one line."""
-    parser = build_parser()
-    # argparse prints usage and exits 2 on unknown flags; make that one clear line instead.
-    parser.error = lambda msg: (_ for _ in ()).throw(ConfigError(msg))  # type: ignore[assignment]
-    ns = vars(parser.parse_args(argv))
+    # argparse prints usage and exits 2 on unknown flags; one line naming all of them (and open_clip's) instead
+    ns = vars(check_flags(build_parser(), argv, ConfigError))
     cfg = Config()
     yaml_path = ns.pop("config", None)
     if yaml_path:
@@ -371,6 +362,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--max-bad-fraction must be between 0 and 1")
     if d.shard_retries < 0:
         raise ConfigError("--shard-retries must be 0 or more")
+    if not d.shard_timeout > 0:
+        raise ConfigError("--shard-timeout must be more than 0 seconds")
     if r.name is not None and (os.path.isabs(r.name) or os.path.normpath(r.name).split(os.sep)[0] in ("..", ".")):
         raise ConfigError(f"--name {r.name!r} must name a folder inside --logs (not an absolute path, not '..')")
     if r.keep_checkpoints < 1:

@@ -27,8 +27,14 @@ def ensure_data(out: Path, train_samples: int) -> dict:
     if marker.is_file():
         paths = json.loads(marker.read_text())
         if paths.get("train_samples") == train_samples and paths.get("layout") == LAYOUT:
+            print(f"demo data: {out} (written before: {train_samples} training samples, 4 eval sets)",
+                  file=sys.stderr, flush=True)
             return paths
+    t0 = time.time()
+    print(f"demo data: writing {train_samples} training samples (64 px shapes with captions and rewrites) and 4 "
+          f"held-out eval sets (colours, shapes, retrieval, compositional) to {out}", file=sys.stderr, flush=True)
     paths = make_demo_data(out, train_samples=train_samples)
+    print(f"demo data: written in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     paths["train_samples"], paths["layout"] = train_samples, LAYOUT
     marker.write_text(json.dumps(paths, indent=1))
     return paths

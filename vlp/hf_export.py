@@ -147,6 +147,10 @@ def export_hf_clip(model, preprocess_cfg: dict, out_dir, tokenizer: Optional[str
     if missing or unexpected:
         raise ExportError(f"weights do not map: missing {missing[:3]}, unexpected {unexpected[:3]}")
     hf.save_pretrained(str(out))
+    from vlp.models import umask_mode
+
+    for weights in out.glob("*.safetensors"):
+        umask_mode(weights)
     size = preprocess_cfg.get("size", cfg.vision_config.image_size)
     size = size[0] if isinstance(size, (list, tuple)) else size
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},

@@ -272,6 +272,7 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: di
     state = model.state_dict() if state_dict is None else state_dict
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(tmp / EXPORT_WEIGHTS))
+    umask_mode(tmp / EXPORT_WEIGHTS)
     cfg = json.loads(json.dumps(model_cfg))
     text_cfg = cfg.get("text_cfg", {})
     cfg["text_cfg"] = {**text_cfg, **save_tokenizer_files(tokenizer, text_cfg, tmp), **_export_hf_tower(model, text_cfg, tmp, out)}
@@ -282,6 +283,14 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: di
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def umask_mode(path: str | os.PathLike) -> None:
+    """Give a file the mode every other written file gets (0644 under umask 022): safetensors writes its
+    files 0600, so another user of a shared export folder could not read the weights."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _export_hf_tower(model: torch.nn.Module, text_cfg: dict, tmp: Path, out: Path) -> dict:

@@ -76,8 +76,8 @@ def cpu_warning(name: str, device) -> Optional[str]:
     if name == "amp":
         return ("--precision amp on CPU: accelerate applies no fp16 autocast on CPU, so this run is fp32; "
                 "say --precision fp32 (or auto)")
-    return (f"--precision {name} on CPU: 16-bit arithmetic is several times slower than fp32 on most CPUs "
-            "(vlp-tiny, 2 cores: 9 samples/s in bf16 vs 66 in fp32); --precision fp32 (or auto) is faster")
+    return (f"--precision {name} on CPU: 16-bit arithmetic is slower than fp32 on CPUs without native bf16 "
+            "matrix units; --precision fp32 (or auto) is the faster choice there")
 
 
 def eval_autocast(name: str, device):

@@ -32,10 +32,19 @@ BAD_TAR = "bad_tar"                     # samples lost because a tar holds a cor
 MISSING_SHARD = "missing_shard"         # samples lost because a shard file does not exist / cannot be opened
 UNREADABLE_SHARD = "unreadable_shard"   # samples lost because a stream kept failing (dropped connection...) after retries
 SIZE_MISMATCH = "size_mismatch"         # |size file's count - samples the shard holds|: phantom or hidden samples
+IMAGE_TOO_LARGE = "image_too_large"     # more pixels than PIL's MAX_IMAGE_PIXELS by its header: refused undecoded
 
 REASONS = (NOT_IMAGE, CORRUPT_IMAGE, MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_CAPTION_ENCODING,
-           TRUNCATED_TAR, BAD_TAR, MISSING_SHARD, UNREADABLE_SHARD, SIZE_MISMATCH)
+           TRUNCATED_TAR, BAD_TAR, MISSING_SHARD, UNREADABLE_SHARD, SIZE_MISMATCH, IMAGE_TOO_LARGE)
 
 # TarError kinds (vlp.data.tario) -> the reason their lost samples are counted under
 TAR_REASONS = {"missing": MISSING_SHARD, "truncated": TRUNCATED_TAR, "bad_header": BAD_TAR,
                "unreadable": UNREADABLE_SHARD}
+
+
+class Absent(OSError):
+    """A location that says it holds nothing (HTTP 404, no such object, a pipe that failed before writing)."""
+
+
+class Stalled(OSError):
+    """A transport that sent nothing for `--shard-timeout` seconds."""

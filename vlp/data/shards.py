@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -81,24 +82,33 @@ def parse_weights(weights: Optional[str], n_sources: int) -> list[float]:
 
 
 @lru_cache(maxsize=1024)
-def _small_file(url: str, mtime: Optional[float]) -> Optional[bytes]:
-    return read_small(url)
+def _small_file(url: str, mtime: Optional[float], timeout: Optional[float], retries: int) -> Optional[bytes]:
+    try:
+        return read_small(url, timeout, retries)
+    except OSError as e:
+        hint = ""
+        if url.startswith(("s3://", "s3a://")) and not (os.environ.get("AWS_ENDPOINT_URL")
+                                                       or os.environ.get("FSSPEC_S3_ENDPOINT_URL")):
+            hint = "; for an S3-compatible store (MinIO, Ceph, moto) set AWS_ENDPOINT_URL=http://host:port"
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"cannot read the size file {_short(url)}: {why}{hint}") from None
 
 
-def _read_cached(url: str) -> Optional[bytes]:
-    """A size file's bytes, cached (a local one until it changes on disk)."""
+def _read_cached(url: str, timeout: Optional[float] = None, retries: int = 0) -> Optional[bytes]:
+    """A size file's bytes, cached (a local one until it changes on disk); DataError when its location answers
+    with a transport error (refused, stalled, HTTP 503) after `retries` more tries."""
     path = local_path(url)
     if path is not None:
         try:
             mtime = os.path.getmtime(path)
         except OSError:
             return None
-        return _small_file(url, mtime)
-    return _small_file(url, None)
+        return _small_file(url, mtime, None, 0)
+    return _small_file(url, None, timeout, retries)
 
 
-def _json(url: Optional[str]):
-    raw = _read_cached(url) if url else None
+def _json(url: Optional[str], timeout: Optional[float] = None, retries: int = 0):
+    raw = _read_cached(url, timeout, retries) if url else None
     if raw is None:
         return None
     try:
@@ -115,9 +125,9 @@ def _count(value, where: str) -> int:
     return int(value)
 
 
-def _parquet_successes(url: Optional[str]) -> Optional[int]:
+def _parquet_successes(url: Optional[str], timeout: Optional[float] = None, retries: int = 0) -> Optional[int]:
     """Rows with status 'success' in img2dataset's per-shard parquet (needs pyarrow); None if unavailable."""
-    raw = _read_cached(url) if url else None
+    raw = _read_cached(url, timeout, retries) if url else None
     if raw is None:
         return None
     try:
@@ -129,19 +139,19 @@ def _parquet_successes(url: Optional[str]) -> Optional[int]:
         return None
 
 
-def shard_size(url: str) -> Optional[int]:
+def shard_size(url: str, timeout: Optional[float] = None, retries: int = 0) -> Optional[int]:
     """Sample count of one shard from the size files beside it (read from the same location, local or remote),
     or None if none records it: `sizes.json` ({file name: n}, open_clip's and make_shards' format), else
     img2dataset's `{stem}_stats.json` (`successes`), else img2dataset's `{stem}.parquet` (rows with status success)."""
     name = shard_name(url)
-    sizes = _json(sibling(url, "sizes.json"))
+    sizes = _json(sibling(url, "sizes.json"), timeout, retries)
     if isinstance(sizes, dict) and name in sizes:
         return _count(sizes[name], f"sizes.json's entry for {name}")
     stem = name[:-4] if name.endswith(".tar") else name
-    stats = _json(sibling(url, f"{stem}_stats.json"))
+    stats = _json(sibling(url, f"{stem}_stats.json"), timeout, retries)
     if isinstance(stats, dict) and "successes" in stats:
         return _count(stats["successes"], f"{stem}_stats.json's successes")
-    return _parquet_successes(sibling(url, f"{stem}.parquet"))
+    return _parquet_successes(sibling(url, f"{stem}.parquet"), timeout, retries)
 
 
 @dataclass
@@ -177,6 +187,14 @@ class ShardSet:
         return [self.weights[s] * max(n, 1) for s, n in zip(self.source, self.sizes)]
 
 
+def shard_list_hash(shards: ShardSet) -> str:
+    """'N shards, sha256 prefix' of what the epoch plan depends on: each shard's source, file name and size, and the
+    source weights (not the folder or URL, so that a resume may read the same shards from a new place)."""
+    rows = [[s, shard_name(u), n] for s, u, n in zip(shards.source, shards.urls, shards.sizes)]
+    digest = hashlib.sha256(json.dumps([rows, shards.weights]).encode()).hexdigest()[:16]
+    return f"{len(rows)} shards, {digest}"
+
+
 def _first_header_ok(path: str) -> bool:
     """Whether a local shard starts like a tar (one header read: catches a random-bytes or HTML `.tar`)."""
     try:
@@ -193,7 +211,7 @@ def _first_header_ok(path: str) -> bool:
 
 
 def load_shards(spec: str, upsampling: Optional[str] = None, count_unknown: bool = True,
-                retries: int = 0) -> ShardSet:
+                retries: int = 0, timeout: Optional[float] = None) -> ShardSet:
     """Resolve `spec` and learn each shard's size; local shards are checked for existence and a tar header.
 
     A shard that is missing or unreadable keeps its place: its recorded size, else the mean size of the
@@ -205,7 +223,7 @@ def load_shards(spec: str, upsampling: Optional[str] = None, count_unknown: bool
     streamed = False
     for s, us in enumerate(sources):
         for u in us:
-            n = shard_size(u)
+            n = shard_size(u, timeout, retries)
             path = local_path(u)
             if path is not None and not os.path.isfile(path):
                 missing.append(u)
@@ -219,7 +237,7 @@ def load_shards(spec: str, upsampling: Optional[str] = None, count_unknown: bool
                     print(f"counting the samples of remote shards without a size file by reading them through "
                           f"(e.g. {_short(u)}); a sizes.json beside them saves this", file=sys.stderr, flush=True)
                 try:
-                    n = count_samples(u, retries=retries)
+                    n = count_samples(u, retries=retries, timeout=timeout)
                 except TarError as e:
                     if e.kind == "missing":
                         missing.append(u)

@@ -1,17 +1,22 @@
 """Where shard bytes come from: a local file (seekable) or a stream (`pipe:CMD`, `http(s)://`, any fsspec URL).
 
-`pipe:`, `http://`, `https://` and `file:` are opened by webdataset's `gopen` (curl for HTTP, a shell for
-pipes), `s3://`, `gs://` and every other `scheme://` by fsspec (an optional dependency: `pip install fsspec`
-plus the filesystem's package, e.g. `s3fs`, `gcsfs`). Nothing here retries: `vlp.data.tario.read_shard` does.
+`http(s)://` is read with urllib, `pipe:` with a shell, `s3://`, `gs://` and every other `scheme://` by fsspec
+(an optional dependency: `pip install fsspec` plus the filesystem's package, e.g. `s3fs`, `gcsfs`); every wait is
+bounded by `--shard-timeout` (`vlp.data.transports`). Nothing retries inside a transport: `read_small` and
+`vlp.data.tario.read_shard` retry, `--shard-retries` times, and count what they did.
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import BinaryIO, Optional
+import time
+from typing import Callable, Optional
 from urllib.parse import urlparse
 
-_GOPEN_SCHEMES = ("pipe:", "http://", "https://", "file:")
+from vlp.data import transports
+from vlp.data.errors import Absent
+
+DEFAULT_TIMEOUT = 60.0   # seconds without a byte before a remote read counts as stalled (--shard-timeout)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -28,89 +33,116 @@ def local_path(url: str) -> Optional[str]:
 
 
 class Stream:
-    """A readable byte stream with the failures of its transport raised as OSError.
+    """A readable byte stream over a transport (`vlp.data.transports`), its failures raised as OSError.
 
-    A short read means the end of the data; a pipe (curl included) whose command then exits with an error
-    status raises OSError instead, so that a dropped connection is not mistaken for a short shard."""
+    `received` counts the bytes that ever arrived, so a connection dropped mid-shard is never taken for a shard
+    that never answered (webdataset's pipe dropped the bytes it had read when curl failed, so the count stayed 0).
+    Reads that the bytes before a failure satisfy are served; the first one they cannot raises the failure. A
+    short read means the clean end of the data; an end that was not clean (a command's error status, a body
+    shorter than its Content-Length) raises instead."""
 
-    def __init__(self, f: BinaryIO, url: str):
-        self.f, self.url = f, url
+    def __init__(self, url: str, read1: Callable[[int], bytes], finish: Callable[[], None],
+                 close: Callable[[], None]):
+        self.url, self._read1, self._finish, self._close = url, read1, finish, close
+        self.received = 0
+        self._buf, self._off = b"", 0
+        self._error: Optional[OSError] = None
+        self._ended = False
+
+    def _fill(self, n: int) -> None:
+        """Buffer at least `n` bytes, or all there are; a failure is kept for the next read."""
+        need = n - (len(self._buf) - self._off)
+        if need <= 0 or self._ended or self._error is not None:
+            return
+        parts = [self._buf[self._off:]]
+        try:
+            while need > 0:
+                chunk = self._read1(max(need, _CHUNK))
+                if not chunk:
+                    self._ended = True
+                    self._finish()
+                    break
+                self.received += len(chunk)
+                parts.append(chunk)
+                need -= len(chunk)
+        except OSError as e:
+            self._error = e
+        except Exception as e:  # noqa: BLE001 - transport errors that are not OSErrors
+            self._error = OSError(f"{type(e).__name__}: {e}")
+        finally:
+            self._buf, self._off = b"".join(parts), 0
 
     def read(self, n: int) -> bytes:
-        try:
-            data = self.f.read(n)
-            while data is not None and 0 < len(data) < n:
-                more = self.f.read(n - len(data))
-                if not more:
-                    break
-                data += more
-        except OSError:
-            raise
-        except Exception as e:  # noqa: BLE001 - fsspec/aiohttp transport errors are not OSErrors
-            raise OSError(f"{type(e).__name__}: {e}") from None
-        if data is None or len(data) < n:
-            self._check_exit()
-        return data or b""
-
-    def _check_exit(self) -> None:
-        proc = getattr(self.f, "proc", None)   # webdataset's Pipe
-        if proc is None:
-            return
-        status = proc.wait()
-        if status not in getattr(self.f, "ignore_status", [0]):
-            raise OSError(f"{_short(self.url)}: command exited with status {status}")
+        self._fill(n)
+        have = len(self._buf) - self._off
+        if have < n and self._error is not None:   # a short read means the end: this is a failure
+            raise self._error
+        take = min(n, have)
+        out = self._buf[self._off:self._off + take]
+        self._off += take
+        return out
 
     def close(self) -> None:
-        """Close without raising: a pipe closed before its end exits with SIGPIPE, which is no error here."""
-        proc = getattr(self.f, "proc", None)
-        try:
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-            self.f.close()
-        except Exception:  # noqa: BLE001
-            pass
+        """Close without raising."""
+        self._close()
 
 
-def open_stream(url: str) -> Stream:
-    """Open a remote location for sequential reading; OSError when it cannot be opened."""
-    try:
-        if url.startswith(_GOPEN_SCHEMES):
-            from webdataset.gopen import gopen
-
-            return Stream(gopen(url, "rb"), url)
-        try:
-            import fsspec
-        except ImportError:
-            raise OSError(f"reading {url.split('://')[0]}:// needs fsspec: pip install fsspec "
-                          "(and its filesystem, e.g. s3fs or gcsfs)") from None
-        return Stream(fsspec.open(url, "rb").open(), url)
-    except OSError:
-        raise
-    except Exception as e:  # noqa: BLE001 - unknown protocol, missing fsspec backend, ...
-        raise OSError(f"{type(e).__name__}: {e}") from None
+_CHUNK = 1 << 16
 
 
-def read_small(url: str) -> Optional[bytes]:
-    """The whole content of a small file (a size file, a parquet) at a local or remote location; None if absent."""
+def open_stream(url: str, timeout: Optional[float] = None) -> Stream:
+    """Open a remote location for sequential reading, every wait bounded by `timeout` seconds (default
+    DEFAULT_TIMEOUT); OSError when it cannot be opened (`Absent` when it says it does not exist)."""
+    t = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+    if url.startswith(("http://", "https://")):
+        parts = transports.open_http(url, t)
+    elif url.startswith("pipe:"):
+        parts = transports.open_pipe(url, t)
+    elif url.startswith("file:"):
+        path = local_path(url)
+        f = open(path, "rb")
+        parts = (f.read, lambda: None, f.close)
+    else:
+        parts = transports.open_fsspec(url, t)
+    return Stream(url, *parts)
+
+
+def read_small(url: str, timeout: Optional[float] = None, retries: int = 0) -> Optional[bytes]:
+    """The whole content of a small file (a size file, a parquet) at a local or remote location; None if it is
+    not there (or empty). A transport that keeps failing (refused, stalled, HTTP 503) raises OSError after
+    `retries` more tries: that is no absent file, and saying so beats reading every shard through instead."""
     path = local_path(url)
-    try:
-        if path is not None:
-            with open(path, "rb") as fh:
-                return fh.read()
-        s = open_stream(url)
+    if path is not None:
         try:
-            chunks = []
-            while True:
-                b = s.read(1 << 20)
-                if not b:
-                    break
-                chunks.append(b)
-            data = b"".join(chunks)
-        finally:
-            s.close()
-        return data or None
-    except OSError:
-        return None
+            with open(path, "rb") as fh:
+                return fh.read() or None
+        except OSError:
+            return None
+    for attempt in range(max(0, int(retries)) + 1):
+        try:
+            s = open_stream(url, timeout)
+            try:
+                chunks = []
+                while True:
+                    b = s.read(1 << 20)
+                    if not b:
+                        break
+                    chunks.append(b)
+            finally:
+                s.close()
+            return b"".join(chunks) or None
+        except Absent:
+            return None
+        except OSError:
+            if attempt >= retries:
+                raise
+            time.sleep(backoff(attempt + 1))
+    return None
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before try `attempt` (1, 2, ...) of a remote read: 0.2, 0.4, 0.8, ... at most 5."""
+    return min(0.1 * 2 ** attempt, 5.0)
 
 
 def sibling(url: str, name: str) -> Optional[str]:

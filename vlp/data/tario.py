@@ -20,7 +20,8 @@ from typing import Iterable, Iterator, Optional
 
 from vlp.data.captions import decode_caption, read_meta, read_rewrites
 from vlp.data.images import image_ext
-from vlp.data.streams import Stream, local_path, open_stream
+from vlp.data.errors import Absent
+from vlp.data.streams import Stream, backoff, local_path, open_stream
 
 BLOCK = 512
 _ZERO = b"\0" * BLOCK
@@ -73,14 +74,14 @@ def _pax_records(data: bytes) -> dict[str, str]:
 class _Bytes:
     """Sequential reading of one location: a local file skips by seeking, a stream by reading and dropping."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, timeout: Optional[float] = None):
         path = local_path(url)
         self.stream: Optional[Stream] = None
         if path is not None:
             self.f = open(path, "rb")
             self.size: Optional[int] = os.fstat(self.f.fileno()).st_size
         else:
-            self.stream = open_stream(url)
+            self.stream = open_stream(url, timeout)
             self.size = None
         self.pos = 0
         self.seekable = self.stream is None
@@ -210,16 +211,20 @@ class ShardReader:
     """Samples `start <= index < stop` of one shard, in tar order: THE way vlp reads a shard.
 
     Members of skipped samples and extensions not in `exts` (None: all) are never decoded, and on a local file
-    never read (seeked over). A transport error (connection dropped, command failed) reopens the shard and skips
-    to the first sample not yet delivered, up to `retries` times (waiting 0.2, 0.4, ... s, at most 5 s), then
-    raises TarError('unreadable', or 'missing' when no byte ever arrived). Data errors (truncation, a corrupt
-    header) raise TarError at once. `next_index` of a TarError: samples [start, next_index) were delivered.
-    After a clean end `count` is the number of samples the shard holds (when stopped at `stop`: `stop`).
+    never read (seeked over). A transport error (connection dropped or refused, HTTP 503, no byte for `timeout`
+    seconds, command failed) reopens the shard and skips to the first sample not yet delivered, up to `retries`
+    times (waiting 0.2, 0.4, ... s, at most 5 s; `retried` counts them), then raises TarError('missing' when the
+    location said it holds nothing and no byte of it ever arrived, else 'unreadable'). Data errors (truncation,
+    a corrupt header) raise TarError at once. `next_index` of a TarError: samples [start, next_index) were
+    delivered. After a clean end `count` is the number of samples the shard holds (when stopped at `stop`: `stop`).
     """
 
     def __init__(self, url: str, start: int = 0, stop: Optional[int] = None,
-                 exts: Optional[Iterable[str]] = None, retries: int = 0, spans: Iterable[str] = ()):
+                 exts: Optional[Iterable[str]] = None, retries: int = 0, spans: Iterable[str] = (),
+                 timeout: Optional[float] = None):
         self.url, self.start, self.stop, self.retries = url, start, stop, max(0, int(retries))
+        self.timeout = timeout
+        self.retried = 0
         self.exts = None if exts is None else set(exts)
         self.spans = set(spans)
         self.count: Optional[int] = None
@@ -228,7 +233,7 @@ class ShardReader:
         nxt, attempt, got_bytes = self.start, 0, False
         while True:
             try:
-                src = _Bytes(self.url)
+                src = _Bytes(self.url, self.timeout)
             except OSError as e:
                 if local_path(self.url) is not None:
                     raise TarError("missing", self.url, nxt, e.strerror or str(e)) from None
@@ -242,13 +247,17 @@ class ShardReader:
                 except OSError as e:
                     err = e
                 finally:
-                    got_bytes = got_bytes or src.pos > 0
+                    got_bytes = got_bytes or src.pos > 0 or (src.stream is not None and src.stream.received > 0)
                     src.close()
             if attempt >= self.retries:
-                kind = "unreadable" if got_bytes else "missing"
-                raise TarError(kind, self.url, nxt, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                kind = "missing" if isinstance(err, Absent) and not got_bytes else "unreadable"
+                detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                if attempt:
+                    detail += f" ({attempt + 1} tries)"
+                raise TarError(kind, self.url, nxt, detail)
             attempt += 1
-            time.sleep(min(0.1 * 2 ** attempt, 5.0))
+            self.retried += 1
+            time.sleep(backoff(attempt))
 
     def _samples(self, src: _Bytes, start: int) -> Iterator[Sample]:
         stop, want, lazy = self.stop, self.exts, self.spans if src.seekable else set()
@@ -285,14 +294,15 @@ class ShardReader:
 
 
 def read_shard(url: str, start: int = 0, stop: Optional[int] = None, exts: Optional[Iterable[str]] = None,
-               retries: int = 0, spans: Iterable[str] = ()) -> ShardReader:
-    """Iterate the `Sample`s of one shard (see `ShardReader`)."""
-    return ShardReader(url, start, stop, exts, retries, spans)
+               retries: int = 0, spans: Iterable[str] = (), timeout: Optional[float] = None) -> ShardReader:
+    """Iterate the `Sample`s of one shard (see `ShardReader`); `timeout`: seconds without a byte before a remote
+    read counts as stalled (None: `vlp.data.streams.DEFAULT_TIMEOUT`)."""
+    return ShardReader(url, start, stop, exts, retries, spans, timeout)
 
 
-def count_samples(url: str, retries: int = 0) -> int:
+def count_samples(url: str, retries: int = 0, timeout: Optional[float] = None) -> int:
     """Number of complete samples in a shard (reads headers only; a stream is read through). Raises TarError."""
-    r = read_shard(url, exts=(), retries=retries)
+    r = read_shard(url, exts=(), retries=retries, timeout=timeout)
     for _ in r:
         pass
     return int(r.count or 0)

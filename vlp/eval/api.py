@@ -76,7 +76,7 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
              amp: Optional[bool] = None, num_workers: int = 0, recall_k: Sequence[int] = (1, 5, 10),
              geometry: bool = True, per_class: bool = False, classnames: Optional[str] = None,
              templates: Optional[str] = None, progress: bool = False, step: Optional[int] = None,
-             cache_images: bool = True, ties: str = "vlp", fewshot_k: int = -1, seed: int = 0,
+             cache_images: bool = True, ties: str = R.TIE_RULES[0], fewshot_k: int = -1, seed: int = 0,
              knn_k: Sequence[int] = (1, 10, 20), feature_cache: Union[str, None, bool] = None,
              distributed: bool = False, on_error: str = "raise") -> list[dict]:
     """Score `model` on every eval set; one CLIP_benchmark-schema dict per (dataset, task).
@@ -87,9 +87,9 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
     call and its mode restored. `amp=None` means autocast on CUDA and fp32 elsewhere. Raises `EvalError`
     (one line) on bad input.
 
-    `ties`: how retrieval ranks a negative that scores the same as the positive (`vlp`: within
-    `retrieval.TIE_TOL`, in the positive's favour; `clip_benchmark`: by `torch.topk`'s order, figure for
-    figure). Linear probe / k-NN: `fewshot_k` (per class, -1 = all; a spec's `fewshot_k=` wins), `seed`,
+    `ties`: how retrieval and compositional sets count a negative that scores the same as the positive
+    (`clip_benchmark`, the default: by `torch.topk`'s order / argmax, as CLIP_benchmark; `positive_wins`: within
+    `retrieval.TIE_TOL`, in the positive's favour); every result records it as `vlp.ties`. Linear probe / k-NN: `fewshot_k` (per class, -1 = all; a spec's `fewshot_k=` wins), `seed`,
     `knn_k`, and `feature_cache` (folder for float16 features; None: `features.default_cache_dir()`;
     False: no disk cache).
 
@@ -103,7 +103,7 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error must be 'raise' or 'record', not {on_error!r}")
     if ties not in R.TIE_RULES:
-        raise EvalError(f"ties must be one of {R.TIE_RULES}")
+        raise EvalError(f"ties must be one of {', '.join(R.TIE_RULES)}, not {ties!r}")
     sets = [s if isinstance(s, EvalSet) else open_eval_set(s, classnames, templates) for s in eval_data]
     share = Share()
     if distributed:
@@ -122,6 +122,7 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
     try:
         for es in sets:
             t0 = time.perf_counter()
+            kw["skip"] = {"n": 0, "local": []}
             try:
                 if es.task == CLASSIFICATION:
                     metrics, extra = _classification(model, tokenizer, preprocess, es, geometry, per_class, kw)
@@ -131,7 +132,7 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
                     probe = dict(fewshot_k=fewshot_k, seed=seed, knn_k=knn_k, feature_cache=feature_cache)
                     metrics, extra = _probe(model, preprocess, es, probe, kw)
                 elif es.task == CAPTION_SELECTION:
-                    metrics, extra = _caption_selection(model, tokenizer, preprocess, es, kw)
+                    metrics, extra = _caption_selection(model, tokenizer, preprocess, es, kw, ties)
                 else:  # pragma: no cover - open_eval_set validates the task
                     raise EvalError(f"{es.name}: unsupported task {es.task}")
             except Exception as e:  # noqa: BLE001 - in "record" mode any failure of one set is reported, not fatal
@@ -143,6 +144,8 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
             if metrics is None:          # not rank 0: features shared, nothing to report
                 continue
             extra["seconds"] = round(time.perf_counter() - t0, 3)
+            extra["ties"] = ties
+            extra.update(_skip_report(kw["skip"]))
             if share.world > 1:
                 extra["world_size"] = share.world
             if step is not None:
@@ -153,6 +156,29 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
     finally:
         model.train(was_training)
     return results
+
+
+def _skip_report(skip: dict) -> dict:
+    """The result's record of images that could not be decoded and were left out (as training skips them)."""
+    if not skip["n"]:
+        return {}
+    from collections import Counter
+
+    out = {"skipped_images": skip["n"]}
+    if skip["local"]:      # what this process saw (all of it unless the set was split across ranks)
+        out["skipped"] = dict(Counter(reason for _, reason, _ in skip["local"]))
+        out["skipped_first"] = skip["local"][0][2]
+    return out
+
+
+def _decoded(img: torch.Tensor, kw: dict) -> torch.Tensor:
+    """Which rows of `img` hold features (a skipped image's row is NaN); counts the others in kw["skip"]."""
+    keep = ~img.isnan().any(dim=1)
+    kw["skip"]["n"] += int((~keep).sum())
+    if not keep.any():
+        raise EvalError("no image of the set could be decoded" +
+                        (f" ({kw['skip']['local'][0][2]})" if kw["skip"]["local"] else ""))
+    return keep
 
 
 def _encode_kw(kw: dict) -> dict:
@@ -166,7 +192,7 @@ def _images(model, preprocess, es: EvalSet, kw: dict, samples=None, cache: Optio
     fp = es.fingerprint() if (kw["cache"] if cache is None else cache) else None
     return share.encode(len(samples), lambda a, b: encode_images(
         model, preprocess, samples[a:b], num_workers=kw["num_workers"], desc=f"{es.name} images",
-        cache_key=None if fp is None else (fp, a, b, len(samples)), **_encode_kw(kw)))
+        cache_key=None if fp is None else (fp, a, b, len(samples)), skipped=kw["skip"]["local"], **_encode_kw(kw)))
 
 
 def _texts(model, tokenizer, texts: list[str], kw: dict, desc: str) -> torch.Tensor:
@@ -185,6 +211,8 @@ def _classification(model, tokenizer, preprocess, es: EvalSet, geometry, per_cla
     img = _images(model, preprocess, es, kw)
     if not share.main:
         return None, None
+    keep = _decoded(img, kw)
+    img, target, samples = img[keep], target[keep], [s for s, k in zip(samples, keep.tolist()) if k]
     logits = Z.logits(img, classifier)
     metrics = Z.classification_metrics(logits, target, len(es.classnames))
     if geometry:
@@ -199,11 +227,13 @@ def _classification(model, tokenizer, preprocess, es: EvalSet, geometry, per_cla
 
 def _retrieval(model, tokenizer, preprocess, es: EvalSet, geometry, recall_k, kw, ties):
     samples = es.samples()
-    texts = [c for s in samples for c in s.target]
-    if not texts:
+    if not any(s.target for s in samples):
         raise EvalError(f"{es.name}: no captions in the retrieval set")
-    t2i = torch.tensor([i for i, s in enumerate(samples) for _ in s.target], dtype=torch.long)
     img = _images(model, preprocess, es, kw)
+    keep = _decoded(img, kw)             # features are gathered: every rank keeps the same images
+    img, samples = img[keep], [s for s, k in zip(samples, keep.tolist()) if k]
+    texts = [c for s in samples for c in s.target]
+    t2i = torch.tensor([i for i, s in enumerate(samples) for _ in s.target], dtype=torch.long)
     txt = _texts(model, tokenizer, texts, kw, f"{es.name} captions")
     if not kw["share"].main:
         return None, None
@@ -247,6 +277,8 @@ def _probe(model, preprocess, es: EvalSet, probe: dict, kw):
     x, y = _split_features(model, preprocess, es, kw, cache_dir, model_id)
     if not kw["share"].main:
         return None, None
+    keep_t, keep = _decoded(tx, kw), _decoded(x, kw)
+    tx, ty, x, y = tx[keep_t], ty[keep_t], x[keep], y[keep]
     n_classes = len(es.classnames)
     extra = {"n_images": len(y), "n_train": len(ty), "n_classes": n_classes}
     if es.task == KNN:
@@ -260,20 +292,23 @@ def _probe(model, preprocess, es: EvalSet, probe: dict, kw):
     return metrics, extra
 
 
-def _caption_selection(model, tokenizer, preprocess, es: EvalSet, kw):
+def _caption_selection(model, tokenizer, preprocess, es: EvalSet, kw, ties):
     from vlp.eval.compositional import selection_metrics
 
     samples = es.samples()
-    texts = [c for s in samples for c in s.target]
-    t2i = torch.tensor([i for i, s in enumerate(samples) for _ in s.target], dtype=torch.long)
-    positive = torch.tensor([j == 0 for s in samples for j in range(len(s.target))])
     # SugarCrepe's subsets share COCO images: encode each image file once
     first: dict = {}
     which = torch.tensor([first.setdefault(s.path or s.key, len(first)) for s in samples])
     uniq = list({s.path or s.key: s for s in samples}.values())
-    img = _images(model, preprocess, es, kw, samples=uniq, cache=False)[which]
+    img = _images(model, preprocess, es, kw, samples=uniq, cache=False)
+    keep_u = _decoded(img, kw)           # features are gathered: every rank keeps the same images
+    keep = keep_u[which]
+    img, samples = img[which][keep], [s for s, k in zip(samples, keep.tolist()) if k]
+    texts = [c for s in samples for c in s.target]
+    t2i = torch.tensor([i for i, s in enumerate(samples) for _ in s.target], dtype=torch.long)
+    positive = torch.tensor([j == 0 for s in samples for j in range(len(s.target))])
     txt = _texts(model, tokenizer, texts, kw, f"{es.name} captions")
     if not kw["share"].main:
         return None, None
-    metrics = selection_metrics(img, txt, t2i, positive, [s.key.split("/", 1)[0] for s in samples])
-    return metrics, {"n_items": len(samples), "n_images": len(uniq), "n_texts": len(texts)}
+    metrics = selection_metrics(img, txt, t2i, positive, [s.key.split("/", 1)[0] for s in samples], ties)
+    return metrics, {"n_items": len(samples), "n_images": int(keep_u.sum()), "n_texts": len(texts)}

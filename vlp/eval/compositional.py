@@ -12,7 +12,8 @@ Image paths are relative to `root=` (default: the folder of the annotation file(
 COCO's `val2017` folder.
 
 Metric: the share of images whose positive caption scores at least as high as every negative (`acc`, as
-CLIP_benchmark's `image_caption_selection`: its argmax keeps index 0, the positive, on a tie), overall, per
+CLIP_benchmark's `image_caption_selection`: its argmax keeps index 0, the positive, on an exact tie; with
+`ties="positive_wins"` a negative must score more than `retrieval.TIE_TOL` above it), overall, per
 subset (`acc/<subset>`) and, where subsets are named SugarCrepe's way (`{replace,swap,add}_{obj,att,rel}`),
 per operation and per kind (`acc/replace`, `acc/object`, ...).
 """
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from vlp.eval.datasets import CAPTION_SELECTION, EvalError, EvalSet, Sample
+from vlp.eval.evalset import CAPTION_SELECTION, EvalError, EvalSet, Sample
+from vlp.eval.retrieval import TIE_RULES, TIE_TOL
 
 SUGARCREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
 _OPS = ("replace", "swap", "add")
@@ -140,17 +142,36 @@ def _read(path: Path):
 
 
 def selection_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                      is_positive: torch.Tensor, subsets: list[str]) -> dict[str, float]:
+                      is_positive: torch.Tensor, subsets: list[str], ties: str = TIE_RULES[0]) -> dict[str, float]:
     """`acc` overall and per subset/group. Captions are rows of `text_emb`; `text_to_image` names each caption's
-    image and `is_positive` marks the one positive caption of each image. Every score is the same dot product
-    (no separate path for the positive), so an exact tie is a tie and goes to the positive."""
-    scores = (text_emb.float() * image_emb.float()[text_to_image]).sum(dim=1)
+    image and `is_positive` marks the one positive caption of each image.
+
+    `clip_benchmark` scores as CLIP_benchmark does: one [1, D] x [D, captions] product per image and its argmax
+    (the first on an exact tie, the positive when it comes first). That product can give two identical captions
+    scores that differ in the last bit, so a negative that equals the caption wins or loses as that bit falls,
+    in CLIP_benchmark and here alike. `positive_wins`: every score is the same elementwise dot product, and a
+    negative must beat the positive by more than `TIE_TOL`."""
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {TIE_RULES}, not {ties!r}")
     n = image_emb.shape[0]
-    best_neg = torch.full((n,), float("-inf")).scatter_reduce(
-        0, text_to_image[~is_positive], scores[~is_positive], reduce="amax", include_self=True)
-    pos = torch.full((n,), float("-inf")).scatter_reduce(
-        0, text_to_image[is_positive], scores[is_positive], reduce="amax", include_self=True)
-    correct = (pos >= best_neg).float()
+    img, txt = image_emb.float(), text_emb.float()
+    if ties == "clip_benchmark":
+        order = torch.argsort(text_to_image, stable=True)
+        counts = torch.bincount(text_to_image, minlength=n).tolist()
+        correct, start = torch.zeros(n), 0
+        for i, c in enumerate(counts):
+            rows = order[start:start + c]
+            start += c
+            if c:
+                scores = img[i:i + 1] @ txt[rows].t()
+                correct[i] = float(bool(is_positive[rows[int(scores.argmax(dim=1))]]))
+    else:
+        scores = (txt * img[text_to_image]).sum(dim=1)
+        best_neg = torch.full((n,), float("-inf")).scatter_reduce(
+            0, text_to_image[~is_positive], scores[~is_positive], reduce="amax", include_self=True)
+        pos = torch.full((n,), float("-inf")).scatter_reduce(
+            0, text_to_image[is_positive], scores[is_positive], reduce="amax", include_self=True)
+        correct = (pos + TIE_TOL >= best_neg).float()
     out = {"acc": correct.mean().item()}
     names = sorted(set(subsets))
     sub = torch.tensor([names.index(s) for s in subsets])

@@ -12,9 +12,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from vlp.eval.datasets import Sample, iter_batches
+from vlp.eval.decode import iter_batches
+from vlp.eval.evalset import EvalError, Sample
+from vlp.progress import progress_bar
 
 CACHE_BYTES = int(os.environ.get("VLP_EVAL_CACHE_MB", "1024")) * 2**20
 _image_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
@@ -194,7 +195,7 @@ def encode_texts(model, tokenizer: Callable, texts: list[str], *, device="cpu", 
             prefix = _SharedPrefix(model, tok[rows[:1], :shared].to(device)) if shared >= 2 else None
         rows = rows[torch.argsort(pool[rows], stable=True)] if pool is not None else rows
         jobs += [(chunk, prefix) for chunk in _chunks(rows, pool, batch_size, device, _text_width(model))]
-    for rows, prefix in tqdm(jobs, desc=desc, disable=not progress, unit="batch", leave=False):
+    for rows, prefix in progress_bar(jobs, desc=desc, disable=not progress, unit="batch", leave=False):
         t = tok[rows].to(device)
         with autocast(device, amp):
             if prefix is not None:
@@ -234,7 +235,7 @@ def _embed_tensor_batches(model, batches, n: int, device, amp: bool) -> torch.Te
             f = torch.cat([model.encode_image(c) for c in x.split(rows or len(x))])
         f = F.normalize(f.float(), dim=-1).cpu()
         if feats is None:
-            feats = torch.empty(n, f.shape[1])
+            feats = torch.full((n, f.shape[1]), float("nan"))    # rows of skipped images stay NaN
         feats[idx] = f
     return feats
 
@@ -242,8 +243,9 @@ def _embed_tensor_batches(model, batches, n: int, device, amp: bool) -> torch.Te
 @torch.no_grad()
 def encode_images(model, preprocess: Callable, samples: list[Sample], *, device="cpu", batch_size: int = 256,
                   amp: bool = False, num_workers: int = 0, progress: bool = False, cache_key=None,
-                  desc: str = "images") -> torch.Tensor:
-    """Image embeddings [N, D] in sample order."""
+                  desc: str = "images", skipped: Optional[list] = None) -> torch.Tensor:
+    """Image embeddings [N, D] in sample order. With a `skipped` list, an image that cannot be decoded is
+    recorded there (`iter_batches`) and its row is NaN; without one it raises `UndecodableImage`."""
     n = len(samples)
     key = (cache_key, repr(preprocess)) if cache_key is not None else None
     if key is not None and key in _image_cache:
@@ -251,23 +253,32 @@ def encode_images(model, preprocess: Callable, samples: list[Sample], *, device=
         pixels = _image_cache[key]
         batches = ((torch.arange(s, min(s + batch_size, n)), pixels[s:s + batch_size]) for s in range(0, n, batch_size))
         total = (n + batch_size - 1) // batch_size
-        return _embed_tensor_batches(model, tqdm(batches, total=total, desc=desc, disable=not progress, leave=False),
-                                     n, device, amp)
-    stream = iter_batches(samples, preprocess, batch_size, num_workers)
+        bar = progress_bar(batches, total=total, desc=desc, disable=not progress, leave=False)
+        return _embed_tensor_batches(model, bar, n, device, amp)
+    skipped_here: list = []
+    stream = iter_batches(samples, preprocess, batch_size, num_workers,
+                          skipped=skipped_here if skipped is not None else None)
     keep: list[tuple[torch.Tensor, torch.Tensor]] = []
     budget = CACHE_BYTES if key is not None else 0
 
     def tee():
         nonlocal budget
-        for idx, x in tqdm(stream, total=(n + batch_size - 1) // batch_size, desc=desc, disable=not progress,
-                           leave=False):
+        for idx, x in progress_bar(stream, total=(n + batch_size - 1) // batch_size, desc=desc,
+                                   disable=not progress, leave=False):
             if budget > 0:
                 budget -= x.numel() * x.element_size()
                 keep.append((idx, x)) if budget > 0 else keep.clear()
             yield idx, x
 
     feats = _embed_tensor_batches(model, tee(), n, device, amp)
-    if key is not None and budget > 0 and keep:
+    if skipped is not None:
+        skipped.extend(skipped_here)
+    if feats is None:     # every image of this share skipped: NaN rows (the caller decides), if the width is known
+        width = getattr(getattr(model, "visual", None), "output_dim", None)
+        if not skipped_here or width is None:
+            raise EvalError(f"{desc}: no image could be decoded" + (f" ({skipped_here[0][2]})" if skipped_here else ""))
+        feats = torch.full((n, int(width)), float("nan"))
+    if key is not None and budget > 0 and keep and not skipped_here:
         pixels = torch.empty((n, *keep[0][1].shape[1:]), dtype=keep[0][1].dtype)
         for idx, x in keep:
             pixels[idx] = x

@@ -1,5 +1,8 @@
 """The run-folder plot: training loss, then the headline metrics against their chance level, then the rest.
 
+Points come from the scored checkpoints and, for a vlp run, from the in-loop evaluations in RUN/metrics.jsonl
+(every `--eval-every` steps, not only the few checkpoints kept); every panel shares the step axis, and a
+panel with fewer than two points (nothing to follow) is left out.
 Panels in reading order: the training loss curve (from RUN/metrics.jsonl, when given), the headline metrics
 (acc1, acc5, mean per-class recall, R@1/R@5 both ways), other figures (ranks, probes, ...), embedding
 geometry last. Accuracies and recalls are drawn on their full 0-1 scale with chance as a dashed line, so a
@@ -35,19 +38,33 @@ def chance(metric: str, info: dict) -> Optional[float]:
     return None
 
 
-def read_loss_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
-    """(step, train/loss) from a run folder's metrics.jsonl (the last row of a step wins: resumed runs)."""
+def _rows(run_dir: str | os.PathLike):
     path = Path(run_dir) / "metrics.jsonl"
-    curve: dict[int, float] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(row.get("train/loss"), (int, float)):
-                curve[int(row["step"])] = float(row["train/loss"])
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                yield row
+
+
+def read_loss_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
+    """(step, train/loss) from a run folder's metrics.jsonl (the last row of a step wins: resumed runs)."""
+    curve = {row["step"]: float(row["train/loss"]) for row in _rows(run_dir)
+             if isinstance(row.get("train/loss"), (int, float))}
     return sorted(curve.items())
+
+
+def read_eval_rows(run_dir: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(step, {"eval/<dataset>/<metric>": value}) of each in-loop evaluation in a run folder's metrics.jsonl."""
+    out = {}
+    for row in _rows(run_dir):
+        ev = {k: v for k, v in row.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+        if ev:
+            out.setdefault(row["step"], {}).update(ev)
+    return sorted(out.items())
 
 
 def _order(key: str) -> tuple:
@@ -57,10 +74,10 @@ def _order(key: str) -> tuple:
 
 
 def plot_run(results: list[dict], path: str | os.PathLike, loss_curve: Optional[list[tuple[int, float]]] = None,
-             progress=None) -> Optional[Path]:
+             progress=None, eval_rows: Optional[list[tuple[int, dict]]] = None) -> Optional[Path]:
     """Write the plot; None when there is nothing to draw. `progress(result) -> (unit, n) | None` places a
-    result on the x axis (a checkpoint's step or epoch)."""
-    fig = draw(results, loss_curve, progress)
+    result on the x axis (a checkpoint's step or epoch); `eval_rows` (`read_eval_rows`) add in-loop points."""
+    fig = draw(results, loss_curve, progress, eval_rows)
     if fig is None:
         return None
     import matplotlib.pyplot as plt
@@ -70,9 +87,21 @@ def plot_run(results: list[dict], path: str | os.PathLike, loss_curve: Optional[
     return Path(path)
 
 
-def draw(results: list[dict], loss_curve: Optional[list[tuple[int, float]]] = None, progress=None):
+def _in_loop_points(eval_rows, datasets: set[str]):
+    """(metric, dataset, step, value) of in-loop evaluations of the scored datasets (a dataset name may hold '/')."""
+    by_length = sorted(datasets, key=len, reverse=True)
+    for step, row in eval_rows or []:
+        for key, v in row.items():
+            rest = key[len("eval/"):]
+            d = next((d for d in by_length if rest.startswith(d + "/")), None)
+            if d is not None:
+                yield rest[len(d) + 1:], d, int(step), float(v)
+
+
+def draw(results: list[dict], loss_curve: Optional[list[tuple[int, float]]] = None, progress=None,
+         eval_rows: Optional[list[tuple[int, dict]]] = None):
     """The figure plot_run saves (None if empty); its axes are in panel order."""
-    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    points: dict[str, dict[str, dict[int, float]]] = {}
     chances: dict[tuple[str, str], float] = {}
     unit = "step"
     for r in results:
@@ -82,12 +111,18 @@ def draw(results: list[dict], loss_curve: Optional[list[tuple[int, float]]] = No
         unit, step = at
         for k, v in r["metrics"].items():
             if isinstance(v, (int, float)) and not math.isnan(v):
-                series.setdefault(k, {}).setdefault(r["dataset"], []).append((int(step), float(v)))
+                points.setdefault(k, {}).setdefault(r["dataset"], {})[int(step)] = float(v)
                 c = chance(k, r.get("vlp", {}))
                 if c is not None:
                     chances[(k, r["dataset"])] = c
-    panels = (["train/loss"] if loss_curve else []) + sorted(series, key=_order)
-    if not series and not loss_curve:
+    if unit == "step":
+        for k, d, step, v in _in_loop_points(eval_rows, {r["dataset"] for r in results}):
+            if not math.isnan(v):
+                points.setdefault(k, {}).setdefault(d, {}).setdefault(step, v)     # a scored checkpoint wins
+    series = {k: {d: sorted(p.items()) for d, p in by_ds.items()} for k, by_ds in points.items()
+              if max(len(p) for p in by_ds.values()) >= 2}                     # one point: nothing to follow
+    panels = (["train/loss"] if loss_curve and len(loss_curve) >= 2 else []) + sorted(series, key=_order)
+    if not panels:
         return None
     import matplotlib
 
@@ -96,7 +131,7 @@ def draw(results: list[dict], loss_curve: Optional[list[tuple[int, float]]] = No
 
     ncol = 4
     nrow = (len(panels) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 2.8 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 2.8 * nrow), squeeze=False, sharex=True)
     colours = {ds: f"C{i}" for i, ds in enumerate(sorted({ds for s in series.values() for ds in s}))}
     for ax, key in zip(axes.flat, panels):
         if key == "train/loss":
@@ -105,7 +140,6 @@ def draw(results: list[dict], loss_curve: Optional[list[tuple[int, float]]] = No
             ax.set_xlabel("step", fontsize=8)
         else:
             for ds, pts in sorted(series[key].items()):
-                pts.sort()
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=ds, color=colours[ds])
                 if (key, ds) in chances:
                     ax.axhline(chances[(key, ds)], ls="--", lw=0.8, color=colours[ds], alpha=0.7)

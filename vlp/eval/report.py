@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
+from vlp.eval.evalset import EvalError
+
 MAIN_METRICS = {
     "zeroshot_classification": ["acc1", "acc5", "mean_per_class_recall"],
     "zeroshot_retrieval": ["image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
@@ -42,13 +44,22 @@ def _slug(s: str) -> str:
     return str(s).replace("/", "_").replace(os.sep, "_") or "none"
 
 
-def result_filename(r: dict) -> str:
-    """CLIP_benchmark's default `{dataset}_{pretrained}_{model}_{language}_{task}.json`; the pretrained slug
-    is the checkpoint's file name (a run folder's checkpoints differ by their step)."""
+DEFAULT_NAME = "{dataset}_{pretrained}_{model}_{language}_{task}.json"     # CLIP_benchmark's --output default
+
+
+def result_filename(r: dict, template: str = DEFAULT_NAME) -> str:
+    """A result's file name from CLIP_benchmark's `--output` template (its keys: dataset, pretrained, model,
+    language, task); the pretrained slug is the checkpoint's file name (a run folder's checkpoints differ by
+    their step)."""
     pre = r.get("pretrained") or "none"
     pre = os.path.basename(pre) if os.path.sep in pre or os.path.isfile(pre) else pre
-    return f"{_slug(r['dataset'])}_{_slug(pre)}_{_slug(Path(r['model']).stem if r['model'].endswith('.json') else r['model'])}" \
-           f"_{r['language']}_{r['task']}.json"
+    model = Path(r["model"]).stem if r["model"].endswith(".json") else r["model"]
+    try:
+        return template.format(dataset=_slug(r["dataset"]), pretrained=_slug(pre), model=_slug(model),
+                               language=r["language"], task=r["task"])
+    except (KeyError, IndexError, ValueError) as e:
+        raise EvalError(f"--output template {template!r}: {e!r} is not one of dataset, pretrained, model, "
+                        "language, task") from None
 
 
 def _json_default(o):
@@ -58,26 +69,30 @@ def _json_default(o):
 
 
 def write_results(results: list[dict], out_dir: str | os.PathLike, plot: bool = False,
-                  extra: Optional[dict[str, str]] = None,
-                  loss_curve: Optional[list[tuple[int, float]]] = None) -> list[Path]:
+                  extra: Optional[dict[str, str]] = None, loss_curve: Optional[list[tuple[int, float]]] = None,
+                  name_template: Optional[str] = None, eval_rows: Optional[list] = None) -> list[Path]:
     """Write every result (and the plot, and `extra` {file name: text}, e.g. a suite's table) to a temporary
     folder first, then move them in: an error before the end leaves nothing behind, and no file is ever
-    half-written."""
+    half-written. `name_template`: CLIP_benchmark's `--output` file template (default its default)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".vlp-eval-", dir=out))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".vlp-eval-", dir=out))
+    except OSError as e:
+        raise EvalError(f"cannot write results to {out}: {e.strerror or e}") from None
     written: list[Path] = []
     try:
         names = {}
         for r in results:
-            name = result_filename(r)
+            name = result_filename(r, name_template or DEFAULT_NAME)
             if name in names:
-                raise ValueError(f"two results would be written to {name}")
+                raise EvalError(f"two results would be written to {name}" +
+                                (f": add {{dataset}}, {{task}} or {{pretrained}} to --output" if name_template else ""))
             names[name] = r
             # NaN (acc5 with < 5 classes) is written as CLIP_benchmark's json.dump writes it
             (tmp / name).write_text(json.dumps(r, default=_json_default))
         if plot:
-            plot_metrics_vs_step(results, tmp / "metrics_vs_step.png", loss_curve=loss_curve)
+            plot_metrics_vs_step(results, tmp / "metrics_vs_step.png", loss_curve=loss_curve, eval_rows=eval_rows)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         for f in sorted(tmp.iterdir()):
@@ -129,8 +144,9 @@ def progress(result: dict) -> Optional[tuple[str, int]]:
 
 
 def plot_metrics_vs_step(results: list[dict], path: str | os.PathLike,
-                         loss_curve: Optional[list[tuple[int, float]]] = None) -> Optional[Path]:
+                         loss_curve: Optional[list[tuple[int, float]]] = None,
+                         eval_rows: Optional[list] = None) -> Optional[Path]:
     """The run-folder plot (vlp.eval.plot): loss curve, headline metrics with chance level, then the rest."""
     from vlp.eval.plot import plot_run
 
-    return plot_run(results, path, loss_curve=loss_curve, progress=progress)
+    return plot_run(results, path, loss_curve=loss_curve, progress=progress, eval_rows=eval_rows)

@@ -188,14 +188,22 @@ def _task_of(spec: str) -> Optional[str]:
         return None
 
 
-def clip_benchmark_commands(entries: list[SuiteEntry], model: str = "MODEL", pretrained: str = "PRETRAINED") -> list[str]:
-    """The `clip_benchmark eval` command of each `dataset:` entry (the ones CLIP_benchmark can read)."""
+def clip_benchmark_commands(entries: list[SuiteEntry], model: str = "MODEL", pretrained: str = "PRETRAINED",
+                            amp: bool = True, recall_k=(1, 5, 10)) -> list[str]:
+    """The `clip_benchmark eval` command of each `dataset:` entry (the ones CLIP_benchmark can read), with the
+    options that make its figures vlp's: vlp's `--recall_k` (CLIP_benchmark's default is 5 alone), the probe's
+    held-out 20% of train (`--val_proportion 0.2`; without it CLIP_benchmark fits at weight decay 0 with no
+    search), `--no_amp` when vlp scored in fp32 (`amp=False`), and the root as an absolute path."""
     model, pretrained = clip_benchmark_model(model, pretrained)
     out = []
     for e in entries:
         if e.dataset is None or e.task == "knn":          # CLIP_benchmark has no k-NN task
             continue
-        cmd = f"clip_benchmark eval --dataset {e.dataset} --dataset_root {e.root} --model {model} " \
+        root = Path(e.root).resolve()
+        if not root.exists():
+            raise EvalError(f"{e.dataset}: root {e.root} does not exist (a suite's relative roots are read "
+                            "against the suite file's folder)")
+        cmd = f"clip_benchmark eval --dataset {e.dataset} --dataset_root {root} --model {model} " \
               f"--pretrained {pretrained}"
         task = e.task or _task_of(e.spec)
         if task:
@@ -207,5 +215,11 @@ def clip_benchmark_commands(entries: list[SuiteEntry], model: str = "MODEL", pre
             cmd += f" --train_split {opts['train_split']}"
         if "split" in opts:
             cmd += f" --split {opts['split']}"
+        if task == "zeroshot_retrieval":
+            cmd += " --recall_k " + " ".join(str(k) for k in recall_k)
+        if task == "linear_probe":
+            cmd += " --val_proportion 0.2"
+        if not amp:
+            cmd += " --no_amp"
         out.append(cmd)
     return out

@@ -26,7 +26,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from tqdm import tqdm
+from vlp.progress import progress_bar
 
 from vlp.rewrite.prompt import GUARD_REASONS, guard, one_line
 from vlp.rewrite.sources import InputError, Record
@@ -157,7 +157,7 @@ def run_rewrites(records: Iterable[Record], rewriter, out_dir: str, *, name: str
         if last is None or last.key != state.get("last_key"):
             raise InputError(f"the input changed since the interrupted run (sample {done} is "
                              f"{getattr(last, 'key', 'missing')!r}, was {state.get('last_key')!r}); use --overwrite")
-    bar = tqdm(total=total, initial=done, desc=f"rewriting ({', '.join(rewriter.sources)})", unit="caption",
+    bar = progress_bar(total=total, initial=done, desc=f"rewriting ({', '.join(rewriter.sources)})", unit="caption",
                disable=not progress, dynamic_ncols=True)
     try:
         for batch in _batches(it, batch_size):

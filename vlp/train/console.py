@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import IO, Optional
 
+from vlp.progress import isatty
+
 # Figures the bar and the log lines show, in this order, with a short label; loss terms come first.
 RATE_KEYS = ("perf/samples_per_s", "train/samples_per_s")
 PERF_SHOWN = (("perf/data_wait_frac", "data_wait", "{:.0%}"), ("perf/step_ms", "step_ms", "{:.0f}"),
@@ -107,7 +109,7 @@ class Console:
     def __init__(self, enabled: bool, progress: bool = True, stream: Optional[IO] = None):
         self.enabled = enabled
         self.stream = stream or sys.stderr
-        self.use_bar = enabled and progress and _isatty(self.stream)
+        self.use_bar = enabled and progress and isatty(self.stream)
         self.warnings: list[str] = []
         self.bar = None
         self.t0 = self.t_created = time.perf_counter()
@@ -115,6 +117,7 @@ class Console:
         self.total_steps = 0
         self.best: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
+        self.last_eval_step: Optional[int] = None
 
     # ---- plain output ------------------------------------------------------------------------
     def print(self, text: str = "") -> None:
@@ -188,7 +191,7 @@ class Console:
         """In-loop evaluation results as a table; remembers the last and best headline figures."""
         if not flat:
             return
-        self.last_eval = dict(flat)
+        self.last_eval, self.last_eval_step = dict(flat), step
         for key, value in flat.items():
             if any(key.endswith("/" + m) for m in HEADLINE) and isinstance(value, (int, float)) \
                     and not math.isnan(value):
@@ -214,8 +217,10 @@ class Console:
         fields = [f for f in log_fields(last) if not f.endswith("samples/s")]
         if fields:
             lines.append("  last: " + " | ".join(fields))
-        if self.last_eval:
-            lines.append("  last eval:")
+        if self.last_eval and self.last_eval_step == step:   # its table is the last thing printed above
+            lines.append(f"  last eval: step {step}, above")
+        elif self.last_eval:
+            lines.append(f"  last eval (step {self.last_eval_step}):")
             lines += ["    " + ln for ln in eval_table(self.last_eval).splitlines()]
         improved = {k: v for k, v in self.best.items() if v > self.last_eval.get(k, -math.inf)}
         if improved:
@@ -230,13 +235,6 @@ class Console:
             lines.append(f"  {len(self.warnings)} warning(s) above")
         for line in lines:
             self.print(line)
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 # ---- what the banner and the start-up warnings say (pure functions of the run's objects) -------------
@@ -259,6 +257,11 @@ def source_lines(shards) -> list[str]:
     return out
 
 
+def _device_kind(device) -> str:
+    """'cuda:1' -> 'cuda' (the banner of a multi-process run names the kind, not rank 0's index)."""
+    return str(device).split(":", 1)[0]
+
+
 def banner_fields(*, model_name: str, net, flops: Optional[float], device, world: int, precision: str,
                   threads: tuple[int, str], samples_per_epoch: int, steps_per_epoch: int, total_steps: int,
                   global_batch: int, accum: int, run_dir: Path, shards, workers: int, resume_step: int = 0) -> list:
@@ -268,8 +271,8 @@ def banner_fields(*, model_name: str, net, flops: Optional[float], device, world
     fields = [
         ("model", f"{model_name}: {size}, " + (f"{flops / 1e9:.4g} GFLOP per sample forward (training ~3x)"
                                                if flops else "FLOPs per sample n/a")),
-        ("devices", f"{world} x {device}" + (f", {threads[0]} torch threads ({threads[1]})"
-                                             if str(device).startswith("cpu") else "")),
+        ("devices", f"{world} x {_device_kind(device) if world > 1 else device}"   # each rank has its own index
+                    + (f", {threads[0]} torch threads ({threads[1]})" if str(device).startswith("cpu") else "")),
         ("precision", precision),
         ("batch", f"global {global_batch} = {global_batch // max(world * accum, 1)} x {world} process(es)"
                   + (f" x {accum} accumulation" if accum > 1 else "")),

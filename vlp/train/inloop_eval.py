@@ -77,6 +77,8 @@ class InLoopEval:
             else:
                 flat.update({f"eval/{r['dataset']}/{k}": v for k, v in r["metrics"].items()
                              if isinstance(v, (int, float))})
+                if r.get("vlp", {}).get("skipped_images"):      # undecodable images left out, counted
+                    flat[f"eval/{r['dataset']}/skipped_images"] = r["vlp"]["skipped_images"]
         if acc.is_main_process:
             self.metrics.log(step, flat)
         acc.wait_for_everyone()

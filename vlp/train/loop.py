@@ -229,6 +229,7 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/samples_per_s": rate, "train/epoch": epoch,
                     **{f"data/skipped/{k}": v for k, v in loader.skip_counts().items()},
+                    "data/retries": loader.retries(),
                     **meter.report(),
                 })
                 metrics.log(step, last)
@@ -251,8 +252,9 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
         if step < total_steps:
             trained = feed.state_dict()["batches_done"] // cfg.optim.accum_freq
             if trained < steps_per_epoch:   # a rank's data ran out early (the loader warned which shard lied)
-                console.print(f"warning: epoch {epoch} ended after {trained} of {steps_per_epoch} steps: shards held "
-                              f"fewer samples than their size files claim; the run still ends after --epochs")
+                console.print(f"warning: epoch {epoch} ended after {trained} of {steps_per_epoch} steps: shards "
+                              f"delivered fewer samples than their size files claim (see the skip counts); the run "
+                              f"still ends after --epochs")
             epoch += 1
     console.close()
 
