@@ -73,7 +73,8 @@ def test_data_error_mid_run_saves_the_last_good_state(micro_model_json, tmp_path
     assert f"the state after step {trained} is saved in {saved}" in str(e.value) and "\n" not in str(e.value)
     assert trained > 1 and saved.is_file() and ckpt.load_state(saved)["step"] == trained
     status = read_status(tmp_path / "cut")
-    assert status["state"] == "failed" and status["checkpoint_step"] == trained and "truncated" in status["message"]
+    assert status["state"] == "failed" and status["exit_code"] == 2 and status["checkpoint_step"] == trained
+    assert "truncated" in status["message"]
 
 
 # ---- 13: one run per run folder -----------------------------------------------------------------------------

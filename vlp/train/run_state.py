@@ -23,6 +23,7 @@ from typing import Optional
 
 from vlp.config import ConfigError
 from vlp.train import checkpoint as ckpt
+from vlp.train.health import TrainingError
 from vlp.train.run_log import RunPaths
 
 LOCK, STATUS = ".lock", "status.json"
@@ -75,8 +76,9 @@ class RunFolder:
                 self._write("finished", 0, "")
             elif isinstance(exc, Preempted):
                 self._write("preempted", EXIT_PREEMPTED, str(exc))
-            elif isinstance(exc, Exception):
-                self._write("failed", None, ckpt.first_line(exc, limit=1000))
+            elif isinstance(exc, Exception):   # train.py's exit code: 2 for an error it words, 1 for a crash
+                self._write("failed", 2 if isinstance(exc, (ConfigError, TrainingError)) else 1,
+                            ckpt.first_line(exc, limit=1000))
         if self._lock_fh is not None:
             self._lock_fh.close()   # releases the lock
             self._lock_fh = None
