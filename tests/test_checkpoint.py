@@ -9,6 +9,7 @@ import time
 import torch
 
 from vlp.train import checkpoint as ckpt
+from vlp.train import rng_state
 
 WRITER = textwrap.dedent("""
     import sys, time, torch
@@ -57,10 +58,50 @@ def test_keep_last_k_and_rng_round_trip(tmp_path):
     import numpy as np
 
     for step in range(1, 6):
-        ckpt.save_checkpoint(tmp_path, step, {"step": step, "rng": ckpt.rng_state()}, keep=2)
+        ckpt.save_checkpoint(tmp_path, step, {"step": step, "rng": rng_state.capture()}, keep=2)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 5]
     state = ckpt.load_state(ckpt.resolve_resume("latest", tmp_path))  # weights_only=True load
     expected = (torch.rand(3), random.random(), np.random.rand())
-    ckpt.set_rng_state(state["rng"])
+    rng_state.restore(state["rng"])
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+
+class _VisibleGPUs:
+    """torch.cuda's RNG calls as a process sees them with `count` visible GPUs, training on device `current`
+    (a GPU-less stand-in: CUDA's RNG cannot run here); `set_rng_state_all` indexes devices as torch's does."""
+
+    def __init__(self, monkeypatch, count: int, current: int = 0):
+        self.states = {i: torch.tensor([i], dtype=torch.uint8) for i in range(count)}
+        self.count, self.current = count, current
+        for name in ("is_available", "is_initialized"):
+            monkeypatch.setattr(torch.cuda, name, lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.states[self._index(device)])
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.states[i] for i in range(self.count)])
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [self.set(s, i) for i, s in enumerate(states)])
+
+    def _index(self, device) -> int:
+        index = self.current if device == "cuda" else int(device)
+        if index >= self.count:
+            raise IndexError(f"device index {index} out of range: {self.count} visible")
+        return index
+
+    def set(self, state, device="cuda") -> None:
+        self.states[self._index(device)] = state.clone()
+
+
+def test_gpu_rng_is_the_ranks_own_device_and_resumes_where_fewer_gpus_are_visible(monkeypatch, tmp_path):
+    """#23.8: saved under torchrun with 8 visible GPUs (rank 3 on device 3), resumed under SLURM with 1."""
+    saving = _VisibleGPUs(monkeypatch, count=8, current=3)
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1, "rng": rng_state.capture()}, keep=1)
+    state = ckpt.load_state(ckpt.resolve_resume("latest", tmp_path))
+    assert torch.equal(state["rng"]["cuda"], saving.states[3])  # the rank's own device only
+    resuming = _VisibleGPUs(monkeypatch, count=1, current=0)
+    rng_state.restore(state["rng"])
+    assert torch.equal(resuming.states[0], saving.states[3])
+    older = {**state["rng"], "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}  # every GPU's
+    rng_state.restore(older)  # no IndexError: the entry of the device this process trains on
+    assert torch.equal(resuming.states[0], older["cuda"][0])

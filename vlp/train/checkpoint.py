@@ -17,14 +17,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import random
 import re
 import shutil
 import struct
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from vlp.config import ConfigError
@@ -278,33 +276,3 @@ def load_state(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing error
         raise ConfigError(f"cannot read checkpoint {path}: {first_line(e)}") from None
-
-
-def rng_state() -> dict:
-    """Every RNG the training process draws from, in weights_only-safe types."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": _to_lists(random.getstate()),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_to_tuples(state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _to_lists(x):
-    return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
-
-
-def _to_tuples(x):
-    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x

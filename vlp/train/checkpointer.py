@@ -15,7 +15,7 @@ from typing import Optional
 from vlp.config import ConfigError
 from vlp.train import checkpoint as ckpt
 from vlp.train.health import TrainingError, all_finite
-from vlp.train import sharding
+from vlp.train import rng_state, sharding
 
 
 def per_rank(accelerator, obj) -> list:
@@ -49,7 +49,7 @@ class Checkpointer:
         if not self.finite():
             raise TrainingError(f"the weights are not finite at step {step}; nothing saved. {self.last_finite()}")
         acc = self.accelerator
-        rngs, loaders = per_rank(acc, ckpt.rng_state()), per_rank(acc, self.loader.state_dict())
+        rngs, loaders = per_rank(acc, rng_state.capture()), per_rank(acc, self.loader.state_dict())
         sharded = sharding.is_sharded(self.net)
         if sharded:  # gathered onto the main process; every rank takes part
             model_state, optim_state = sharding.full_state(self.net, self.optimizer)
@@ -115,5 +115,5 @@ class Checkpointer:
         if len(state["rng"]) != acc.num_processes:
             raise ConfigError(f"{path} was written by {len(state['rng'])} processes; resume it with as many "
                               f"(this run has {acc.num_processes})")
-        ckpt.set_rng_state(state["rng"][acc.process_index])
+        rng_state.restore(state["rng"][acc.process_index])
         return state["step"], state["epoch"], state["loader"][acc.process_index]
