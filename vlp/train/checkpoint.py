@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -104,19 +105,27 @@ def _atomic_write(path: Path, write: Callable[[Any], None], size_hint: int = 0) 
     _fsync_dir(path.parent)
 
 
-def _write_failure(path: Path, cause: BaseException, size_hint: int) -> str:
+def _write_failure(path: Path, cause: BaseException, size_hint: int,
+                   removed: str = "the partial file was removed") -> str:
     folder = path.parent
     where = f"cannot write {path.name} in {folder}"
+    if not isinstance(cause, OSError):  # safetensors reports the OS error inside its own message
+        found = re.search(r"(?:Os \{ code: |os error )(\d+)", str(cause))
+        cause = OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else cause
     if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
         try:
             free = f"{shutil.disk_usage(folder).free:,} bytes free"
         except OSError:
             free = "free space unknown"
         needed = f"about {size_hint:,} bytes needed" if size_hint else "size unknown"
-        return (f"{where}: {cause.strerror} ({needed}, {free}); the partial file was removed and "
-                f"earlier checkpoints are intact")
+        return f"{where}: {cause.strerror} ({needed}, {free}); {removed} and earlier checkpoints are intact"
     reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else first_line(cause)
     return f"{where}: {reason}"
+
+
+def folder_write_error(folder: Path, cause: BaseException, size_hint: int) -> CheckpointWriteError:
+    """The one-line error for a folder (an export) whose writing failed; the caller removes the partial copy."""
+    return CheckpointWriteError(_write_failure(folder, cause, size_hint, removed="the partial folder was removed"))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -130,7 +139,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, hashing)
         hashing.finish()
 
-    _atomic_write(path, write, size_hint=_state_bytes(obj))
+    _atomic_write(path, write, size_hint=state_bytes(obj))
 
 
 class _Hashing:
@@ -166,7 +175,7 @@ class _Hashing:
         self.fh.write(self.tail[:-2] + struct.pack("<H", len(comment)) + comment)
 
 
-def _state_bytes(obj: Any) -> int:
+def state_bytes(obj: Any) -> int:
     """About what torch.save will write for `obj`: its tensors' bytes (each storage once) plus a little."""
     seen: dict = {}
 
@@ -205,8 +214,12 @@ def verify(path: Path) -> bool:
     """Check a checkpoint's recorded SHA-256 (True), or report that it has none (False: another tool's
     file, or an older vlp one); raise ConfigError, one line, when the bytes changed since it was written."""
     path = Path(path)
-    if path.stat().st_size == 0:
+    st = path.stat()
+    if st.st_size == 0:
         raise ConfigError(f"checkpoint {path} is empty (0 bytes): it was never completely written")
+    seen = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if seen in _VERIFIED:  # this process read every byte of this very file already
+        return True
     digest, covered = stored_checksum(path)
     if digest is None:
         return False
@@ -222,7 +235,58 @@ def verify(path: Path) -> bool:
     if sha.hexdigest() != digest:
         raise ConfigError(f"checkpoint {path} is corrupt: its SHA-256 does not match the one written with it "
                           f"(bytes changed on disk); use an earlier checkpoint")
+    _VERIFIED.add(seen)
     return True
+
+
+_VERIFIED: set = set()  # (path, inode, size, mtime) of files verify() hashed: once per file and process
+
+
+def check(path: Path) -> bool:
+    """verify(path), and refuse in one line what torch.load would fail on with a cryptic message: an
+    unreadable path, a file that is no torch.save file (a text file), a truncated zip. True: checksum
+    verified; False: a readable file without one (another tool's)."""
+    try:
+        if verify(path):
+            return True
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        if head.startswith(b"PK\x03\x04"):
+            zipfile.ZipFile(path).close()  # reads the central directory, which a cut-off file lacks
+        elif head[:1] != b"\x80":  # neither torch.save's zip nor its legacy pickle
+            raise ConfigError(f"{path} is not a checkpoint: a torch.save file starts with a zip or pickle header, "
+                              f"this one with {head!r}")
+        return False
+    except OSError as e:
+        raise ConfigError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    except zipfile.BadZipFile as e:
+        raise ConfigError(f"checkpoint {path} is truncated or damaged ({first_line(e)}): "
+                          f"use an earlier checkpoint") from None
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """fn() on rank 0 of the default process group only (a plain call without one); its result, or its
+    ConfigError as one line, on every rank. For reads one rank does for all (verifying a checkpoint)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box: list = [None]
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except ConfigError as e:
+            box = [("error", str(e))]
+        except Exception as e:  # noqa: BLE001 - raised here after the others learn of it
+            failure, box = e, [("error", f"rank 0: {type(e).__name__}: {first_line(e)}")]
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    kind, value = box[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -249,30 +313,59 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
     return path
 
 
-def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
-    """`--resume latest` -> newest complete checkpoint of this run (None if there is none yet); else the given file."""
-    if resume == "latest":
-        pointer = ckpt_dir / LATEST
-        if pointer.is_file():
-            named = ckpt_dir / pointer.read_text().strip()
-            if named.is_file():
-                return named
-        found = list_checkpoints(ckpt_dir)
-        return found[-1][1] if found else None
+def resolve_resume(resume: str, ckpt_dir: Path, say: Optional[Callable[[str], None]] = None) -> Optional[Path]:
+    """`--resume latest` -> the newest checkpoint of this run that verifies (None if there is none yet): a
+    damaged newer one is passed over, and `say` gets one line naming both. Else the given file (checked when
+    loaded). Under several processes rank 0 alone reads the files and tells the others."""
+    if resume == LATEST:
+        path, note = on_main(lambda: _newest_intact(ckpt_dir))
+        if note and say is not None:
+            say(note)
+        return path
     path = Path(resume)
     if not path.is_file():
         raise ConfigError(f"--resume: checkpoint not found: {resume}")
     return path
 
 
-def load_state(path: Path) -> Any:
-    """The one way vlp reads a checkpoint file: verify its checksum, then torch.load without executing
-    pickled code (resume, --pretrained and eval all come through here)."""
+def _newest_intact(ckpt_dir: Path) -> tuple[Optional[Path], Optional[str]]:
+    found = [p for _, p in reversed(list_checkpoints(ckpt_dir))]
+    pointer = ckpt_dir / LATEST
+    named = ckpt_dir / pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    if named in found:  # the newest written, normally found[0]
+        found.remove(named)
+        found.insert(0, named)
+    damaged = []
+    for path in found:
+        try:
+            check(path)
+        except ConfigError as e:
+            damaged.append(f"{path.name} {str(e).replace(f'checkpoint {path} ', '').replace(str(path), path.name)}")
+            continue
+        note = None
+        if damaged:
+            more = f" (and {len(damaged) - 1} more newer checkpoint(s) damaged)" if len(damaged) > 1 else ""
+            note = (f"--resume latest: {damaged[0]}{more}; resuming from {path.name}, the newest checkpoint "
+                    f"that verifies")
+        return path, note
+    if damaged:
+        raise ConfigError(f"--resume latest: no checkpoint in {ckpt_dir} verifies: {'; '.join(damaged)}")
+    return None, None
+
+
+def load_state(path: Path, checked: bool = False) -> Any:
+    """The one way vlp reads a checkpoint file: check it (its checksum; `checked`: done already, see
+    `on_main`), then torch.load it memory-mapped (tensors read from the page cache as they are used, shared
+    by the processes of a machine) without executing pickled code (resume, --pretrained and eval all come
+    through here)."""
+    path = Path(path)
+    if not checked:
+        check(path)
     try:
-        verify(path)
+        with open(path, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"  # a legacy (pickle) torch.save file cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except OSError as e:
         raise ConfigError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing error
         raise ConfigError(f"cannot read checkpoint {path}: {first_line(e)}") from None

@@ -90,7 +90,8 @@ class Checkpointer:
     def restore(self, path: Path) -> tuple[int, int, dict]:
         """Load `path` into the run; returns (step, epoch, this rank's loader state)."""
         acc = self.accelerator
-        state = ckpt.load_state(path)
+        ckpt.on_main(lambda: ckpt.check(path))  # one rank reads every byte to verify, not each of them
+        state = ckpt.load_state(path, checked=True)  # mapped: the ranks of a machine share its pages
         missing = [k for k in ("model", "optimizer", "scheduler", "rng", "loader", "step") if k not in state]
         if missing:
             raise ConfigError(f"{path} is not a vlp training checkpoint (no {', '.join(missing)}): "
@@ -116,4 +117,6 @@ class Checkpointer:
             raise ConfigError(f"{path} was written by {len(state['rng'])} processes; resume it with as many "
                               f"(this run has {acc.num_processes})")
         rng_state.restore(state["rng"][acc.process_index])
+        if Path(path).resolve().parent == self.dir.resolve():  # already saved: a stop right away rewrites nothing
+            self.saved = (state["step"], Path(path))
         return state["step"], state["epoch"], state["loader"][acc.process_index]
