@@ -181,7 +181,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             raise ConfigError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     from vlp.train.checkpoint import load_state
 
-    ckpt = load_state(Path(path))  # verifies a vlp checkpoint's checksum; one line on any unreadable file
+    ckpt = load_state(Path(path), parts=False)  # weights only; checksum verified; one line on any unreadable file
     if isinstance(ckpt, dict):
         for key in ("model", "state_dict"):
             if key in ckpt and isinstance(ckpt[key], dict):
