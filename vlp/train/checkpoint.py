@@ -181,10 +181,15 @@ def load_state(path: Path, checked: bool = False, parts: bool = True) -> Any:
     if not checked:
         check(path, parts=parts)
     state = _load(path)
-    if parts and isinstance(state, dict) and state.get("parts"):
-        for name in state["parts"]:
-            state["optimizer"]["state"].update(_load(path.with_name(name))["optimizer_state"])
+    if parts and isinstance(state, dict) and state.get("parts") and not state.get("fsdp"):
+        for name in state["parts"]:  # (an --fsdp run's parts are per-rank shards: each rank reads its own)
+            state["optimizer"]["state"].update(read_part(path, name))
     return state
+
+
+def read_part(path: Path, name: str) -> Any:
+    """The optimiser share in part `name` of checkpoint `path` (checked with it)."""
+    return _load(Path(path).with_name(name))["optimizer_state"]
 
 
 def _load(path: Path) -> Any:
