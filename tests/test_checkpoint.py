@@ -143,3 +143,15 @@ def test_two_ranks_save_their_shares_one_verifies_and_both_restore_exactly(tmp_p
     assert all(r["exact"] for r in ranks)
     assert total <= ranks[0]["read_bytes"] < 1.5 * total  # verified once (was: verified, then read again)
     assert ranks[1]["read_bytes"] < 0.05 * total  # mapped, not read (was: the whole checkpoint, twice)
+
+
+def test_the_finite_check_before_a_save_is_exact():
+    """The weights check on the save's critical path sums first (fast); a sum that overflows is not a NaN."""
+    from vlp.train.health import all_finite
+
+    big = torch.full((4,), 3e38)  # finite elements, their float32 sum is inf
+    assert all_finite([torch.ones(3), big, torch.zeros(0), torch.arange(3)])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert not all_finite([torch.ones(3), torch.tensor([1.0, bad, 2.0])])
+        assert not all_finite([torch.tensor([1.0, bad], dtype=torch.bfloat16)])
+    assert not all_finite([torch.tensor([float("inf"), float("-inf")])])  # inf - inf: nan, still caught
