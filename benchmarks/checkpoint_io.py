@@ -7,14 +7,16 @@ Each case runs in fresh processes (spawned; 2 processes talk over gloo, as `torc
 memory figures start clean. A model is built from its open_clip config with random weights (nothing is
 downloaded), AdamW's moments are filled by one step, and then vlp's own `Checkpointer` does what a run
 does: `save` (every rank calls it; timed from the first rank's entry to the last rank's return: this is
-what must fit a preemption grace window, 30 s under SLURM and torchrun) and `restore` into the same
-objects (timed the same way, with each rank's peak resident memory sampled every 5 ms: VmRSS and its
-anonymous part RssAnon, above the level before the call). Work the checkpointer defers off the
-critical path (hashing) is waited for and reported separately ("durable").
+what must fit a preemption grace window, 30 s under SLURM and torchrun), then `--resume latest`
+(`resolve_resume` + `restore`) into the same objects zeroed first (timed the same way, with each rank's
+peak resident memory sampled every 5 ms: VmRSS and its anonymous part RssAnon, above the level before
+the call; the bytes it read with read() calls, /proc/self/io rchar; and whether every parameter and
+optimiser state came back bit for bit). `--fsdp` shards model and optimiser with vlp's FSDP2 code first.
 
 The peer, measured in the same run on rank 0: plain `torch.save` of the same state dict to a file in
-the same folder (no checksum, no fsync, no rename): the floor a single-writer checkpoint cannot beat.
-Figures depend on the disk and on what else runs: on a shared machine run it when idle.
+the same folder (no checksum, no fsync, no rename): the floor of one writer. "ratio" = save / peer.
+Figures depend on the disk and on what else runs: on a shared machine run it when idle, or run
+before/after pairs back to back. ViT-L/14 needs ~5.5 GB of memory per process.
 """
 from __future__ import annotations
 
