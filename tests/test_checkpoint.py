@@ -9,6 +9,7 @@ import time
 import torch
 
 from vlp.train import checkpoint as ckpt
+from vlp.train import rng_state
 
 WRITER = textwrap.dedent("""
     import sys, time, torch
@@ -57,10 +58,100 @@ def test_keep_last_k_and_rng_round_trip(tmp_path):
     import numpy as np
 
     for step in range(1, 6):
-        ckpt.save_checkpoint(tmp_path, step, {"step": step, "rng": ckpt.rng_state()}, keep=2)
+        ckpt.save_checkpoint(tmp_path, step, {"step": step, "rng": rng_state.capture()}, keep=2)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 5]
     state = ckpt.load_state(ckpt.resolve_resume("latest", tmp_path))  # weights_only=True load
     expected = (torch.rand(3), random.random(), np.random.rand())
-    ckpt.set_rng_state(state["rng"])
+    rng_state.restore(state["rng"])
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+
+class _VisibleGPUs:
+    """torch.cuda's RNG calls as a process sees them with `count` visible GPUs, training on device `current`
+    (a GPU-less stand-in: CUDA's RNG cannot run here); `set_rng_state_all` indexes devices as torch's does."""
+
+    def __init__(self, monkeypatch, count: int, current: int = 0):
+        self.states = {i: torch.tensor([i], dtype=torch.uint8) for i in range(count)}
+        self.count, self.current = count, current
+        for name in ("is_available", "is_initialized"):
+            monkeypatch.setattr(torch.cuda, name, lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.states[self._index(device)])
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.states[i] for i in range(self.count)])
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [self.set(s, i) for i, s in enumerate(states)])
+
+    def _index(self, device) -> int:
+        index = self.current if device == "cuda" else int(device)
+        if index >= self.count:
+            raise IndexError(f"device index {index} out of range: {self.count} visible")
+        return index
+
+    def set(self, state, device="cuda") -> None:
+        self.states[self._index(device)] = state.clone()
+
+
+def test_gpu_rng_is_the_ranks_own_device_and_resumes_where_fewer_gpus_are_visible(monkeypatch, tmp_path):
+    """#23.8: saved under torchrun with 8 visible GPUs (rank 3 on device 3), resumed under SLURM with 1."""
+    saving = _VisibleGPUs(monkeypatch, count=8, current=3)
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1, "rng": rng_state.capture()}, keep=1)
+    state = ckpt.load_state(ckpt.resolve_resume("latest", tmp_path))
+    assert torch.equal(state["rng"]["cuda"], saving.states[3])  # the rank's own device only
+    resuming = _VisibleGPUs(monkeypatch, count=1, current=0)
+    rng_state.restore(state["rng"])
+    assert torch.equal(resuming.states[0], saving.states[3])
+    older = {**state["rng"], "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}  # every GPU's
+    rng_state.restore(older)  # no IndexError: the entry of the device this process trains on
+    assert torch.equal(resuming.states[0], older["cuda"][0])
+
+
+def test_shares_written_beside_the_main_file_commit_with_it_and_a_missing_one_is_passed_over(tmp_path):
+    """#22.5: other ranks' optimiser shares are files the main file lists; they go with it (keep-last-k) and a
+    checkpoint missing one does not verify (--resume latest takes the one before, saying so)."""
+    def save(step: int) -> None:
+        name = ckpt.part_name(step, f"t{step}", 1)
+        ckpt.save_part(tmp_path, name, {"step": step, "optimizer_state": {1: {"exp_avg": torch.full((999,), step)}}})
+        ckpt.save_checkpoint(tmp_path, step, {"step": step, "parts": [name], "optimizer": {
+            "state": {0: {"exp_avg": torch.full((9,), step)}}, "param_groups": []}}, keep=2)
+
+    for step in (1, 2, 3):
+        save(step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest", "step_00000002.pt", "step_00000002.pt.part1-t2", "step_00000003.pt", "step_00000003.pt.part1-t3"]
+    state = ckpt.load_state(tmp_path / "step_00000003.pt")
+    assert sorted(state["optimizer"]["state"]) == [0, 1]
+    assert torch.equal(state["optimizer"]["state"][1]["exp_avg"], torch.full((999,), 3))
+    (tmp_path / "step_00000003.pt.part1-t3").unlink()
+    notes = []
+    assert ckpt.resolve_resume("latest", tmp_path, say=notes.append).name == "step_00000002.pt"
+    assert notes == ["--resume latest: step_00000003.pt is incomplete: step_00000003.pt.part1-t3, written beside it "
+                     "by another rank, is missing; resuming from step_00000002.pt, the newest checkpoint that verifies"]
+    assert ckpt.load_state(tmp_path / "step_00000003.pt", parts=False)["step"] == 3  # its weights still load
+
+
+def test_two_ranks_save_their_shares_one_verifies_and_both_restore_exactly(tmp_path):
+    """#22.5, #23.9 with 2 gloo processes (the benchmark's own code, vlp-tiny): rank 1 writes its optimiser
+    share beside rank 0's file; on resume rank 0 alone reads the files through (verification: /proc rchar)
+    and both map them; every parameter and optimiser state comes back bit for bit."""
+    from benchmarks.checkpoint_io import measure
+
+    ranks = measure("vlp-tiny", 2, fsdp=False, root=str(tmp_path))
+    files, total = ranks[0]["files"], ranks[0]["bytes"]
+    assert sorted(files)[0] == "step_00000001.pt" and len(files) == 2 and ".part1-" in sorted(files)[1], files
+    assert all(r["exact"] for r in ranks)
+    assert total <= ranks[0]["read_bytes"] < 1.5 * total  # verified once (was: verified, then read again)
+    assert ranks[1]["read_bytes"] < 0.05 * total  # mapped, not read (was: the whole checkpoint, twice)
+
+
+def test_the_finite_check_before_a_save_is_exact():
+    """The weights check on the save's critical path sums first (fast); a sum that overflows is not a NaN."""
+    from vlp.train.health import all_finite
+
+    big = torch.full((4,), 3e38)  # finite elements, their float32 sum is inf
+    assert all_finite([torch.ones(3), big, torch.zeros(0), torch.arange(3)])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert not all_finite([torch.ones(3), torch.tensor([1.0, bad, 2.0])])
+        assert not all_finite([torch.tensor([1.0, bad], dtype=torch.bfloat16)])
+    assert not all_finite([torch.tensor([float("inf"), float("-inf")])])  # inf - inf: nan, still caught

@@ -171,3 +171,72 @@ def test_retrieval_captions_not_utf8_is_one_line(tmp_path, capsys):
                              "--data", str(tmp_path / "captions.csv"), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "captions.csv:3: captions are not UTF-8" in err, err
+
+
+def _copy_run(run, tmp_path):
+    shutil.copytree(run, tmp_path / "r")
+    return tmp_path / "r"
+
+
+def test_resume_latest_passes_over_a_truncated_newest_checkpoint(run, demo_data, micro_model_json, tmp_path,
+                                                                 capsys):
+    """#22.14: the newest checkpoint cut in half (a node lost mid-copy), an older one intact."""
+    from vlp.train.loop import train
+
+    folder = _copy_run(run, tmp_path) / "checkpoints"
+    newest = folder / "step_00000002.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    out = train(parse_config(_flags(demo_data, micro_model_json, tmp_path, "r", "--resume", "latest",
+                                    "--max-steps", "3")))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "--resume latest:" in ln]
+    assert len(lines) == 1 and "step_00000002.pt is truncated or damaged" in lines[0], lines
+    assert "resuming from step_00000001.pt, the newest checkpoint that verifies" in lines[0]
+    assert out["run_dir"] == str(tmp_path / "r")
+    assert [s for s, _ in ckpt.list_checkpoints(folder)] == [1, 2, 3]  # step 2 trained again, step 3 after it
+    assert ckpt.check(newest) is True and ckpt.load_state(folder / "step_00000003.pt")["step"] == 3
+    flipped = _flip(folder / "step_00000003.pt", folder / "step_00000003.pt")
+    for _, path in ckpt.list_checkpoints(folder):
+        path.write_bytes(b"")  # nothing verifies: one line naming each
+    with pytest.raises(ConfigError, match=r"no checkpoint in .* verifies: step_00000003.pt is empty") as e:
+        ckpt.resolve_resume("latest", folder)
+    assert "\n" not in str(e.value) and flipped.name in str(e.value)
+
+
+def test_a_text_file_given_as_a_checkpoint_is_one_line(demo_data, micro_model_json, tmp_path):
+    """#22.16: was `cannot read checkpoint ...: pop from empty list`."""
+    from vlp.models import create_model, load_checkpoint
+    from vlp.train.loop import train
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("lr 1e-3 looked best\nstep 2000\n")
+    for attempt in (lambda: train(parse_config(_flags(demo_data, micro_model_json, tmp_path, "t",
+                                                      "--resume", str(notes)))),
+                    lambda: create_model(micro_model_json, pretrained=str(notes)),
+                    lambda: load_checkpoint(str(notes))):
+        with pytest.raises(ConfigError, match=r"notes.txt is not a checkpoint: a torch.save file starts with") as e:
+            attempt()
+        assert "\n" not in str(e.value)
+
+
+def test_full_disk_while_exporting_is_one_line_and_resume_needs_no_space_to_resave(run, demo_data, micro_model_json,
+                                                                                  tmp_path):
+    """#22.16: the export fails on a full disk (was a 43-line SafetensorError and an empty export.tmp/ left); the
+    run is resumed at its last step: it exports without writing the checkpoint it loaded again (which needed
+    the checkpoint's size free once more). A per-file size limit smaller than the weights is the fault here."""
+    root = _copy_run(run, tmp_path)
+    weights = (root / "export" / "open_clip_model.safetensors").stat().st_size
+    shutil.rmtree(root / "export")
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "checkpoints").iterdir()}
+    proc = subprocess.run([sys.executable, str(repo_root() / "train.py"),
+                           *_flags(demo_data, micro_model_json, tmp_path, "r", "--resume", "latest")],
+                          capture_output=True, text=True, timeout=300, preexec_fn=_limited(weights // 2))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot write export in {root}: File too large (about "), line
+    assert "the partial folder was removed" in line
+    assert sorted(p.name for p in root.iterdir() if "export" in p.name) == []  # no export.tmp/ left
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "checkpoints").iterdir()} == before  # nothing rewritten
+    proc = subprocess.run([sys.executable, str(repo_root() / "train.py"),
+                           *_flags(demo_data, micro_model_json, tmp_path, "r", "--resume", "latest")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (root / "export" / "open_clip_model.safetensors").stat().st_size == weights

@@ -181,7 +181,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             raise ConfigError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     from vlp.train.checkpoint import load_state
 
-    ckpt = load_state(Path(path))  # verifies a vlp checkpoint's checksum; one line on any unreadable file
+    ckpt = load_state(Path(path), parts=False)  # weights only; checksum verified; one line on any unreadable file
     if isinstance(ckpt, dict):
         for key in ("model", "state_dict"):
             if key in ckpt and isinstance(ckpt[key], dict):
@@ -220,9 +220,9 @@ def read_checkpoint_meta(path: str) -> Optional[dict]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001
-        from vlp.train.checkpoint import verify
+        from vlp.train.checkpoint import check
 
-        verify(Path(path))  # a damaged vlp checkpoint is reported as such, not as "not a vlp checkpoint"
+        check(Path(path))  # a damaged checkpoint or a text file is reported as such, not as "not a vlp checkpoint"
         return None
     if isinstance(ckpt, dict) and "model_cfg" in ckpt and "model_name" in ckpt:
         step = ckpt.get("step")
@@ -258,30 +258,38 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: di
     tokenizer files, referred to relatively. An HF text tower's config.json is copied in too (see
     `_export_hf_tower`). `state_dict`: the weights to write instead of `model.state_dict()` (a sharded model's
     gathered state)."""
+    import shutil
+
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from vlp.tokenizers import save_tokenizer_files
+    from vlp.train.checkpoint import folder_write_error, state_bytes
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     state = model.state_dict() if state_dict is None else state_dict
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(state, str(tmp / EXPORT_WEIGHTS))
-    umask_mode(tmp / EXPORT_WEIGHTS)
-    cfg = json.loads(json.dumps(model_cfg))
-    text_cfg = cfg.get("text_cfg", {})
-    cfg["text_cfg"] = {**text_cfg, **save_tokenizer_files(tokenizer, text_cfg, tmp), **_export_hf_tower(model, text_cfg, tmp, out)}
-    (tmp / EXPORT_CONFIG).write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / EXPORT_WEIGHTS))
+        umask_mode(tmp / EXPORT_WEIGHTS)
+        cfg = json.loads(json.dumps(model_cfg))
+        text_cfg = cfg.get("text_cfg", {})
+        cfg["text_cfg"] = {**text_cfg, **save_tokenizer_files(tokenizer, text_cfg, tmp),
+                           **_export_hf_tower(model, text_cfg, tmp, out)}
+        (tmp / EXPORT_CONFIG).write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as e:  # a full disk: one line, no half-written folder left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise folder_write_error(out, e, state_bytes(state)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

@@ -121,7 +121,7 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
 
     resume_from: Optional[Path] = None
     if cfg.run.resume:
-        resume_from = ckpt.resolve_resume(cfg.run.resume, paths.checkpoints)
+        resume_from = ckpt.resolve_resume(cfg.run.resume, paths.checkpoints, say=console.print)
         if resume_from is None:
             console.print(f"--resume latest: no checkpoint in {paths.checkpoints} yet; starting from step 0")
     elif ckpt.list_checkpoints(paths.checkpoints):
