@@ -57,12 +57,12 @@ def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, pre
     from torch.distributed.device_mesh import init_device_mesh
 
     model.to(device)
-    from vlp.train.telemetry import flops_per_sample
+    from vlp.train.telemetry import tower_flops
 
     try:  # the counter runs forward on meta stand-ins, which the sharded model's hooks would try to gather
-        model._vlp_flops_per_sample = flops_per_sample(model)
+        model._vlp_tower_flops = tower_flops(model)
     except Exception:  # noqa: BLE001 - no FLOPs figure (banner, MFU); training goes on
-        model._vlp_flops_per_sample = None
+        model._vlp_tower_flops = None
     # FSDP2 shards along dim 0 and refuses 0-dim parameters (logit_scale, logit_bias): hold them as [1].
     scalars = [name for name, p in model.named_parameters() if p.ndim == 0]
     for name in scalars:
