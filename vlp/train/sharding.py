@@ -7,6 +7,10 @@ then runs on GPUs and on CPU processes (gloo), where the tests run it. Each tran
 its own shard unit (gathered for its forward and backward only), then the root holds the rest.
 `--fsdp-sharding full` frees a block's gathered parameters after its forward (ZeRO-3);
 `grad-op` keeps them until the backward (ZeRO-2: more memory, one all-gather less per step).
+Under `--precision amp_bf16` the blocks are gathered in bf16 and their gradients reduced in float32
+(`MixedPrecisionPolicy`, torchtitan's choice: half the all-gather bytes); the root stays float32 (its
+`logit_scale` feeds the loss, which computes in float32). With `--accum-freq k` only the last micro-step
+reduce-scatters gradients (`gradient_sync_off`; FSDP2 modules have no `no_sync`).
 
 Checkpoints hold the full (gathered) model and optimiser state, written by the main process: the
 model part is an ordinary state dict (export, eval_zeroshot and open_clip read it as from any other
@@ -20,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from vlp import compat
 from vlp.compat import require_fsdp2
 from vlp.config import ConfigError
 
@@ -76,8 +81,11 @@ def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, pre
             torch.distributed.broadcast(t.data, src=0)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     reshard = sharding == "full"
+    policy = {}
+    if precision != "fp32":  # bf16 autocast: the blocks' all-gathers in bf16, their reductions in float32
+        policy = {"mp_policy": compat.fsdp2_mixed_precision()(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
     for block in _blocks(model):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **policy)
     # The root's parameters stay gathered from its forward to its backward (FSDP2's advice for the root),
     # which the loss needs: open_clip's forward returns `logit_bias` itself, not a copy, and resharding
     # would free the storage under it.
@@ -103,11 +111,36 @@ def root_gathered(model: torch.nn.Module):
         model.reshard()
 
 
-def prepare(accelerator, model: torch.nn.Module, optimizer):
-    """accelerate's prepare; a sharded model is left out of it (accelerate would wrap it in DDP)."""
+def prepare(accelerator, model: torch.nn.Module, optimizer, compile: bool = False):
+    """accelerate's prepare; a sharded model is left out of it (accelerate would wrap it in DDP). `compile`
+    (--torchcompile) compiles the wrapped module, `torch.compile(DDP(m))` as torch documents: dynamo's
+    DDPOptimizer then splits the graph at DDP's bucket boundaries so each bucket's all-reduce overlaps the
+    rest of the backward (`DDP(torch.compile(m))` runs every all-reduce after the whole backward)."""
     if is_sharded(model):
-        return model, accelerator.prepare(optimizer)
-    return accelerator.prepare(model, optimizer)
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    return (torch.compile(model) if compile else model), optimizer
+
+
+@contextmanager
+def gradient_sync_off(accelerator, model: torch.nn.Module):
+    """An accumulation micro-step: no gradient communication (DDP's `no_sync`; for a sharded model FSDP2's
+    `set_requires_gradient_sync(False)`: accelerate's `no_sync` does nothing for a model it did not wrap)."""
+    if not is_sharded(_compiled_inner(model)):
+        with accelerator.no_sync(model):
+            yield
+        return
+    inner = _compiled_inner(model)
+    inner.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        inner.set_requires_gradient_sync(True)
+
+
+def _compiled_inner(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)
 
 
 def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
