@@ -31,6 +31,7 @@ from vlp.config import ConfigError
 SHARDINGS = ("full", "grad-op")
 PRECISIONS = ("fp32", "amp_bf16", "amp_bfloat16")
 SCALARS_ATTR = "_vlp_fsdp_scalars"  # names of 0-dim parameters stored as shape [1] while sharded
+RESHARD_ATTR = "_vlp_fsdp_reshard"  # the blocks' reshard_after_forward (--fsdp-sharding full)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -91,24 +92,51 @@ def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, pre
     # would free the storage under it.
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     setattr(model, SCALARS_ATTR, scalars)
+    setattr(model, RESHARD_ATTR, reshard)
     return model
 
 
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The shard units of a sharded model (its blocks, then the root last), in the same order on every rank."""
+    units = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard") and m is not model]
+    return units + [model]
+
+
+def can_gather_for_eval(model: torch.nn.Module) -> bool:
+    """Whether this torch lets a shard unit stay gathered through its forwards (FSDP2 set_reshard_after_forward)."""
+    return is_sharded(model) and all(hasattr(m, "set_reshard_after_forward") for m in fsdp_modules(model))
+
+
 @contextmanager
-def root_gathered(model: torch.nn.Module):
-    """The root's own parameters (embeddings, projections, logit scale) gathered for calls that bypass
-    `forward()`, such as evaluation's `encode_image`/`encode_text` (the blocks gather their own in their
-    forward). Collective when sharded; a no-op otherwise. (FSDP2's `register_fsdp_forward_method` does not
-    fit: open_clip's forward calls those methods itself, and their post-forward would reshard the root
-    in the middle of it.)"""
+def gathered(model: torch.nn.Module):
+    """Every weight of a sharded model gathered on every rank for the block (collective on entry and exit; a no-op
+    when not sharded), kept gathered through the forwards inside it: evaluation then runs no collective inside a
+    forward, so each rank encodes its own share of the work in its own number of batches, and the code that reads
+    weights outside `forward()` (`encode_image`/`encode_text`, the prefix-sharing text encoder) sees whole tensors.
+    Costs the model's full weights on every rank for the duration (no gradients, no optimiser state).
+    Yields whether ranks may split the work (False on a torch without `set_reshard_after_forward`: there only
+    the root is gathered and every forward stays collective)."""
     if not is_sharded(model):
-        yield
+        yield True
         return
-    model.unshard()
+    if not can_gather_for_eval(model):  # older torch: only the root gathered; every rank must run every forward
+        model.unshard()
+        try:
+            yield False
+        finally:
+            model.reshard()
+        return
+    units = fsdp_modules(model)
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
     try:
-        yield
+        yield True
     finally:
-        model.reshard()
+        reshard = getattr(model, RESHARD_ATTR, True)
+        for m in units:
+            m.set_reshard_after_forward(reshard and m is not model, recurse=False)
+            m.reshard()
 
 
 def prepare(accelerator, model: torch.nn.Module, optimizer, compile: bool = False):
