@@ -122,6 +122,7 @@ def _fsdp_worker(rank: int, world: int, port: int, model_json: str, sets: list, 
     out["eval"] = InLoopEval(cfg, bundle, acc, MetricsLog(out_dir / "metrics.jsonl", acc, rank == 0),
                              open_sets(sets))(net, 1)
     out["images_encoded"] = sum(rows)
+    print(f"rank {rank}: encoded {sum(rows)} images", flush=True)
     if rank == 0:
         from vlp.eval import evaluate
 
@@ -143,7 +144,13 @@ def _fsdp_worker(rank: int, world: int, port: int, model_json: str, sets: list, 
                        no_sync=lambda: sharding.gradient_sync_off(acc, model))
         out["reduce_scatters"][accum] = sum(n for op, n in comm.get_comm_counts().items() if "reduce_scatter" in str(op))
         model.zero_grad(set_to_none=True)
+    with CommDebugMode() as comm:  # accelerate's no_sync, what the loop used: nothing for a model it did not wrap
+        train_step(model, micro, loss_fn, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                   no_sync=lambda: acc.no_sync(model))
+    out["reduce_scatters"]["accelerate_no_sync"] = sum(
+        n for op, n in comm.get_comm_counts().items() if "reduce_scatter" in str(op))
     out["gathered_dtypes"] = sorted({str(d) for d in dtypes})
+    print(f"rank {rank}: reduce-scatters {out['reduce_scatters']}, gathered {out['gathered_dtypes']}", flush=True)
     out["shard_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     torch.save(out, out_dir / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -183,3 +190,4 @@ def test_fsdp2_bf16_gathers_and_one_reduce_scatter_per_step(fsdp_ranks):
         assert r["shard_dtypes"] == ["torch.float32"]          # the sharded masters (and their gradients) stay fp32
         one, two = r["reduce_scatters"][1], r["reduce_scatters"][2]
         assert one >= 2 and two == one, r["reduce_scatters"]  # --accum-freq 2: the first micro-step does not reduce
+        assert r["reduce_scatters"]["accelerate_no_sync"] == 2 * one  # the control: every micro-step reduced
