@@ -146,7 +146,7 @@ def _train(cfg: Config, signals: StopSignals) -> dict:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     model, optimizer = sharding.prepare(accelerator, model, optimizer, compile=cfg.model.torchcompile)
     # The plain module inside the DDP/compile wrappers (same parameters): what is saved, evaluated, clamped.
-    net = accelerator.unwrap_model(model, keep_torch_compile=False)
+    net = sharding.plain_module(accelerator, model)
     loss_fn = build_loss(cfg.loss, rank=rank, world_size=world)
     feed = StepFeed(loader, cfg.optim.accum_freq, to_device)
     checkpointer = Checkpointer(paths.checkpoints, accelerator, net, optimizer, scheduler, feed, cfg,
