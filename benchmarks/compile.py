@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from benchmarks.train_step import VlpRunner, _Stream, time_pair
+from benchmarks.step_runners import VlpRunner, _Stream, time_pair
 
 
 def main(argv=None) -> int:

@@ -66,3 +66,136 @@ def test_fsdp_refusals(tmp_path):
     cfg.model.fsdp_sharding = "zero3"
     with pytest.raises(ConfigError, match="fsdp-sharding"):
         validate(cfg)
+
+
+# ------------------------------------------------ FSDP2 communication and in-loop evaluation, 2 spawned gloo ranks
+def _folder_set(base) -> str:
+    """Two classes of 4 images, as a folder eval set named after the folder."""
+    import random
+
+    from vlp.data import demo_world as W
+
+    rng = random.Random(0)
+    for c in ("red", "blue"):
+        (base / c).mkdir(parents=True)
+        for i in range(4):
+            (base / c / f"{i}.png").write_bytes(W.encode_png(W.render(W.random_scene(rng), 32, rng)))
+    return f"{base}?classnames=folders&templates=simple"
+
+
+def _fsdp_worker(rank: int, world: int, port: int, model_json: str, sets: list, out_dir: str) -> None:
+    import copy
+    import os
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from vlp.config import Config, LossConfig
+    from vlp.eval.encode import _supports_prefix_sharing
+    from vlp.losses import build_loss
+    from vlp.models import create_model
+    from vlp.train import sharding
+    from vlp.train.inloop_eval import InLoopEval, open_sets
+    from vlp.train.loop import make_accelerator
+    from vlp.train.run_log import MetricsLog, RunPaths
+    from vlp.train.step import train_step
+
+    cfg = Config()
+    cfg.model.model, cfg.run.eval_data, cfg.data.batch_size, cfg.run.precision = model_json, sets, 4, "fp32"
+    out_dir = Path(out_dir)
+    acc = make_accelerator(cfg, RunPaths(out_dir / f"run{rank}"))
+    out = {}
+
+    # --- evaluation under --fsdp: split across ranks, failures agreed on, the same figures as unsharded
+    torch.manual_seed(0)
+    bundle = create_model(model_json)
+    reference = copy.deepcopy(bundle.model)
+    net = sharding.shard_model(bundle.model, "full", acc.device, "fp32")
+    rows = []
+    net.visual.register_forward_hook(lambda m, args, y: rows.append(args[0].shape[0]))
+    if rank == 1:  # a fault that arrives on one rank only: its first image batch runs out of memory
+        raised = []
+
+        def oom(m, args):
+            if not raised:
+                raised.append(1)
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected on rank 1)")
+        net.visual.register_forward_pre_hook(oom)
+    with sharding.gathered(net):
+        out["prefix_sharing"] = _supports_prefix_sharing(net)
+    out["eval"] = InLoopEval(cfg, bundle, acc, MetricsLog(out_dir / "metrics.jsonl", acc, rank == 0),
+                             open_sets(sets))(net, 1)
+    out["images_encoded"] = sum(rows)
+    print(f"rank {rank}: encoded {sum(rows)} images", flush=True)
+    if rank == 0:
+        from vlp.eval import evaluate
+
+        out["reference"] = evaluate(reference, bundle.tokenizer, bundle.preprocess_val, sets[1:], batch_size=64,
+                                    amp=False, feature_cache=False)[0]["metrics"]
+
+    # --- FSDP2 communication: bf16 all-gathers, float32 reductions, one reduce-scatter per step under --accum-freq
+    torch.manual_seed(0)
+    model = sharding.shard_model(create_model(model_json).model, "full", acc.device, "amp_bf16")
+    dtypes = []
+    sharding._blocks(model)[0].mlp.c_fc.register_forward_pre_hook(lambda m, a: dtypes.append(m.weight.dtype))
+    g = torch.Generator().manual_seed(rank)
+    micro = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(1, 400, (4, 16), generator=g)) for _ in range(2)]
+    loss_fn = build_loss(LossConfig(), rank=rank, world_size=world)
+    out["reduce_scatters"] = {}
+    for accum in (1, 2):
+        with CommDebugMode() as comm:
+            train_step(model, micro[:accum], loss_fn, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                       no_sync=lambda: sharding.gradient_sync_off(acc, model))
+        out["reduce_scatters"][accum] = sum(n for op, n in comm.get_comm_counts().items() if "reduce_scatter" in str(op))
+        model.zero_grad(set_to_none=True)
+    with CommDebugMode() as comm:  # accelerate's no_sync, what the loop used: nothing for a model it did not wrap
+        train_step(model, micro, loss_fn, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                   no_sync=lambda: acc.no_sync(model))
+    out["reduce_scatters"]["accelerate_no_sync"] = sum(
+        n for op, n in comm.get_comm_counts().items() if "reduce_scatter" in str(op))
+    out["gathered_dtypes"] = sorted({str(d) for d in dtypes})
+    print(f"rank {rank}: reduce-scatters {out['reduce_scatters']}, gathered {out['gathered_dtypes']}", flush=True)
+    out["shard_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+    torch.save(out, out_dir / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(demo_data, micro_model_json, tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    from tests.test_train_distributed import _free_port
+
+    out = tmp_path_factory.mktemp("fsdp")
+    sets = [_folder_set(out / "first"), demo_data["eval_data"][0]]
+    mp.start_processes(_fsdp_worker, args=(2, _free_port(), micro_model_json, sets, str(out)), nprocs=2, join=True,
+                       start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_fsdp_eval_is_split_across_ranks_and_agrees_on_failures(fsdp_ranks):
+    n_images = 8 + 80  # the first set's images and demo_colors' (each rank encoded all of them before)
+    encoded = [r["images_encoded"] for r in fsdp_ranks]
+    assert sum(encoded) <= n_images and max(encoded) <= n_images // 2, encoded
+    ev, ref = fsdp_ranks[0]["eval"], fsdp_ranks[0]["reference"]
+    # rank 1's failure ended the first set on both ranks (no rank left waiting in the other's gathers)
+    assert "out of memory" in ev["eval/first/error"] and "(on rank 1)" in ev["eval/first/error"], ev
+    for k, v in ref.items():  # the next set still scored, as the unsharded model scores it in one process
+        if isinstance(v, float):
+            assert ev[f"eval/wds/demo_colors/{k}"] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_prefix_sharing_text_encoder_recognises_fsdp2_classes(fsdp_ranks):
+    assert all(r["prefix_sharing"] for r in fsdp_ranks)
+
+
+def test_fsdp2_bf16_gathers_and_one_reduce_scatter_per_step(fsdp_ranks):
+    for r in fsdp_ranks:
+        assert r["gathered_dtypes"] == ["torch.bfloat16"]      # the blocks' weights travel in bf16
+        assert r["shard_dtypes"] == ["torch.float32"]          # the sharded masters (and their gradients) stay fp32
+        one, two = r["reduce_scatters"][1], r["reduce_scatters"][2]
+        assert one >= 2 and two == one, r["reduce_scatters"]  # --accum-freq 2: the first micro-step does not reduce
+        assert r["reduce_scatters"]["accelerate_no_sync"] == 2 * one  # the control: every micro-step reduced

@@ -37,6 +37,18 @@ def fully_shard() -> Optional[Callable]:
     return None
 
 
+def fsdp2_mixed_precision() -> Optional[type]:
+    """FSDP2's `MixedPrecisionPolicy` (beside `fully_shard`), or None."""
+    for name in FSDP2_MODULES:
+        try:
+            cls = getattr(importlib.import_module(name), "MixedPrecisionPolicy", None)
+        except Exception:  # noqa: BLE001 - as in fully_shard()
+            continue
+        if cls is not None:
+            return cls
+    return None
+
+
 def has_fsdp2() -> bool:
     return fully_shard() is not None
 

@@ -102,6 +102,7 @@ class RunConfig:
     threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads per process; auto on CPU: "
                                                                   "cores / processes - loader workers, at least 1",
                                                           "default_text": "auto"})
+    dist_timeout: Optional[float] = field(default=None, metadata={"help": "seconds a collective may wait before the job aborts (NCCL: 600 unless set)"})
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N optimiser steps"})
     keep_checkpoints: int = field(default=3, metadata={"help": "keep the last K step checkpoints"})
     resume: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint path"})
@@ -376,7 +377,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--lr-cooldown-end must be 0 or more")
     for flag, value, least in (("--epochs", o.epochs, 1), ("--max-steps", o.max_steps, 1),
                                ("--save-every", r.save_every, 1), ("--log-every", r.log_every, 1),
-                               ("--eval-every", r.eval_every, 0), ("--seed", r.seed, 0)):
+                               ("--eval-every", r.eval_every, 0), ("--seed", r.seed, 0), ("--dist-timeout", r.dist_timeout, 1)):
         if value is not None and value < least:
             raise ConfigError(f"{flag} must be at least {least} (got {value})")
     return cfg

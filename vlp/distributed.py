@@ -5,7 +5,9 @@ single-process code calls it unconditionally.
 """
 from __future__ import annotations
 
+import os
 import warnings
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -97,6 +99,59 @@ def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_initialized():
         torch.distributed.barrier()
+
+
+MAIN_WORK_TIMEOUT = timedelta(hours=2)
+_main_work_group: dict = {}   # default group -> its companion CPU group for waits on the main process
+
+
+def wait_for_main(timeout: timedelta = MAIN_WORK_TIMEOUT) -> None:
+    """Barrier behind work the main process does alone (an export, eval metrics such as a probe search).
+
+    It waits on a CPU (gloo) group of its own whose timeout is `timeout`, not the collective timeout of the
+    default group (`--dist-timeout`; NCCL's default 10 min), so a slow file system or a large probe on rank 0
+    does not abort the job. Every rank must call it at the same points (the group is made on first use)."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    default = torch.distributed.distributed_c10d._get_default_group()
+    group = _main_work_group.get(default)
+    if group is None:
+        _main_work_group.clear()
+        group = _main_work_group[default] = torch.distributed.new_group(backend="gloo", timeout=timeout)
+    torch.distributed.barrier(group=group)
+
+
+def single_process_launch_error(env: dict, launcher_argv: list[str]) -> Optional[str]:
+    """A line when `accelerate launch --num_processes N` (N > 1) started this as its only process.
+
+    On a machine without GPUs accelerate's launcher without `--multi_gpu` (or a config file saying so) runs
+    the script once, and nothing tells the script that N were asked. `launcher_argv`: the parent process's
+    command line."""
+    if "WORLD_SIZE" in env or "ACCELERATE_USE_CPU" not in env:  # torchrun/multi-process, or not accelerate's
+        return None
+    if not any(os.path.basename(a).startswith("accelerate") for a in launcher_argv[:3]):
+        return None
+    wanted = None
+    for i, arg in enumerate(launcher_argv):
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag and i + 1 < len(launcher_argv):
+                wanted = launcher_argv[i + 1]
+            elif arg.startswith(flag + "="):
+                wanted = arg.split("=", 1)[1]
+    if wanted is None or not wanted.isdigit() or int(wanted) < 2:
+        return None
+    return (f"accelerate launch started 1 process, not {wanted}: without GPUs it starts several only with "
+            f"--multi_gpu (accelerate launch --multi_gpu --num_processes {wanted} train.py ...), "
+            f"or use torchrun --nproc_per_node {wanted} train.py ...")
+
+
+def parent_argv() -> list[str]:
+    """The parent process's command line (Linux /proc; empty elsewhere)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
 
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:

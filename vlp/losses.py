@@ -2,7 +2,9 @@
 
 Every function takes L2-normalised features `I`, `T` ([N, D], row i of each a matching pair),
 `logit_scale` already exponentiated (`s`), and optionally `logit_bias` (`b`); see
-shared/reference.md (beside the clone) for the formulas. Features are promoted to float32 inside.
+shared/reference.md (beside the clone) for the formulas. `build_loss`'s losses compute in float32
+whatever the caller's autocast (it is switched off inside, and 16-bit features, scale and bias are
+promoted): a bf16 logits matmul would cost ~1e-2 relative error in the feature gradients.
 
 Base losses (`BASE_LOSSES`): `clip`, `siglip`, `dcl`, `infoloob`. They also accept
 `all_image`/`all_text` (the gathered batch) and `offset` (the global index of the first local row)
@@ -291,6 +293,12 @@ def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1
                 logit_bias: Optional[torch.Tensor] = None) -> LossOutput:
         if distributed_ and not distributed.is_initialized():
             raise RuntimeError(f"build_loss(world_size={world_size}) needs an initialised torch.distributed group")
+        # float32 arithmetic on every path (the rings do the same inside): the step calls this under autocast
+        with torch.autocast(device_type=image_features.device.type, enabled=False):
+            return _float32_loss(_f32(image_features), _f32(text_features), _f32(logit_scale),
+                                 None if logit_bias is None else _f32(logit_bias))
+
+    def _float32_loss(image_features, text_features, logit_scale, logit_bias) -> LossOutput:
         all_image, all_text = image_features, text_features
         if distributed_ and (weights or ring is None):  # the ring itself needs no gathered features
             if not with_grad:

@@ -95,7 +95,8 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
 
     `distributed`: every rank of the default process group calls this with the same sets; each encodes its
     share of every set's images and texts (`Share`), the features are gathered, and rank 0 computes the
-    metrics and returns the results (the other ranks return []). The disk feature cache is off then.
+    metrics and returns the results (the other ranks return []). The disk feature cache is off then. A `Share`
+    (a subclass) passed as `distributed` is used as this process's share.
 
     `on_error="record"`: a set that fails while being scored gives `{"dataset", "task", "error": one line}`
     (on rank 0) instead of raising, and the other sets are still scored (all ranks stay in step).
@@ -109,7 +110,7 @@ def evaluate(model, tokenizer: Callable, preprocess: Callable, eval_data: Sequen
     if distributed:
         from vlp.distributed import world_info
 
-        share = Share(*world_info())
+        share = distributed if isinstance(distributed, Share) else Share(*world_info())
         if share.world > 1:
             feature_cache = False
     was_training = model.training

@@ -67,12 +67,18 @@ def _image_tokens(model) -> tuple[int, int]:
     return int(grid[0]) * int(grid[1]) + 1, int(tf.width)
 
 
+def _is_exactly(obj, cls) -> bool:
+    """`type(obj) is cls`, also for FSDP2's per-instance subclass of it (`FSDP<Name>`, which only adds hooks)."""
+    t = type(obj)
+    return t is cls or (t.__name__ == f"FSDP{cls.__name__}" and cls in t.__bases__)
+
+
 def _pool_index(model, tok: torch.Tensor) -> Optional[torch.Tensor]:
     """Where the text tower reads its output for each row, when `model` is open_clip's built-in causal
     text transformer with argmax/eos pooling (else None: the length trick below would not be exact)."""
     import open_clip
 
-    if type(model) is not open_clip.model.CLIP or getattr(model, "attn_mask", None) is None:
+    if not _is_exactly(model, open_clip.model.CLIP) or getattr(model, "attn_mask", None) is None:
         return None
     pool = getattr(model, "text_pool_type", "argmax")
     if pool == "argmax":
@@ -89,7 +95,8 @@ def _supports_prefix_sharing(model) -> bool:
 
     blocks = getattr(getattr(model, "transformer", None), "resblocks", [])
     return len(blocks) > 0 and all(
-        type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") and b.attn.batch_first
+        _is_exactly(b, ResidualAttentionBlock) and not hasattr(b, "ln_1_kv") and b.attn.batch_first
+        and not hasattr(b.attn.in_proj_weight, "full_tensor")  # a sharded (DTensor) weight: read outside forward()
         and b.attn._qkv_same_embed_dim and b.attn.bias_k is None and not b.attn.add_zero_attn for b in blocks)
 
 

@@ -7,8 +7,10 @@ Each evaluation is split across ranks: every rank encodes its share of each set'
 the run's precision (`vlp.precision.eval_autocast`: an amp_bf16 run scores in bf16, an fp32 run in fp32;
 the evaluator's own autocast is off, which chose fp16 on CUDA whatever the run's precision), the
 features are gathered, and rank 0 computes the metrics once (`vlp.eval.evaluate` with
-`distributed=True`). A sharded (`--fsdp`) model's forward is collective, so there every rank encodes
-every set whole (the same number of batches on every rank), with the root's weights gathered. Results
+`distributed=True`). A sharded (`--fsdp`) model is split the same way: its weights are gathered on every
+rank for the evaluation (`sharding.gathered`), so no forward is collective and a rank's share runs in its
+own number of batches. While rank 0 alone computes a set's metrics (a probe's search can take long) the
+other ranks wait for it apart from the collective timeout (`vlp.distributed.wait_for_main`). Results
 are logged to the metrics sink as `eval/{dataset}/{metric}` and returned flat.
 
 A set that fails during training (an image that no longer decodes, a file gone) does not stop training:
@@ -22,6 +24,8 @@ import sys
 
 from vlp import precision as prec
 from vlp.config import ConfigError
+from vlp.distributed import wait_for_main, world_info
+from vlp.eval.api import Share
 from vlp.train import sharding
 
 
@@ -61,11 +65,11 @@ class InLoopEval:
         net.eval()
         flat = {}
         try:
-            sharded = sharding.is_sharded(net)
-            with prec.eval_autocast(self.precision, acc.device), sharding.root_gathered(net):
+            with prec.eval_autocast(self.precision, acc.device), sharding.gathered(net) as split:
+                share = WaitingShare(*world_info()) if acc.num_processes > 1 and split else False
                 results = evaluate(net, bundle.tokenizer, bundle.preprocess_val, self.sets, device=acc.device,
                                    batch_size=self.batch_size, model_name=bundle.model_name, amp=False,
-                                   pretrained=f"step {step}", distributed=acc.num_processes > 1 and not sharded,
+                                   pretrained=f"step {step}", distributed=share,
                                    feature_cache=False, on_error="record")
         finally:
             net.train(was_training)
@@ -81,5 +85,14 @@ class InLoopEval:
                     flat[f"eval/{r['dataset']}/skipped_images"] = r["vlp"]["skipped_images"]
         if acc.is_main_process:
             self.metrics.log(step, flat)
-        acc.wait_for_everyone()
+        wait_for_main()   # rank 0 computed the last set's metrics alone
         return flat
+
+
+class WaitingShare(Share):
+    """The evaluator's split across ranks, each encoding first waiting for rank 0's metrics of the set before
+    (they are computed there alone, between the sets' collectives) with `wait_for_main`'s long timeout."""
+
+    def encode(self, n, fn):
+        wait_for_main()
+        return super().encode(n, fn)

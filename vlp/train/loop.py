@@ -43,8 +43,15 @@ __all__ = ["TrainingError", "Preempted", "train", "RunPaths", "run_name"]
 
 def make_accelerator(cfg: Config, paths: RunPaths):
     """accelerate's Accelerator for this run's precision and trackers."""
-    from accelerate import Accelerator
+    from datetime import timedelta
 
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    from vlp.distributed import parent_argv, single_process_launch_error
+
+    problem = single_process_launch_error(dict(os.environ), parent_argv())
+    if problem:
+        raise ConfigError(problem)
     precision = prec.accelerate_mixed_precision(run_precision(cfg))
     report_to = None if cfg.run.report_to in (None, "none") else cfg.run.report_to
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -54,8 +61,11 @@ def make_accelerator(cfg: Config, paths: RunPaths):
 
         AcceleratorState._reset_state(reset_partial_state=True)
     # cpu=True on machines without CUDA: accelerate then sets up multi-process CPU runs (gloo) under torchrun.
+    # --dist-timeout: how long a collective may wait (NCCL's default is 10 min); rank-0-only work is waited for
+    # apart (vlp.distributed.wait_for_main)
+    timeout = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.dist_timeout))] if cfg.run.dist_timeout else []
     return Accelerator(mixed_precision=precision, log_with=report_to, project_dir=str(paths.root),
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), kwargs_handlers=timeout)
 
 
 def run_precision(cfg: Config) -> str:
@@ -101,7 +111,7 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
     from accelerate.utils import set_seed
 
     from vlp.data.pipeline import build_train_loader
-    from vlp.distributed import reduce_mean
+    from vlp.distributed import reduce_mean, wait_for_main
     from vlp.losses import build_loss, clamp_logit_scale
     from vlp.train.optim import build_optimizer, build_scheduler
 
@@ -149,11 +159,9 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
         model = sharding.shard_model(model, cfg.model.fsdp_sharding, accelerator.device, run_precision(cfg))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    if cfg.model.torchcompile:
-        model = torch.compile(model)
-    model, optimizer = sharding.prepare(accelerator, model, optimizer)
+    model, optimizer = sharding.prepare(accelerator, model, optimizer, compile=cfg.model.torchcompile)
     # The plain module inside the DDP/compile wrappers (same parameters): what is saved, evaluated, clamped.
-    net = accelerator.unwrap_model(model, keep_torch_compile=False)
+    net = sharding.plain_module(accelerator, model)
     loss_fn = build_loss(cfg.loss, rank=rank, world_size=world)
     feed = StepFeed(loader, cfg.optim.accum_freq, to_device)
     checkpointer = Checkpointer(paths.checkpoints, accelerator, net, optimizer, scheduler, feed, cfg,
@@ -197,7 +205,8 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
             meter.begin()   # the step's clock: its compute, the next step's fetch, the optimiser
             feed.advance()
             losses = train_step(model, feed.current, loss_fn, backward=accelerator.backward,
-                                autocast=accelerator.autocast, no_sync=lambda: accelerator.no_sync(model))
+                                autocast=accelerator.autocast,
+                                no_sync=lambda: sharding.gradient_sync_off(accelerator, model))
             norm = health.checked_grad_norm(accelerator, model, cfg.optim.grad_clip_norm)
             with meter.waiting():   # the next step's batches, while the device still works on this one
                 more = step + 1 < total_steps and feed.fetch()
@@ -268,6 +277,7 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
 
         export_open_clip(net, bundle.model_cfg, open_clip.get_model_preprocess_cfg(net), paths.export,
                          tokenizer=cfg.model.tokenizer, state_dict=gathered)
+    wait_for_main()  # the export is rank 0's alone: the others wait apart from the collective timeout
     last.update(results := evaluate_now(net, step))
     console.eval(step, results)
     accelerator.end_training()

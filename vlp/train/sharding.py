@@ -7,6 +7,10 @@ then runs on GPUs and on CPU processes (gloo), where the tests run it. Each tran
 its own shard unit (gathered for its forward and backward only), then the root holds the rest.
 `--fsdp-sharding full` frees a block's gathered parameters after its forward (ZeRO-3);
 `grad-op` keeps them until the backward (ZeRO-2: more memory, one all-gather less per step).
+Under `--precision amp_bf16` the blocks are gathered in bf16 and their gradients reduced in float32
+(`MixedPrecisionPolicy`, torchtitan's choice: half the all-gather bytes); the root stays float32 (its
+`logit_scale` feeds the loss, which computes in float32). With `--accum-freq k` only the last micro-step
+reduce-scatters gradients (`gradient_sync_off`; FSDP2 modules have no `no_sync`).
 
 Checkpoints hold the full (gathered) model and optimiser state, written by the main process: the
 model part is an ordinary state dict (export, eval_zeroshot and open_clip read it as from any other
@@ -20,12 +24,14 @@ from typing import Optional
 
 import torch
 
+from vlp import compat
 from vlp.compat import require_fsdp2
 from vlp.config import ConfigError
 
 SHARDINGS = ("full", "grad-op")
 PRECISIONS = ("fp32", "amp_bf16", "amp_bfloat16")
 SCALARS_ATTR = "_vlp_fsdp_scalars"  # names of 0-dim parameters stored as shape [1] while sharded
+RESHARD_ATTR = "_vlp_fsdp_reshard"  # the blocks' reshard_after_forward (--fsdp-sharding full)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -57,12 +63,12 @@ def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, pre
     from torch.distributed.device_mesh import init_device_mesh
 
     model.to(device)
-    from vlp.train.telemetry import flops_per_sample
+    from vlp.train.telemetry import tower_flops
 
     try:  # the counter runs forward on meta stand-ins, which the sharded model's hooks would try to gather
-        model._vlp_flops_per_sample = flops_per_sample(model)
+        model._vlp_tower_flops = tower_flops(model)
     except Exception:  # noqa: BLE001 - no FLOPs figure (banner, MFU); training goes on
-        model._vlp_flops_per_sample = None
+        model._vlp_tower_flops = None
     # FSDP2 shards along dim 0 and refuses 0-dim parameters (logit_scale, logit_bias): hold them as [1].
     scalars = [name for name, p in model.named_parameters() if p.ndim == 0]
     for name in scalars:
@@ -76,38 +82,103 @@ def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, pre
             torch.distributed.broadcast(t.data, src=0)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     reshard = sharding == "full"
+    policy = {}
+    if precision != "fp32":  # bf16 autocast: the blocks' all-gathers in bf16, their reductions in float32
+        policy = {"mp_policy": compat.fsdp2_mixed_precision()(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
     for block in _blocks(model):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **policy)
     # The root's parameters stay gathered from its forward to its backward (FSDP2's advice for the root),
     # which the loss needs: open_clip's forward returns `logit_bias` itself, not a copy, and resharding
     # would free the storage under it.
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     setattr(model, SCALARS_ATTR, scalars)
+    setattr(model, RESHARD_ATTR, reshard)
     return model
 
 
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The shard units of a sharded model (its blocks, then the root last), in the same order on every rank."""
+    units = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard") and m is not model]
+    return units + [model]
+
+
+def can_gather_for_eval(model: torch.nn.Module) -> bool:
+    """Whether this torch lets a shard unit stay gathered through its forwards (FSDP2 set_reshard_after_forward)."""
+    return is_sharded(model) and all(hasattr(m, "set_reshard_after_forward") for m in fsdp_modules(model))
+
+
 @contextmanager
-def root_gathered(model: torch.nn.Module):
-    """The root's own parameters (embeddings, projections, logit scale) gathered for calls that bypass
-    `forward()`, such as evaluation's `encode_image`/`encode_text` (the blocks gather their own in their
-    forward). Collective when sharded; a no-op otherwise. (FSDP2's `register_fsdp_forward_method` does not
-    fit: open_clip's forward calls those methods itself, and their post-forward would reshard the root
-    in the middle of it.)"""
+def gathered(model: torch.nn.Module):
+    """Every weight of a sharded model gathered on every rank for the block (collective on entry and exit; a no-op
+    when not sharded), kept gathered through the forwards inside it: evaluation then runs no collective inside a
+    forward, so each rank encodes its own share of the work in its own number of batches, and the code that reads
+    weights outside `forward()` (`encode_image`/`encode_text`, the prefix-sharing text encoder) sees whole tensors.
+    Costs the model's full weights on every rank for the duration (no gradients, no optimiser state).
+    Yields whether ranks may split the work (False on a torch without `set_reshard_after_forward`: there only
+    the root is gathered and every forward stays collective)."""
     if not is_sharded(model):
-        yield
+        yield True
         return
-    model.unshard()
+    if not can_gather_for_eval(model):  # older torch: only the root gathered; every rank must run every forward
+        model.unshard()
+        try:
+            yield False
+        finally:
+            model.reshard()
+        return
+    units = fsdp_modules(model)
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
     try:
-        yield
+        yield True
     finally:
-        model.reshard()
+        reshard = getattr(model, RESHARD_ATTR, True)
+        for m in units:
+            m.set_reshard_after_forward(reshard and m is not model, recurse=False)
+            m.reshard()
 
 
-def prepare(accelerator, model: torch.nn.Module, optimizer):
-    """accelerate's prepare; a sharded model is left out of it (accelerate would wrap it in DDP)."""
+def prepare(accelerator, model: torch.nn.Module, optimizer, compile: bool = False):
+    """accelerate's prepare; a sharded model is left out of it (accelerate would wrap it in DDP). `compile`
+    (--torchcompile) compiles the module inside DDP, `DDP(torch.compile(m))`. Dynamo's DDPOptimizer still splits
+    the compiled graph at DDP's bucket boundaries (so each bucket's all-reduce overlaps the rest of the
+    backward): DDP marks itself active around its call of the inner module, and dynamo applies DDPOptimizer to
+    any frame compiled under an active DDP (torch/_dynamo/convert_frame.py). tests/test_train_distributed.py
+    checks the split; benchmarks/compile_ddp.py measured `torch.compile(DDP(m))`, torch's documented order, with
+    the same split and 1.2-1.75x slower steps on 2 CPU ranks."""
+    if compile:
+        model = torch.compile(model)
     if is_sharded(model):
         return model, accelerator.prepare(optimizer)
     return accelerator.prepare(model, optimizer)
+
+
+def plain_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside the DDP and compile wrappers (same parameters): accelerate's `unwrap_model` leaves a
+    module compiled inside DDP compiled, whose state dict keys would carry `_orig_mod.`."""
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)
+    return getattr(net, "_orig_mod", net)
+
+
+@contextmanager
+def gradient_sync_off(accelerator, model: torch.nn.Module):
+    """An accumulation micro-step: no gradient communication (DDP's `no_sync`; for a sharded model FSDP2's
+    `set_requires_gradient_sync(False)`: accelerate's `no_sync` does nothing for a model it did not wrap)."""
+    if not is_sharded(_compiled_inner(model)):
+        with accelerator.no_sync(model):
+            yield
+        return
+    inner = _compiled_inner(model)
+    inner.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        inner.set_requires_gradient_sync(True)
+
+
+def _compiled_inner(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)
 
 
 def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
