@@ -69,7 +69,7 @@ def test_startup_warnings(demo_data, micro_model_json, tmp_path, capsys):
     train(cfg)
     err = capsys.readouterr().err
     warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
-    assert len(warnings) == 4, warnings
+    assert len(warnings) == 4, "\n".join(warnings)
     assert any("1 of 3 shards" in w and "00002.tar" in w for w in warnings)
     assert any("--use-rewrites" in w and "no 'rewrites'" in w for w in warnings)
     assert any("--warmup 10" in w and "2 steps" in w for w in warnings)

@@ -87,7 +87,9 @@ class TrainLoader:
         self._cursors: dict[int, Cursor] = {}
         self._prev_counts: Counter = Counter()
         self._prev_retries = 0
-        self._warned: set[str] = set()
+        # the shards pre-flight already named are not warned about again when a worker meets them
+        self._warned: set[str] = {f"{u} missing" for u in self.shards.missing} | {
+            f"{u} {kind}" for u in self.shards.unreadable for kind in ("bad_header", "unreadable")}
         self._shards_hash = shard_list_hash(self.shards)   # in every state (one per batch): computed once
         self.plan(0)  # fail early (too few samples for one global batch, ...)
 
