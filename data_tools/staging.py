@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from vlp.train.peers import alive
+
 OWNER = "owner.json"
 
 
@@ -26,16 +28,6 @@ def _start_time(pid: int) -> Optional[str]:
     except OSError:
         return None
     return stat[stat.rfind(")") + 2:].split()[19]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def make(parent: Path, prefix: str) -> Path:
@@ -55,7 +47,7 @@ def is_abandoned(folder: Path) -> bool:
         return False
     if host != socket.gethostname():
         return False
-    if not _alive(pid):
+    if not alive(pid):
         return True
     now = _start_time(pid)
     return start is not None and now is not None and now != start   # the pid was reused by another process
