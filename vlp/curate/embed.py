@@ -31,11 +31,14 @@ def load_model(checkpoint: Optional[str], model: Optional[str], tokenizer: Optio
 
     if checkpoint:
         bundle = load_checkpoint(checkpoint, model_name=model, tokenizer=tokenizer, device=device)
-    elif model:
+    elif model:   # random weights, seeded: every rank and every resumed run embeds with the same model
+        import torch
+
+        torch.manual_seed(0)
         bundle = create_model(model, tokenizer=tokenizer, device=device)
     else:
         raise CurateError("give --checkpoint (a vlp checkpoint or export, or an open_clip file with --model) "
-                          "or --model (random weights)")
+                          "or --model (random weights, seed 0)")
     bundle.model.eval()
     return bundle
 
@@ -165,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--data", required=True, help="shard spec, as --train-data")
     p.add_argument("--out", required=True, help="folder for the per-shard tables")
     p.add_argument("--checkpoint", "--pretrained", dest="checkpoint", help="vlp checkpoint/export or open_clip file")
-    p.add_argument("--model", help="open_clip model name or JSON config (for open_clip files; alone: random weights)")
+    p.add_argument("--model", help="open_clip model name or JSON config (for open_clip files; alone: random weights, seed 0)")
     p.add_argument("--tokenizer", help="hf:DIR or spm:FILE (default: the model's)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
@@ -177,10 +180,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from vlp.data.errors import DataError
     from vlp.eval.datasets import EvalError
 
-    state = PartialState()   # torchrun / accelerate launch: one rank per process, any number of nodes
-    if a.threads:
-        import torch
+    import torch
 
+    # torchrun / accelerate launch: one rank per process, any number of nodes; cpu=True where there is no CUDA
+    # (accelerate then sets up gloo ranks, as the training loop does)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if a.threads:
         torch.set_num_threads(a.threads)
     try:
         bundle = load_model(a.checkpoint, a.model, a.tokenizer, state.device)
