@@ -32,9 +32,23 @@ BUDGET_EQ = {**BUDGET, "epochs": 1000, "max-steps": STEPS}
 RULES = {
     "caption": ["--min-words", "1", "--max-caption-repeats", "20"],
     "clip_score": ["--top-fraction", "0.7"],
+    "semdedup": ["--semdedup-eps", "AUTO", "--semdedup-clusters", "64"],
     "exact_dup": ["--dedup-image"],
-    "semdedup": ["--semdedup-eps", "0.05", "--semdedup-clusters", "64"],
 }
+
+
+def auto_eps(emb: Path, sample: int = 2000, seed: int = 0) -> float:
+    """SemDeDup's eps from the pool alone: 1 - the 99.9th percentile of the cosine between random image pairs
+    (a pair flagged as near-duplicate is closer than 999 in 1000 chance pairs). No labels, no held-out data."""
+    import numpy as np
+
+    from vlp.curate.store import load_tables
+
+    x = load_tables(str(emb)).image.astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    i = np.random.default_rng(seed).choice(len(x), min(sample, len(x)), replace=False)
+    sims = x[i] @ x[i].T
+    return round(float(1 - np.quantile(sims[np.triu_indices(len(i), 1)], 0.999)), 4)
 
 
 def _vlp(args: list[str], log: Path) -> None:
@@ -129,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stage", choices=("pool", "filtered", "all"), default="all")
     p.add_argument("--ablation", action="store_true", help="also each rule alone (seeds as given)")
+    p.add_argument("--variants", nargs="+", help="run only these (filtered, only_caption, ...)")
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -151,9 +166,14 @@ def main(argv=None) -> int:
             _vlp(["data", "embed", "--data", str(pool / "*.tar"), "--checkpoint",
                   str(work / "runs" / f"pool-s{a.seeds[0]}" / "export"), "--out", str(emb), "--batch-size", "256"],
                  work / "embed.log")
-        variants = {"filtered": [x for flags in RULES.values() for x in flags]}
+        eps = str(auto_eps(emb))
+        rules = {k: [eps if x == "AUTO" else x for x in v] for k, v in RULES.items()}
+        print(f"SemDeDup eps from the pool's own random-pair cosines: {eps}", flush=True)
+        variants = {"filtered": [x for flags in rules.values() for x in flags]}
         if a.ablation:
-            variants.update({f"only_{k}": v for k, v in RULES.items()})
+            variants.update({f"only_{k}": v for k, v in rules.items()})
+        if a.variants:
+            variants = {k: v for k, v in variants.items() if k in a.variants}
         for name, flags in variants.items():
             spec = curated(work, emb, name, flags)
             for seed in a.seeds:

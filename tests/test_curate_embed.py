@@ -146,3 +146,22 @@ def test_bad_input_one_line(reference, shards, micro_model_json, tmp_path):
     assert r.returncode == 2 and "does not fit this architecture" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert read_table(Path(reference) / "000000.npz") is not None
+
+
+def test_filter_cli_writes_decisions_report_and_sheets(reference, tmp_path):
+    import json
+
+    out = tmp_path / "f"
+    r = run("filter", "--embeddings", str(reference), "--out", str(out), "--min-words", "2", "--dedup-image",
+            "--top-fraction", "0.5", "--semdedup-eps", "0.01", "--semdedup-clusters", "4")
+    assert r.returncode == 0, r.stderr
+    rows = (out / "decisions.tsv").read_text().splitlines()
+    t = load_tables(str(reference))
+    assert rows[0] == "shard\tkey\treason" and len(rows) == len(t) + 1
+    rep = json.loads((out / "report.json").read_text())
+    removed = sum(1 for x in rows[1:] if x.split("\t")[2])
+    assert sum(c["removed"] for c in rep["rules"]) == removed and rep["kept"] == len(t) - removed
+    assert {c["rule"] for c in rep["rules"]} == {"unreadable", "caption_words", "exact_image", "clip_score", "semdedup"}
+    assert (out / "scores.png").stat().st_size > 0 and (out / "removed_clip_score.png").stat().st_size > 0
+    again = run("filter", "--embeddings", str(reference), "--out", str(out))
+    assert again.returncode == 2 and "already holds decisions.tsv" in again.stderr
