@@ -2,7 +2,7 @@
 
     python -m benchmarks.curate --steps embed faiss           # vlp-tiny + ViT-B-32 embedding; faiss on 1M x 512
     python -m benchmarks.curate --steps faiss --n 1000000 --clusters 1000
-    python -m benchmarks.curate --steps peer --peer-python /tmp/cr/bin/python --peer-data 'pool/{00000..00001}.tar' \
+    python -m benchmarks.curate --steps peer --peer-python cr_env/bin/python --peer-data 'pool/{00000..00001}.tar' \
         --peer-checkpoint run/export       # the same shards, model and batch through clip-retrieval's inference
 
 embed: samples/s of `vlp.curate.embed.embed_shard` (the code `vlp data embed` runs) on CPU with random weights,
