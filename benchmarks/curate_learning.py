@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         if a.ablation:
             variants.update({f"only_{k}": v for k, v in rules.items()})
         if a.variants:
-            variants = {k: v for k, v in variants.items() if k in a.variants}
+            variants = {k: variants[k] for k in a.variants if k in variants}   # in the order given
         for name, flags in variants.items():
             spec = curated(work, emb, name, flags)
             for seed in a.seeds:
