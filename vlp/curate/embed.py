@@ -1,0 +1,207 @@
+"""`vlp data embed`: image and text embeddings and their cosine for every sample of a shard spec.
+
+    vlp data embed --data 'pool/{00000..00099}.tar' --checkpoint run/export --out pool_emb
+    torchrun --nproc_per_node 8 -m vlp data embed --data ... --checkpoint ckpt.pt --out pool_emb   # 8 ranks
+    vlp data embed --data ... --model ViT-B-32 --checkpoint open_clip_weights.pt --out pool_emb
+
+Shards are read by the one sample reader (`vlp.data.tario`: local, `pipe:`, http(s) and fsspec shards) and
+encoded by the evaluator's encoder (`vlp.eval.encode`), so curation scores samples exactly as evaluation
+does. Under torchrun (or `accelerate launch`, on any number of nodes) rank r of W takes shards r, r+W, ...
+Each shard's table is written when the shard is done (`vlp.curate.store`), so a killed run resumes at the
+first shard without one; the last rank to finish writes `done.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from vlp.curate.store import DONE_FILE, CurateError, atomic_write, check_model, read_table, table_path, write_table
+
+
+def load_model(checkpoint: Optional[str], model: Optional[str], tokenizer: Optional[str], device):
+    """A vlp checkpoint or export (knows its model), an open_clip file with --model, or --model's random weights."""
+    from vlp.models import create_model, load_checkpoint
+
+    if checkpoint:
+        bundle = load_checkpoint(checkpoint, model_name=model, tokenizer=tokenizer, device=device)
+    elif model:   # random weights, seeded: every rank and every resumed run embeds with the same model
+        import torch
+
+        torch.manual_seed(0)
+        bundle = create_model(model, tokenizer=tokenizer, device=device)
+    else:
+        raise CurateError("give --checkpoint (a vlp checkpoint or export, or an open_clip file with --model) "
+                          "or --model (random weights, seed 0)")
+    bundle.model.eval()
+    return bundle
+
+
+def _sample_row(s) -> tuple:
+    """(image bytes or None, caption or None, width, height) of one shard sample; header-only image check."""
+    from vlp.data.errors import SkipSample
+    from vlp.data.images import open_image
+
+    img, cap, w, h = s.image, None, 0, 0
+    try:
+        cap = " ".join(s.caption().split()) or None
+    except SkipSample:
+        cap = None
+    if img is not None:
+        try:
+            w, h = open_image(img).size
+        except SkipSample:
+            img = None
+    return img, cap, w, h
+
+
+def _encode_images(bundle, images: list[bytes], keys: list[str], batch_size: int, device, amp: bool):
+    """Image features of the decodable images; -> (features [M, D], indices into `images` that decoded)."""
+    from vlp.eval.datasets import EvalError, Sample
+    from vlp.eval.encode import encode_images
+
+    idx = list(range(len(images)))
+    for attempt in (0, 1):
+        samples = [Sample(key=keys[i], target=0, data=images[i], where="") for i in idx]
+        try:
+            return encode_images(bundle.model, bundle.preprocess_val, samples, device=device,
+                                 batch_size=batch_size, amp=amp).numpy(), idx
+        except EvalError:
+            if attempt:
+                raise
+            from vlp.data.images import decode_rgb
+
+            def decodes(i):
+                try:
+                    decode_rgb(images[i])
+                    return True
+                except Exception:  # noqa: BLE001 - a corrupt body behind a readable header
+                    return False
+
+            idx = [i for i in idx if decodes(i)]
+    raise AssertionError("unreachable")
+
+
+def embed_shard(bundle, url: str, batch_size: int = 256, device="cpu", amp: bool = False,
+                retries: int = 2) -> dict:
+    """The table (`vlp.curate.store`) of one shard."""
+    from vlp.data.tario import TarError, read_shard
+    from vlp.eval.encode import encode_texts
+
+    rows, keys = [], []
+    try:
+        for s in read_shard(url, retries=retries):
+            keys.append(s.key)
+            rows.append(_sample_row(s))
+    except TarError as e:
+        raise CurateError(str(e).splitlines()[0]) from None
+    if not any(r[0] is not None for r in rows):
+        raise CurateError(f"{url}: none of its {len(rows)} samples holds a readable image "
+                          f"(embed needs image+caption shards)")
+    ok = [i for i, r in enumerate(rows) if r[0] is not None and r[1] is not None]
+    img, got = _encode_images(bundle, [rows[i][0] for i in ok], [keys[i] for i in ok], batch_size, device, amp)
+    ok = [ok[j] for j in got]
+    txt = encode_texts(bundle.model, bundle.tokenizer, [rows[i][1] for i in ok], device=device,
+                       batch_size=batch_size, amp=amp).numpy() if ok else np.zeros((0, img.shape[1]))
+    n, d = len(rows), img.shape[1]
+    out = {"key": np.array(keys, dtype=str), "caption": np.array([r[1] or "" for r in rows], dtype=str),
+           "width": np.array([r[2] for r in rows], dtype=np.int32),
+           "height": np.array([r[3] for r in rows], dtype=np.int32),
+           "image_hash": np.array([hashlib.blake2b(r[0], digest_size=16).hexdigest() if r[0] else "" for r in rows],
+                                  dtype=str),
+           "valid": np.zeros(n, dtype=bool), "image": np.zeros((n, d), np.float16),
+           "text": np.zeros((n, d), np.float16), "score": np.full(n, np.nan, np.float32)}
+    out["valid"][ok] = True
+    out["image"][ok] = img.astype(np.float16)
+    out["text"][ok] = txt.astype(np.float16)
+    out["score"][ok] = (img * txt).sum(1).astype(np.float32)
+    return out
+
+
+def embed(data: str, out: str, bundle, *, batch_size: int = 256, device="cpu", amp: bool = False,
+          rank: int = 0, world: int = 1, log=print) -> dict:
+    """Embed this rank's shards of `data` into `out`, skipping shards whose table is already there."""
+    from vlp.data.shards import shard_urls
+    from vlp.eval.features import model_fingerprint
+
+    urls = shard_urls(data)
+    if not urls:
+        raise CurateError(f"--data {data!r} names no shards")
+    folder = Path(out)
+    check_model(folder, {"model": bundle.model_name, "fingerprint": model_fingerprint(bundle.model),
+                         "data": data, "shards": len(urls)})
+    done = skipped = samples = 0
+    t0 = time.perf_counter()
+    for i in range(rank, len(urls), world):
+        path = table_path(folder, i)
+        old = read_table(path) if path.is_file() else None
+        if old is not None and str(old["shard"]) == urls[i]:
+            skipped += 1
+            continue
+        t = time.perf_counter()
+        table = embed_shard(bundle, urls[i], batch_size, device, amp)
+        write_table(path, urls[i], table)
+        done += 1
+        samples += len(table["key"])
+        log(f"[rank {rank}/{world}] {path.name} <- {urls[i]}: {len(table['key'])} samples "
+            f"({int(table['valid'].sum())} valid), {len(table['key']) / (time.perf_counter() - t):.1f} samples/s")
+    return {"embedded": done, "resumed": skipped, "samples": samples, "seconds": time.perf_counter() - t0,
+            "shards": len(urls)}
+
+
+def _finish(folder: Path, n_shards: int) -> bool:
+    """Write done.json once every shard's table is there (whichever rank sees that first)."""
+    have = [table_path(folder, i).is_file() for i in range(n_shards)]
+    if all(have):
+        atomic_write(folder / DONE_FILE, lambda f: f.write(json.dumps({"shards": n_shards}).encode()))
+    return all(have)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="shard spec, as --train-data")
+    p.add_argument("--out", required=True, help="folder for the per-shard tables")
+    p.add_argument("--checkpoint", "--pretrained", dest="checkpoint", help="vlp checkpoint/export or open_clip file")
+    p.add_argument("--model", help="open_clip model name or JSON config (for open_clip files; alone: random weights, seed 0)")
+    p.add_argument("--tokenizer", help="hf:DIR or spm:FILE (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
+    p.add_argument("--threads", type=int, help="torch threads (CPU)")
+    a = p.parse_args(argv)
+    from accelerate import PartialState
+
+    from vlp.config import ConfigError
+    from vlp.data.errors import DataError
+    from vlp.eval.datasets import EvalError
+
+    import torch
+
+    # torchrun / accelerate launch: one rank per process, any number of nodes; cpu=True where there is no CUDA
+    # (accelerate then sets up gloo ranks, as the training loop does)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        bundle = load_model(a.checkpoint, a.model, a.tokenizer, state.device)
+        stats = embed(a.data, a.out, bundle, batch_size=a.batch_size, device=state.device, amp=a.amp,
+                      rank=state.process_index, world=state.num_processes,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (CurateError, ConfigError, DataError, EvalError) as e:
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 2
+    state.wait_for_everyone()
+    complete = _finish(Path(a.out), stats["shards"]) if state.is_main_process else True
+    print(f"rank {state.process_index}: embedded {stats['embedded']} shards ({stats['samples']} samples, "
+          f"{stats['samples'] / max(stats['seconds'], 1e-9):.1f} samples/s), {stats['resumed']} already done"
+          + ("" if complete else "; some shards are missing: run again to finish"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
