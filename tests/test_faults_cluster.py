@@ -82,8 +82,10 @@ def test_data_error_mid_run_saves_the_last_good_state(micro_model_json, tmp_path
 def test_two_trainings_started_at_once_on_one_folder(demo_data, micro_model_json, tmp_path):
     """Both used to run: metrics.jsonl held every step twice, and one run's stale-temp sweep deleted the other's
     live checkpoint. Now one holds the folder; the other stops with one line before touching it."""
-    flags = _flags(demo_data, micro_model_json, tmp_path, "shared", "--workers", "0", "--max-steps", "6",
-                   "--save-every", "2")
+    # 40 steps: long enough that the first still holds the folder when the second, started with it, asks (at 6
+    # steps an idle machine let one run finish before the other had imported torch)
+    flags = _flags(demo_data, micro_model_json, tmp_path, "shared", "--workers", "0", "--max-steps", "40",
+                   "--save-every", "10")
     procs = [_start(flags) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     assert sorted(rc for rc, _ in results) == [0, 2], [err[-2000:] for _, err in results]
@@ -91,7 +93,7 @@ def test_two_trainings_started_at_once_on_one_folder(demo_data, micro_model_json
     assert refused.count("\n") == 1 and re.match(r"error: run folder .* is in use by another training \(pid \d+ ",
                                                  refused), refused
     rows = [json.loads(ln)["step"] for ln in (tmp_path / "shared" / "metrics.jsonl").read_text().splitlines()]
-    assert rows == list(range(1, 7))
+    assert rows == list(range(1, 41))
     assert read_status(tmp_path / "shared")["state"] == "finished"
 
 
