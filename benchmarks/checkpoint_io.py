@@ -32,13 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _vm_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+from benchmarks.loss_memory import _vm_kb  # noqa: E402 - one reader of /proc/self/status
 
 
 class PeakMemory:

@@ -31,10 +31,29 @@ import torch  # noqa: E402
 ORDERS = ("compile(DDP(m))", "DDP(compile(m))")
 
 
-def _rank(rank: int, world: int, init: str, a, out: str) -> None:
-    import torch.distributed as dist
+
+def record_ddp_buckets() -> list[int]:
+    """A list that receives, for each graph dynamo's DDPOptimizer splits, how many buckets (subgraphs) it made
+    (read from its log)."""
     import logging
     import re
+
+    buckets: list[int] = []
+
+    class _Buckets(logging.Handler):
+        def emit(self, record):
+            m = re.search(r"created (\d+) buckets", record.getMessage())
+            if m:
+                buckets.append(int(m.group(1)))
+
+    ddp_log = logging.getLogger("torch._dynamo.backends.distributed")
+    ddp_log.setLevel(logging.INFO)
+    ddp_log.addHandler(_Buckets())
+    return buckets
+
+
+def _rank(rank: int, world: int, init: str, a, out: str) -> None:
+    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from vlp.config import LossConfig
@@ -52,17 +71,7 @@ def _rank(rank: int, world: int, init: str, a, out: str) -> None:
                 torch.randint(1, 1000, (a.batch_size, base.context_length), generator=g)) for _ in range(2)]
     loss_fn = build_loss(LossConfig(), rank=rank, world_size=world)
     results = {}
-    buckets = []  # DDPOptimizer logs how many buckets (subgraphs) it split the graph into
-
-    class _Buckets(logging.Handler):
-        def emit(self, record):
-            m = re.search(r"created (\d+) buckets", record.getMessage())
-            if m:
-                buckets.append(int(m.group(1)))
-
-    ddp_log = logging.getLogger("torch._dynamo.backends.distributed")
-    ddp_log.setLevel(logging.INFO)
-    ddp_log.addHandler(_Buckets())
+    buckets = record_ddp_buckets()
     for order in (ORDERS[::-1] if a.reverse else ORDERS):
         torch._dynamo.reset()
         buckets.clear()

@@ -69,20 +69,9 @@ def _setup_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     out["timeout_s"] = pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
 
     # --torchcompile: DDP(torch.compile(m)), with dynamo's DDPOptimizer splitting the graph at DDP's buckets
-    import logging
-    import re
+    from benchmarks.compile_ddp import record_ddp_buckets
 
-    buckets = []
-
-    class _Buckets(logging.Handler):
-        def emit(self, record):
-            m = re.search(r"created (\d+) buckets", record.getMessage())
-            if m:
-                buckets.append(int(m.group(1)))
-
-    ddp_log = logging.getLogger("torch._dynamo.backends.distributed")
-    ddp_log.setLevel(logging.INFO)
-    ddp_log.addHandler(_Buckets())
+    buckets = record_ddp_buckets()
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
     model, _ = sharding.prepare(acc, net, torch.optim.SGD(net.parameters(), lr=0.1), compile=True)
     out["outer"] = type(model).__name__
