@@ -239,3 +239,24 @@ def test_demo_says_where_it_writes_its_data(tmp_path, capsys, monkeypatch):
     assert "written in" in first
     ensure_data(tmp_path / "data", 200)
     assert "written before" in capsys.readouterr().err
+
+
+def test_demo_prints_its_figures_once(tmp_path, micro_model_json, capsys, monkeypatch):
+    """Issue 25.12: the demo printed the same four-set figures as the step-350 eval table, as "last eval" and as
+    its own table. Now once: its own table, with the chance levels, after a summary that points to it."""
+    import data_tools.make_demo_data as M
+    from vlp import demo
+
+    real = M.make_demo_data
+    monkeypatch.setattr(M, "make_demo_data", lambda out, train_samples: real(out, train_samples, eval_samples=40,
+                                                                              image_size=32, progress=False))
+    rc = demo.main(["--output", str(tmp_path), "--train-samples", "200", "--name", "once", "--",
+                    "--model", micro_model_json, "--max-steps", "3", "--batch-size", "16", "--workers", "0",
+                    "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "eval at step" not in captured.err and "last eval: step 3, below" in captured.err, captured.err
+    table = captured.out[captured.out.index("dataset "):].splitlines()[1:]
+    assert {row.split()[0].rsplit("/", 1)[-1] for row in table} == {"demo_colors", "demo_shapes", "demo_retrieval",
+                                                 "demo_compositional"}, table
+    assert sum("acc1 at chance" in row for row in table) == 2 and sum("acc at chance" in row for row in table) == 1

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         flags.append("--use-rewrites")
     try:
         cfg = parse_config(flags + extra)
-        result = train(cfg)
+        result = train(cfg, show_final_eval=False)   # printed once, below, with the chance levels
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

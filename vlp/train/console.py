@@ -118,6 +118,7 @@ class Console:
         self.best: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self.last_eval_step: Optional[int] = None
+        self.last_eval_shown = True
 
     # ---- plain output ------------------------------------------------------------------------
     def print(self, text: str = "") -> None:
@@ -187,17 +188,18 @@ class Console:
         self.print(f"step {step}/{self.total_steps} ({pct:.0f}%) | " + " | ".join(fields) +
                    f" | elapsed {duration(elapsed)} | eta {eta_s}")
 
-    def eval(self, step: int, flat: dict) -> None:
-        """In-loop evaluation results as a table; remembers the last and best headline figures."""
+    def eval(self, step: int, flat: dict, show: bool = True) -> None:
+        """In-loop evaluation results as a table (unless the caller prints them itself, as the demo does);
+        remembers the last and best headline figures."""
         if not flat:
             return
-        self.last_eval, self.last_eval_step = dict(flat), step
+        self.last_eval, self.last_eval_step, self.last_eval_shown = dict(flat), step, show
         for key, value in flat.items():
             if any(key.endswith("/" + m) for m in HEADLINE) and isinstance(value, (int, float)) \
                     and not math.isnan(value):
                 self.best[key] = max(self.best.get(key, -math.inf), value)
         table = eval_table(flat)
-        if table:
+        if table and show:
             self.print(f"eval at step {step}:")
             for line in table.splitlines():
                 self.print("  " + line)
@@ -217,8 +219,9 @@ class Console:
         fields = [f for f in log_fields(last) if not f.endswith("samples/s")]
         if fields:
             lines.append("  last: " + " | ".join(fields))
-        if self.last_eval and self.last_eval_step == step:   # its table is the last thing printed above
-            lines.append(f"  last eval: step {step}, above")
+        if self.last_eval and self.last_eval_step == step:   # its table was printed just above, or the caller
+            where = "above" if self.last_eval_shown else "below"   # prints it after this summary
+            lines.append(f"  last eval: step {step}, {where}")
         elif self.last_eval:
             lines.append(f"  last eval (step {self.last_eval_step}):")
             lines += ["    " + ln for ln in eval_table(self.last_eval).splitlines()]

@@ -91,13 +91,14 @@ def build_model(cfg: Config):
     return bundle
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, show_final_eval: bool = True) -> dict:
     """Run training as configured; returns the last logged scalars (and eval figures, if any).
-    SIGTERM/SIGINT/SIGUSR1 end it after the current step with a checkpoint (raises Preempted)."""
+    SIGTERM/SIGINT/SIGUSR1 end it after the current step with a checkpoint (raises Preempted).
+    show_final_eval=False leaves the final figures to the caller (the demo prints them with chance levels)."""
     paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
     with StopSignals() as signals, RunFolder(paths.root) as folder:
         try:
-            return _train(cfg, paths, signals, folder)
+            return _train(cfg, paths, signals, folder, show_final_eval)
         except RuntimeError as e:   # a collective that failed because a rank died: one line naming it
             lost = folder.peers.lost(e) if folder.peers is not None else None
             if lost is None:
@@ -107,7 +108,7 @@ def train(cfg: Config) -> dict:
                                 f"start the run again with --resume latest") from None
 
 
-def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder) -> dict:
+def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder, show_final_eval: bool) -> dict:
     from accelerate.utils import set_seed
 
     from vlp.data.pipeline import build_train_loader
@@ -279,7 +280,7 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
                          tokenizer=cfg.model.tokenizer, state_dict=gathered)
     wait_for_main()  # the export is rank 0's alone: the others wait apart from the collective timeout
     last.update(results := evaluate_now(net, step))
-    console.eval(step, results)
+    console.eval(step, results, show=show_final_eval)
     accelerator.end_training()
     console.summary(step=step, samples_seen=(step - start_step) * samples_per_step, last=last,
                     checkpoint=final, export=paths.export, run_dir=paths.root)
