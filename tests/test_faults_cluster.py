@@ -50,6 +50,33 @@ def test_a_repeated_stop_signal_within_the_window_is_one_request():
     assert proc.stdout == "alive True\n" and proc.returncode == -signal.SIGTERM, (proc.stdout, proc.stderr)
 
 
+def test_eval_workers_outlive_a_process_group_sigterm():
+    """An in-loop eval's DataLoader workers got the group's SIGTERM too and died, so the set was logged as an
+    error; they now ignore it as training's workers do: every image is decoded and the main process holds the
+    stop request for after the eval."""
+    code = ("import io, time, torch\n"
+            "from PIL import Image\n"
+            "from vlp.eval.decode import iter_batches\n"
+            "from vlp.eval.evalset import Sample\n"
+            "from vlp.train.preemption import StopSignals\n"
+            "buf = io.BytesIO(); Image.new('RGB', (8, 8), 'red').save(buf, 'PNG')\n"
+            "samples = [Sample(key=str(i), target=0, data=buf.getvalue()) for i in range(64)]\n"
+            "def slow(im):\n"
+            "    time.sleep(0.05); return torch.zeros(3, 8, 8)\n"
+            "seen = []\n"
+            "with StopSignals() as s:\n"
+            "    for idx, images in iter_batches(samples, slow, batch_size=4, num_workers=2):\n"
+            "        seen += idx.tolist()\n"
+            "        if len(seen) == 4: print('first', flush=True)\n"
+            "    print(sorted(seen) == list(range(64)), s.received == 15, flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo_root())}, start_new_session=True)
+    assert proc.stdout.readline() == "first\n", proc.communicate(timeout=60)[1]
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert out == "True True\n" and proc.returncode == 0, (out, err[-2000:])
+
+
 # ---- 10: a data error mid-run saves the last good state -----------------------------------------------------
 
 def test_data_error_mid_run_saves_the_last_good_state(micro_model_json, tmp_path):

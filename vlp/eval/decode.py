@@ -12,7 +12,7 @@ import torch
 from vlp.data.errors import MISSING_IMAGE, SkipSample
 from vlp.data.images import decode_rgb
 from vlp.eval.evalset import EvalError, Sample
-
+from vlp.train.preemption import start_workers, worker_init
 
 
 class UndecodableImage(EvalError):
@@ -73,9 +73,11 @@ def iter_batches(samples: list[Sample], preprocess: Callable, batch_size: int, n
     if num_workers > 0:
         per_worker = (len(samples) + num_workers - 1) // num_workers
         num_workers = max(1, min(num_workers, per_worker // 8 or 1))
+    # Workers ignore the stop signals a launcher sends the whole process group (as training's do): an in-loop
+    # eval then finishes its set and training saves, instead of losing the set to "DataLoader worker killed".
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                                         persistent_workers=False)
-    for batch in loader:
+                                         persistent_workers=False, worker_init_fn=worker_init)
+    for batch in start_workers(loader):
         for i, _, err in batch:
             if err is not None:
                 if skipped is None:
