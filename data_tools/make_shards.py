@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import re
 import shutil
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from data_tools import staging as staging_folders
-from data_tools.outputs import check_name
+from data_tools.outputs import check_name, own_shards, swap_in
 from vlp.data.images import IMAGE_FILE_SUFFIXES
 from vlp.data.tario import ShardWriter
 
@@ -192,7 +191,7 @@ def make_shards(inp: str, output: str, *, per_shard: int = 10000, image_col=None
     if per_shard < 1:
         raise InputError("--per-shard must be at least 1")
     check_name(out, prefix, "--prefix", InputError)
-    if _own_shards(out, prefix) and not overwrite:
+    if own_shards(out, prefix) and not overwrite:
         raise InputError(f"{out} already holds {prefix or ''}NNNNN.tar shards (use --overwrite or another --output)")
     if src.is_dir():
         records = iter_folder(src)
@@ -215,39 +214,10 @@ def make_shards(inp: str, output: str, *, per_shard: int = 10000, image_col=None
             sk = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items()) or "none"
             raise InputError(f"no samples written from {src} ({stats['rows']} rows; skipped: {sk}); "
                              f"{out} is unchanged")
-        _swap_in(staging, out, prefix, stats)
+        swap_in(staging, out, prefix, stats)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return stats
-
-
-def _own_shards(out: Path, prefix: str) -> list[Path]:
-    """This prefix's shards in `out` (`{prefix}00000.tar`, ...): the only files --overwrite may replace."""
-    pattern = re.compile(re.escape(prefix) + r"\d{5,}\.tar")
-    return sorted(p for p in out.glob("*.tar") if pattern.fullmatch(p.name)) if out.is_dir() else []
-
-
-def _swap_in(staging: Path, out: Path, prefix: str, stats: dict) -> None:
-    """Move the new shards over the old ones of this prefix, drop its leftovers, merge sizes.json."""
-    sizes = {}
-    old_sizes = out / "sizes.json"
-    if old_sizes.is_file():
-        try:
-            sizes = json.loads(old_sizes.read_text())
-        except ValueError:
-            sizes = {}
-    mine = {p.name for p in _own_shards(out, prefix)}
-    sizes = {k: v for k, v in sizes.items() if k not in mine} if isinstance(sizes, dict) else {}
-    new = _own_shards(staging, prefix)
-    for p in new:
-        os.replace(p, out / p.name)
-    for name in mine - {p.name for p in new}:
-        (out / name).unlink(missing_ok=True)
-    sizes.update(stats.pop("sizes"))
-    stats["train_data"] = str(out / Path(stats["train_data"]).name)
-    for name, text in (("sizes.json", json.dumps(sizes, indent=1)), ("stats.json", json.dumps(stats, indent=1))):
-        (staging / name).write_text(text)
-        os.replace(staging / name, out / name)
 
 
 def _write(recs: list, folder: Path, src: Path, per_shard: int, prefix: str, workers: int, progress: bool,

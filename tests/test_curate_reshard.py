@@ -86,3 +86,37 @@ def test_reshard_cli_bad_decisions_one_line(tmp_path):
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=repo_root())
     assert r.returncode == 2 and "is not a `vlp data filter` decisions.tsv" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_staging_folder_of_a_sigkilled_reshard_is_removed_by_the_next_run(pool, tmp_path, capsys):
+    """As for make-shards (issue 22.19): reshard's staging folder names its owner, so the folder a SIGKILLed run
+    left behind is removed by the next one. The run is killed for real, while it waits on a shard that is a FIFO
+    nobody writes to, after it has written the kept samples of the shard before it."""
+    import os
+    import signal
+    import time
+
+    from data_tools import staging
+
+    first = next(iter(pool))
+    stuck = tmp_path / "stuck.tar"
+    os.mkfifo(stuck)
+    keys = list(pool[first])
+    (tmp_path / "d.tsv").write_text("shard\tkey\treason\n" + "".join(f"{first}\t{k}\t\n" for k in keys) +
+                                    f"{stuck}\tnever\t\n")
+    out = tmp_path / "curated"
+    proc = subprocess.Popen([sys.executable, "-m", "vlp", "data", "reshard", "--decisions", str(tmp_path / "d.tsv"),
+                             "--output", str(out), "--per-shard", "10"], cwd=repo_root(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob(".reshard-*/0000*.tar"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "reshard did not start writing"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    dead = list(out.glob(".reshard-*"))
+    assert len(dead) == 1 and staging.is_abandoned(dead[0])
+    write_decisions(tmp_path / "d.tsv", pool)
+    reshard(str(tmp_path / "d.tsv"), str(out), per_shard=70)
+    assert f"removed {dead[0]}" in capsys.readouterr().err
+    assert not list(out.glob(".reshard-*")) and (out / "sizes.json").is_file()

@@ -4,7 +4,8 @@
 
 Every member of a kept sample is copied byte for byte (image, caption, `.json` with rewrites, anything else),
 in the pool's order, under its own key (a key met twice, from two sources, gets `_2`, `_3`... so that no two
-samples merge). Written as make_shards writes: into a hidden folder inside --output, moved into place with
+samples merge). Written as make_shards writes: into a hidden staging folder inside --output (one left by a killed
+run is removed by the next), moved into place with
 `sizes.json` and `stats.json` only once every kept sample was found; --overwrite replaces only this
 --prefix's shards. A shard that changed since it was embedded (a kept key missing) stops the run, one line,
 and --output stays as it was.
@@ -14,12 +15,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Optional
 
 from vlp.curate.store import CurateError
+
+STAGING_PREFIX = ".reshard-"   # owner-tagged (data_tools.staging): a killed run's folder is removed by the next
 
 
 def read_decisions(path: str) -> tuple[dict[str, list[str]], Counter]:
@@ -42,8 +44,8 @@ def read_decisions(path: str) -> tuple[dict[str, list[str]], Counter]:
 
 
 def reshard(decisions: str, output: str, per_shard: int = 10000, prefix: str = "", overwrite: bool = False) -> dict:
-    from data_tools.make_shards import _own_shards, _swap_in
-    from data_tools.outputs import check_name
+    from data_tools import staging as staging_folders
+    from data_tools.outputs import check_name, own_shards, swap_in
     from vlp.data.tario import ShardWriter, TarError, read_shard
 
     kept, removed = read_decisions(decisions)
@@ -51,12 +53,14 @@ def reshard(decisions: str, output: str, per_shard: int = 10000, prefix: str = "
     if per_shard < 1:
         raise CurateError("--per-shard must be at least 1")
     check_name(out, prefix, "--prefix", CurateError)
-    if _own_shards(out, prefix) and not overwrite:
+    if own_shards(out, prefix) and not overwrite:
         raise CurateError(f"{out} already holds {prefix}NNNNN.tar shards (use --overwrite or another --output)")
     if not kept:
         raise CurateError(f"{decisions} keeps no sample; {out} is unchanged")
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".reshard-", dir=out))
+    for gone in staging_folders.sweep(out, STAGING_PREFIX):
+        print(f"removed {gone}: the staging folder of a reshard that was killed", file=sys.stderr)
+    staging = staging_folders.make(out, STAGING_PREFIX)
     seen: Counter = Counter()
     written = 0
     try:
@@ -81,7 +85,7 @@ def reshard(decisions: str, output: str, per_shard: int = 10000, prefix: str = "
         spec = str(staging / (f"{prefix}{{00000..{n - 1:05d}}}.tar" if n > 1 else f"{prefix}00000.tar"))
         stats = {"input": str(decisions), "rows": written + sum(removed.values()), "written": written, "shards": n,
                  "skipped": dict(sorted(removed.items())), "train_data": spec, "sizes": sizes}
-        _swap_in(staging, out, prefix, stats)
+        swap_in(staging, out, prefix, stats)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return stats
