@@ -353,6 +353,7 @@ def test_console_entry_point_is_declared_and_installed():
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_install_keeps_the_torch_a_user_already_has(tmp_path):
     """pip install -e . into a venv holding torch 2.13.0 + torchvision 0.28.0 replaces neither (pip's report)."""
     venv = tmp_path / "user-env"
