@@ -11,8 +11,9 @@ first batch (worker start and shuffle-buffer fill); "total" includes it.
 
 Then the same comparison over HTTP (unless --no-http): the shard folder is served by the standard
 library's `http.server` on 127.0.0.1 in a separate process, both loaders are given the
-`http://127.0.0.1:PORT/{00000..N}.tar` spec (both stream it with curl through webdataset's gopen; vlp
-reads sizes.json from the server, open_clip_train is given --train-num-samples as it requires).
+`http://127.0.0.1:PORT/{00000..N}.tar` spec (vlp streams it with its own HTTP reader, vlp/data/transports.py,
+open_clip_train with curl through webdataset's gopen; vlp reads sizes.json from the server, open_clip_train is
+given --train-num-samples as it requires).
 
 open_clip_train under webdataset 1.x needs the empty end-of-shard record dropped (reference.md); this
 script patches that in for the comparison only.
