@@ -93,10 +93,9 @@ def test_staging_folder_of_a_sigkilled_reshard_is_removed_by_the_next_run(pool, 
     left behind is removed by the next one. The run is killed for real, while it waits on a shard that is a FIFO
     nobody writes to, after it has written the kept samples of the shard before it."""
     import os
-    import signal
-    import time
 
     from data_tools import staging
+    from tests.test_data_fixtures import sigkill_while_staging
 
     first = next(iter(pool))
     stuck = tmp_path / "stuck.tar"
@@ -105,18 +104,11 @@ def test_staging_folder_of_a_sigkilled_reshard_is_removed_by_the_next_run(pool, 
     (tmp_path / "d.tsv").write_text("shard\tkey\treason\n" + "".join(f"{first}\t{k}\t\n" for k in keys) +
                                     f"{stuck}\tnever\t\n")
     out = tmp_path / "curated"
-    proc = subprocess.Popen([sys.executable, "-m", "vlp", "data", "reshard", "--decisions", str(tmp_path / "d.tsv"),
-                             "--output", str(out), "--per-shard", "10"], cwd=repo_root(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while len(list(out.glob(".reshard-*/0000*.tar"))) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, "reshard did not start writing"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    dead = list(out.glob(".reshard-*"))
-    assert len(dead) == 1 and staging.is_abandoned(dead[0])
+    dead = sigkill_while_staging([sys.executable, "-m", "vlp", "data", "reshard", "--decisions",
+                                  str(tmp_path / "d.tsv"), "--output", str(out), "--per-shard", "10"],
+                                 out, ".reshard-*/0000*.tar", count=2, cwd=repo_root())
+    assert staging.is_abandoned(dead)
     write_decisions(tmp_path / "d.tsv", pool)
     reshard(str(tmp_path / "d.tsv"), str(out), per_shard=70)
-    assert f"removed {dead[0]}" in capsys.readouterr().err
+    assert f"removed {dead}" in capsys.readouterr().err
     assert not list(out.glob(".reshard-*")) and (out / "sizes.json").is_file()

@@ -92,3 +92,23 @@ def resumed(c: DataConfig, k: int, *, seed: int = 0, epoch: int = 0):
     R.load_state_dict(state)
     R.set_epoch(epoch)
     return R
+
+
+def sigkill_while_staging(cmd: list[str], out: Path, pattern: str, count: int = 1, **popen) -> Path:
+    """Start a data tool, SIGKILL it once `count` files match `pattern` under `out` (its staging folder's shards),
+    and return the one staging folder it left: a tool killed for real, mid-write, as a cluster kills it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob(pattern))) < count:
+        assert proc.poll() is None and time.monotonic() < deadline, f"{cmd[2]} did not start writing"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    dead = list(out.glob(pattern.split("/")[0]))
+    assert len(dead) == 1, dead
+    return dead[0]

@@ -119,12 +119,10 @@ def test_staging_folder_of_a_sigkilled_make_shards_is_removed_by_the_next_run(tm
     writes (its next image is a FIFO nobody writes to, so it waits there, mid-run); the next run removes the dead
     run's folder, and leaves a live run's folder and another host's alone."""
     import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     from data_tools import staging
+    from tests.test_data_fixtures import sigkill_while_staging
 
     rows = ["image,caption"]
     for i in range(6):
@@ -133,17 +131,10 @@ def test_staging_folder_of_a_sigkilled_make_shards_is_removed_by_the_next_run(tm
     os.mkfifo(tmp_path / "stuck.jpg")
     (tmp_path / "in.csv").write_text("\n".join(rows + ["stuck.jpg,never read"]) + "\n")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "data_tools.make_shards", "--input", str(tmp_path / "in.csv"),
-                             "--output", str(out), "--per-shard", "2", "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not list(out.glob(".make_shards-*/0000*.tar")):
-        assert proc.poll() is None and time.monotonic() < deadline, "make-shards did not start writing"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    dead = list(out.glob(".make_shards-*"))
-    assert len(dead) == 1 and staging.is_abandoned(dead[0])
+    dead = sigkill_while_staging([sys.executable, "-m", "data_tools.make_shards", "--input", str(tmp_path / "in.csv"),
+                                  "--output", str(out), "--per-shard", "2", "--no-progress"],
+                                 out, ".make_shards-*/0000*.tar")
+    assert staging.is_abandoned(dead)
     live = staging.make(out, ".make_shards-")                 # this process's: alive
     elsewhere = staging.make(out, ".make_shards-")
     (elsewhere / staging.OWNER).write_text(json.dumps({"host": "another-node", "pid": 1, "start": None}))
@@ -151,7 +142,7 @@ def test_staging_folder_of_a_sigkilled_make_shards_is_removed_by_the_next_run(tm
     (tmp_path / "in.csv").write_text("\n".join(rows) + "\n")
     assert make_shards.main(["--input", str(tmp_path / "in.csv"), "--output", str(out), "--per-shard", "2",
                              "--no-progress"]) == 0
-    assert f"removed {dead[0]}" in capsys.readouterr().err
+    assert f"removed {dead}" in capsys.readouterr().err
     assert sorted(out.glob(".make_shards-*")) == sorted([live, elsewhere])
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
 
