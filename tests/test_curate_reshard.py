@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import repo_root
-from vlp.curate.reshard import reshard
+from tests.test_data_fixtures import sigkill_while_staging
+from vlp.curate.reshard import STAGING_PREFIX, reshard
 from vlp.curate.store import CurateError
 
 
@@ -95,7 +96,6 @@ def test_staging_folder_of_a_sigkilled_reshard_is_removed_by_the_next_run(pool, 
     import os
 
     from data_tools import staging
-    from tests.test_data_fixtures import sigkill_while_staging
 
     first = next(iter(pool))
     stuck = tmp_path / "stuck.tar"
@@ -106,7 +106,7 @@ def test_staging_folder_of_a_sigkilled_reshard_is_removed_by_the_next_run(pool, 
     out = tmp_path / "curated"
     dead = sigkill_while_staging([sys.executable, "-m", "vlp", "data", "reshard", "--decisions",
                                   str(tmp_path / "d.tsv"), "--output", str(out), "--per-shard", "10"],
-                                 out, ".reshard-*/0000*.tar", count=2, cwd=repo_root())
+                                 out, STAGING_PREFIX, shards=2, cwd=repo_root())
     assert staging.is_abandoned(dead)
     write_decisions(tmp_path / "d.tsv", pool)
     reshard(str(tmp_path / "d.tsv"), str(out), per_shard=70)

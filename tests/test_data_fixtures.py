@@ -94,8 +94,8 @@ def resumed(c: DataConfig, k: int, *, seed: int = 0, epoch: int = 0):
     return R
 
 
-def sigkill_while_staging(cmd: list[str], out: Path, pattern: str, count: int = 1, **popen) -> Path:
-    """Start a data tool, SIGKILL it once `count` files match `pattern` under `out` (its staging folder's shards),
+def sigkill_while_staging(cmd: list[str], out: Path, prefix: str, shards: int = 1, **popen) -> Path:
+    """Start a data tool, SIGKILL it once its staging folder (`prefix`... under `out`) holds `shards` shards,
     and return the one staging folder it left: a tool killed for real, mid-write, as a cluster kills it."""
     import os
     import signal
@@ -104,11 +104,11 @@ def sigkill_while_staging(cmd: list[str], out: Path, pattern: str, count: int = 
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
     deadline = time.monotonic() + 60
-    while len(list(out.glob(pattern))) < count:
-        assert proc.poll() is None and time.monotonic() < deadline, f"{cmd[2]} did not start writing"
+    while len(list(out.glob(f"{prefix}*/0000*.tar"))) < shards:
+        assert proc.poll() is None and time.monotonic() < deadline, f"did not start writing: {' '.join(cmd)}"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    dead = list(out.glob(pattern.split("/")[0]))
+    dead = list(out.glob(f"{prefix}*"))
     assert len(dead) == 1, dead
     return dead[0]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from data_tools import add_rewrites, inspect_shards, make_shards
-from tests.test_data_fixtures import jpeg, write_shards
+from tests.test_data_fixtures import jpeg, sigkill_while_staging, write_shards
 from vlp.data.shards import load_shards
 from vlp.data.tario import read_shard
 
@@ -122,7 +122,6 @@ def test_staging_folder_of_a_sigkilled_make_shards_is_removed_by_the_next_run(tm
     import sys
 
     from data_tools import staging
-    from tests.test_data_fixtures import sigkill_while_staging
 
     rows = ["image,caption"]
     for i in range(6):
@@ -133,7 +132,7 @@ def test_staging_folder_of_a_sigkilled_make_shards_is_removed_by_the_next_run(tm
     out = tmp_path / "out"
     dead = sigkill_while_staging([sys.executable, "-m", "data_tools.make_shards", "--input", str(tmp_path / "in.csv"),
                                   "--output", str(out), "--per-shard", "2", "--no-progress"],
-                                 out, ".make_shards-*/0000*.tar")
+                                 out, make_shards.STAGING_PREFIX)
     assert staging.is_abandoned(dead)
     live = staging.make(out, ".make_shards-")                 # this process's: alive
     elsewhere = staging.make(out, ".make_shards-")
