@@ -261,8 +261,9 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
             raise TrainingError(f"epoch {epoch} yielded no complete batch: check --train-data and the skip counts")
         if step < total_steps:
             trained = feed.state_dict()["batches_done"] // cfg.optim.accum_freq
-            if trained < steps_per_epoch:   # a rank's data ran out early (the loader warned which shard lied)
-                console.print(f"warning: epoch {epoch} ended after {trained} of {steps_per_epoch} steps: shards "
+            owed = loader.batches_per_epoch // cfg.optim.accum_freq   # (a re-planned epoch's rest: fewer)
+            if trained < owed:   # a rank's data ran out early (the loader warned which shard lied)
+                console.print(f"warning: epoch {epoch} ended after {trained} of {owed} steps: shards "
                               f"delivered fewer samples than their size files claim (see the skip counts); the run "
                               f"still ends after --epochs")
             epoch += 1
