@@ -30,6 +30,7 @@ from vlp.train.console import Console
 from vlp.train.feed import StepFeed
 from vlp.train.health import TrainingError
 from vlp.train.inloop_eval import InLoopEval, open_sets
+from vlp.train.launcher import LauncherWatch
 from vlp.train.peers import Peers
 from vlp.train.preemption import Preempted, StopSignals
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
@@ -97,8 +98,14 @@ def train(cfg: Config, show_final_eval: bool = True) -> dict:
     show_final_eval=False leaves the final figures to the caller (the demo prints them with chance levels)."""
     paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
     with StopSignals() as signals, RunFolder(paths.root) as folder:
+        launcher = LauncherWatch(signals)   # under torchrun: its agent's death stops the ranks as a signal does
         try:
             return _train(cfg, paths, signals, folder, show_final_eval)
+        except Preempted:
+            gone = launcher.stopped(paths.checkpoints)
+            if gone is None:
+                raise
+            raise gone from None
         except RuntimeError as e:   # a collective that failed because a rank died: one line naming it
             lost = folder.peers.lost(e) if folder.peers is not None else None
             if lost is None:
