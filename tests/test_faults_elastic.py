@@ -68,3 +68,77 @@ def test_a_killed_launcher_stops_its_ranks_with_their_state_saved(demo_data, mic
     assert f"resumed from {tmp_path / 'agent' / 'checkpoints' / ckpt.checkpoint_name(stopped)} at step {stopped}" \
         in out + err
     assert read_status(tmp_path / "agent")["state"] == "finished" and max(_losses(tmp_path / "agent")) == stopped + 2
+
+
+def _status_when(run_dir: Path, proc, state: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while (read_status(run_dir) or {}).get("state") != state:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    return read_status(run_dir)
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_times_out_in_one_line_and_the_restarted_group_resumes(demo_data, micro_model_json, tmp_path):
+    """SIGSTOP one of 2 ranks under `--dist-timeout 30 --max-restarts 1`: rank 0 used to print a 25-line gloo
+    traceback, and the steps since the last save were lost with no way back but a manual --resume. Now it ends with
+    one line naming the collective, the timeout and the last saved step, status.json says `failed` / `collective
+    timeout` (exit 2), and torchrun's restarted group resumes from that checkpoint and finishes the run."""
+    import psutil
+
+    run = tmp_path / "stall"
+    proc = _torchrun(demo_data, micro_model_json, tmp_path, "stall", "--dist-timeout", "30", "--resume", "latest",
+                     launcher=("--max-restarts", "1"), steps=16, save_every=3)
+    _wait_for_step(run, proc, 4)
+    rank0, rank1 = _ranks(proc)
+    rank1.suspend()   # SIGSTOP
+    stopped = time.monotonic()
+    status = _status_when(run, proc, "failed")
+    noticed_s = time.monotonic() - stopped
+    assert status["reason"] == "collective timeout" and status["exit_code"] == 2, status
+    saved = status["checkpoint_step"]
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err[-3000:]
+    assert re.fullmatch(rf"error: collective \w+ \(vlp\.[\w.]+\) timed out after 30 s \(--dist-timeout\): another "
+                        rf"rank stopped answering; the last checkpoint is \S+step_0*{saved}\.pt \(step {saved}\): "
+                        rf"start the run again with --resume latest", lines[0]), lines[0]
+    first_attempt = err.split(lines[0])[0] + lines[0]
+    assert not TRACEBACK.search(first_attempt), first_attempt[-3000:]
+    assert f"at step {saved}" in out + err   # "resumed from ... at step N" by the restarted group
+    assert read_status(run)["state"] == "finished" and max(_losses(run)) == 16
+    assert not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE
+    print(f"\nstalled rank: rank 0 failed {noticed_s:.1f} s after the SIGSTOP (timeout 30 s), resumed at step {saved}")
+
+
+_STALL = """
+import os, sys, time, datetime
+import torch, torch.distributed as dist
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=2))
+if rank == 1:
+    time.sleep(8)   # stalled: never joins the all-reduce
+    sys.exit(0)
+from vlp.train.collective_faults import timed_out
+from vlp.train.health import any_rank
+try:
+    any_rank(True, torch.device("cpu"))
+except RuntimeError as e:
+    print(timed_out(e, 2.0))
+    print(timed_out(RuntimeError("CUDA out of memory"), 2.0))
+"""
+
+
+@pytest.mark.slow
+def test_a_collective_timeout_is_worded_with_the_collective_and_its_caller(tmp_path):
+    """A real gloo timeout (rank 1 never joins rank 0's all-reduce): named by the torch.distributed call and the
+    vlp function that made it; any other RuntimeError is not a timeout."""
+    env = dict(os.environ, PYTHONPATH=str(repo_root()), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _STALL, str(r), str(tmp_path / "store")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    out, err = procs[0].communicate(timeout=120)
+    procs[1].communicate(timeout=120)
+    assert out.splitlines() == ["collective all_reduce (vlp.distributed.reduce_mean) timed out after 2 s "
+                                "(--dist-timeout): another rank stopped answering", "None"], err[-2000:]

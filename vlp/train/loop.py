@@ -26,6 +26,7 @@ from vlp.train import checkpoint as ckpt
 from vlp.train import device_batch, health
 from vlp.train import sharding
 from vlp.train.checkpointer import Checkpointer
+from vlp.train.collective_faults import PeerFault, timed_out
 from vlp.train.console import Console
 from vlp.train.feed import StepFeed
 from vlp.train.health import TrainingError
@@ -106,13 +107,15 @@ def train(cfg: Config, show_final_eval: bool = True) -> dict:
             if gone is None:
                 raise
             raise gone from None
-        except RuntimeError as e:   # a collective that failed because a rank died: one line naming it
+        except RuntimeError as e:   # a collective that failed because a rank died or stalled: one line naming it
             lost = folder.peers.lost(e) if folder.peers is not None else None
-            if lost is None:
+            stalled = None if lost else timed_out(e, cfg.run.dist_timeout)
+            if lost is None and stalled is None:
                 raise
             found = ckpt.list_checkpoints(paths.checkpoints)
-            raise TrainingError(f"{lost}; the last checkpoint is {found[-1][1] if found else 'none yet'}: "
-                                f"start the run again with --resume latest") from None
+            last = f"the last checkpoint is {found[-1][1]} (step {found[-1][0]})" if found else "no checkpoint yet"
+            raise PeerFault(f"{lost or stalled}; {last}: start the run again with --resume latest",
+                            "rank lost" if lost else "collective timeout") from None
 
 
 def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder, show_final_eval: bool) -> dict:
