@@ -142,3 +142,33 @@ def test_a_collective_timeout_is_worded_with_the_collective_and_its_caller(tmp_p
     procs[1].communicate(timeout=120)
     assert out.splitlines() == ["collective all_reduce (vlp.distributed.reduce_mean) timed out after 2 s "
                                 "(--dist-timeout): another rank stopped answering", "None"], err[-2000:]
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_resume_a_sigkilled_rank_from_the_newest_checkpoint(demo_data, micro_model_json, tmp_path):
+    """`torchrun --max-restarts 3 ... --resume latest`, a rank SIGKILLed at step ~8 with saves every 5 steps: the
+    survivor names the lost rank in one line and exits, torchrun restarts the group, the restarted ranks resume
+    from the newest checkpoint, and the run finishes at its last step having repeated at most one save interval.
+    The first start, with nothing to resume, starts at step 0."""
+    run = tmp_path / "restart"
+    proc = _torchrun(demo_data, micro_model_json, tmp_path, "restart", "--resume", "latest",
+                     launcher=("--max-restarts", "3"), steps=24, save_every=5)
+    _wait_for_step(run, proc, 8)
+    _, rank1 = _ranks(proc)
+    rank1.kill()
+    killed = time.monotonic()
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert "--resume latest: no checkpoint in" in err and "starting from step 0" in err
+    lost = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lost) == 1 and lost[0].startswith(f"error: rank 1 (pid {rank1.pid}) ended during training"), err[-3000:]
+    resumed = [int(m) for m in re.findall(r"^resumed from \S+ at step (\d+)$", err, re.M)]
+    assert len(resumed) == 1 and resumed[0] % 5 == 0 and resumed[0] >= 5, err[-3000:]
+    rows = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in json.loads(ln)]
+    repeated = len(rows) - len(set(rows))
+    assert sorted(set(rows)) == list(range(1, 25)) and repeated <= 5, rows
+    assert read_status(run)["state"] == "finished"
+    assert ckpt.load_state(run / "checkpoints" / ckpt.checkpoint_name(24))["step"] == 24
+    print(f"\nrank killed: group restarted and resumed at step {resumed[0]}, {repeated} steps repeated, "
+          f"run finished {time.monotonic() - killed:.0f} s after the kill")
