@@ -172,3 +172,23 @@ def test_torchrun_restarts_resume_a_sigkilled_rank_from_the_newest_checkpoint(de
     assert ckpt.load_state(run / "checkpoints" / ckpt.checkpoint_name(24))["step"] == 24
     print(f"\nrank killed: group restarted and resumed at step {resumed[0]}, {repeated} steps repeated, "
           f"run finished {time.monotonic() - killed:.0f} s after the kill")
+
+
+@pytest.mark.slow
+def test_resume_with_more_loader_workers_finishes_the_epoch_exactly(demo_data, micro_model_json, tmp_path):
+    """Stopped with --workers 2, resumed with --workers 3 (refused before: `saved with workers=2, now 3`): the
+    rest of the epoch is re-planned over 3 workers and trained once, so the epoch ends exactly at its last
+    step (600 samples, 16 a batch: 37 steps) with the re-planned pool used up (which samples: test_data_elastic)."""
+    from tests.test_faults_run import _start, _stop
+
+    flags = _flags(demo_data, micro_model_json, tmp_path, "workers", "--workers", "2", "--max-steps", "37",
+                   "--save-every", "100")
+    stopped = _stop(_start(flags, start_new_session=True), tmp_path / "workers", 6, signal.SIGTERM, group=False)
+    proc = _start([*flags, "--workers", "3", "--resume", "latest"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    loader = ckpt.load_state(tmp_path / "workers" / "checkpoints" / ckpt.checkpoint_name(37))["loader"][0]
+    left = 600 // 16 * 16 - stopped * 16
+    assert loader["workers"] == 3 and loader["epoch"] == 0
+    assert sum(b - a for a, b in loader["pool"]) == left and loader["batches_done"] == loader["epoch_batches"] == left // 16
+    assert sorted(_losses(tmp_path / "workers")) == list(range(1, 38))
