@@ -17,7 +17,7 @@ from tests.conftest import repo_root
 from tests.test_faults_cluster import _ranks
 from tests.test_faults_run import _flags, _wait_for_step
 from tests.test_train_loop import _losses
-from vlp.train import checkpoint as ckpt
+from vlp.runtime import checkpoint as ckpt
 from vlp.train.run_state import read_status
 
 TRACEBACK = re.compile(r"Traceback|frame #\d|Exception raised from", re.M)

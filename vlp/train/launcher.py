@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from vlp.train.preemption import Preempted, StopSignals
+from vlp.runtime.preemption import Preempted, StopSignals
 
 POLL_S = 0.5
 
@@ -57,7 +57,7 @@ class LauncherWatch:
             return None
         if not self._gone.is_set() and not (self.signals.received is None and self._gone.wait(wait_s)):
             return None
-        from vlp.train.checkpoint import list_checkpoints
+        from vlp.runtime.checkpoint import list_checkpoints
 
         found = list_checkpoints(checkpoints)
         return LauncherGone(f"state saved at step {found[-1][0] if found else 0}; continue with --resume latest")
