@@ -11,7 +11,7 @@ import torch
 from vlp import precision as prec
 from vlp.config import Config, ConfigError
 from vlp.models import create_model
-from vlp.train import checkpoint as ckpt
+from vlp.runtime import checkpoint as ckpt
 from vlp.train.run_log import RunPaths
 
 
