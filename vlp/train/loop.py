@@ -123,7 +123,8 @@ class Run:
         if cfg.run.report_to not in (None, "none"):
             acc.init_trackers("tensorboard", config=flatten("", cfg.to_dict()))  # -> RUN/tensorboard/
         self.metrics = MetricsLog(self.paths.metrics, acc, self.main)
-        self.trainer.evaluator = InLoopEval(cfg, self.bundle, acc, self.metrics, eval_sets)
+        self.trainer.evaluator = InLoopEval(cfg, self.bundle, acc, self.metrics, eval_sets,
+                                            precision=self.trainer.precision)
         self.samples_per_step = cfg.data.batch_size * cfg.optim.accum_freq * self.world
         self.meter = Meter.for_model(net, self.samples_per_step, self.world, acc.device)
         self.console.begin(cfg, net=net, model_name=self.bundle.model_name, loader=self.loader, device=acc.device,

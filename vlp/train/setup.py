@@ -43,8 +43,8 @@ def make_accelerator(cfg: Config, paths: RunPaths):
 
 
 def run_precision(cfg: Config) -> str:
-    """--precision with `auto` resolved for this machine."""
-    return prec.resolve(cfg.run.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    """--precision with `auto` resolved for this machine (and --fsdp): the run's one precision policy."""
+    return prec.resolve(cfg.run.precision, "cuda" if torch.cuda.is_available() else "cpu", fsdp=cfg.model.fsdp)
 
 
 def build_model(cfg: Config):

@@ -26,11 +26,11 @@ from typing import Optional
 import torch
 
 from vlp import compat
+from vlp import precision as prec
 from vlp.compat import require_fsdp2
 from vlp.config import ConfigError
 
 SHARDINGS = ("full", "grad-op")
-PRECISIONS = ("fp32", "amp_bf16", "amp_bfloat16")
 SCALARS_ATTR = "_vlp_fsdp_scalars"  # names of 0-dim parameters stored as shape [1] while sharded
 RESHARD_ATTR = "_vlp_fsdp_reshard"  # the blocks' reshard_after_forward (--fsdp-sharding full)
 
@@ -56,9 +56,8 @@ def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, pre
     """Shard `model` in place over every rank of the default process group; call it before building the
     optimiser (the parameters become DTensors). `precision`: the run's resolved --precision."""
     fully_shard = require_fsdp2("--fsdp")
-    if precision not in PRECISIONS:
-        # fp16 autocast needs a grad scaler that agrees across shards; cast weights mix dtypes in a shard unit
-        raise ConfigError(f"--fsdp runs in {' or '.join(PRECISIONS[:2])} (bf16 autocast), not --precision {precision}")
+    if precision == "auto" or prec.fsdp_refusal(precision):   # config validation refuses these at parse time
+        raise ConfigError(prec.fsdp_refusal(precision) or "shard_model takes a resolved --precision, not auto")
     if not torch.distributed.is_initialized():
         raise ConfigError("--fsdp needs several processes (torchrun or accelerate launch)")
     from torch.distributed.device_mesh import init_device_mesh
