@@ -132,6 +132,7 @@ def process(rec: dict):
 
     from vlp.data.errors import SkipSample
     from vlp.data.images import open_image, orientation, upright
+    from vlp.data.pixels import to_rgb
 
     cap = rec["caption"]
     if cap is None:
@@ -169,7 +170,7 @@ def process(rec: dict):
         reencode = _OPTS.get("reencode") or scale < 1 or im.format != "JPEG" or im.mode not in ("RGB", "L")
         if reencode:   # the new JPEG carries no EXIF: its pixels are turned upright here
             size = size[::-1] if orientation(im) >= 5 else size
-            im = upright(im).convert("RGB")
+            im = to_rgb(upright(im))   # 16-bit scaled, transparency on white (vlp.data.pixels)
             if im.size != size:
                 im = im.resize(size, Image.BICUBIC, reducing_gap=3.0)
             buf = io.BytesIO()
