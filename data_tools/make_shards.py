@@ -31,6 +31,7 @@ from data_tools import staging as staging_folders
 from data_tools.outputs import check_name, own_shards, swap_in
 from vlp.data.images import IMAGE_FILE_SUFFIXES
 from vlp.data.tario import ShardWriter
+from vlp.flags import Parser
 
 STAGING_PREFIX = ".make_shards-"
 
@@ -256,7 +257,7 @@ def _write(recs: list, folder: Path, src: Path, per_shard: int, prefix: str, wor
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = Parser(description=__doc__.splitlines()[0],
                                 epilog="Keys are input row numbers; sizes.json makes --train-num-samples unnecessary.")
     p.add_argument("--input", required=True, help="CSV/TSV/parquet/JSONL table, or a folder of image+caption pairs")
     p.add_argument("--output", "--out", dest="output", required=True, help="folder for the shards")

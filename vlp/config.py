@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from vlp.flags import Answer, check as check_flags
+from vlp.flags import Answer, Parser, check as check_flags
 
 
 class ConfigError(ValueError):
@@ -225,7 +225,7 @@ OPEN_CLIP_ANSWERS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a CLIP-style dual encoder. Every default is shown; flags "
+    p = Parser(description="Train a CLIP-style dual encoder. Every default is shown; flags "
                                             "are open_clip's where one exists.", allow_abbrev=False)
     p.add_argument("--config", help="YAML file with options (flat or grouped by section); flags override it")
     for section, klass in SECTIONS.items():
