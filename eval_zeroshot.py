@@ -155,6 +155,9 @@ def find_checkpoints(path: Path) -> Optional[tuple[str, list[tuple[int, Path]]]]
 
 
 def main(argv=None) -> int:
+    from vlp.thread_env import check_omp_env
+
+    check_omp_env()   # before torch is imported (libgomp reads OMP_NUM_THREADS then)
     from vlp.config import ConfigError
     from vlp.eval.evalset import EvalError
 
