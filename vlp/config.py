@@ -54,6 +54,7 @@ class ModelConfig:
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in both towers"})
     torchcompile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard parameters, gradients and optimiser state over the processes (towers too large to replicate)"})
+    allow_model_change: bool = field(default=False, metadata={"help": "--resume with a model config that differs from the checkpoint's (refused otherwise, naming the fields)"})
     fsdp_sharding: str = field(default="full", metadata={"help": "--fsdp: 'full' frees each block's gathered weights after its forward (ZeRO-3), 'grad-op' keeps them for the backward (ZeRO-2)"})
 
 
