@@ -27,6 +27,7 @@ from vlp.train import device_batch, health
 from vlp.train import sharding
 from vlp.train.checkpointer import Checkpointer
 from vlp.train.console import Console
+from vlp.train.cpu_default import DefaultModelOnCpu
 from vlp.train.feed import StepFeed
 from vlp.train.health import TrainingError
 from vlp.train.inloop_eval import InLoopEval, open_sets
@@ -186,6 +187,9 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
     console.begin(cfg, net=net, model_name=bundle.model_name, loader=loader, device=accelerator.device, world=world,
                   precision=run_precision(cfg), threads=threads, steps=(step, steps_per_epoch, total_steps),
                   run_dir=paths.root)
+    cpu_note = DefaultModelOnCpu(bundle.model_name, accelerator.device, sum(p.numel() for p in net.parameters()))
+    if note := cpu_note.at_start():
+        console.print(note)
     model.train()
     start_step = step
     last: dict = {}
@@ -225,6 +229,9 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
             step += 1
             meter.step()
             console.step(step)
+            if step == start_step + 1 and (note := cpu_note.after_first_step(time.perf_counter() - t_last,
+                                                                              total_steps - start_step)):
+                console.print(note)
 
             if step % cfg.run.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
