@@ -26,6 +26,7 @@ from vlp.runtime.preemption import Preempted, StopSignals
 from vlp.train import device_batch, health, sharding
 from vlp.train.checkpointer import Checkpointer
 from vlp.train.console import Console
+from vlp.train.cpu_default import DefaultModelOnCpu
 from vlp.train.feed import StepFeed
 from vlp.train.health import TrainingError
 from vlp.train.inloop_eval import InLoopEval, open_sets
@@ -130,6 +131,9 @@ class Run:
         self.console.begin(cfg, net=net, model_name=self.bundle.model_name, loader=self.loader, device=acc.device,
                            world=self.world, precision=self.trainer.precision, threads=self.threads,
                            steps=(self.step, self.steps_per_epoch, self.total_steps), run_dir=self.paths.root)
+        self.cpu_note = DefaultModelOnCpu(self.bundle.model_name, acc.device, sum(p.numel() for p in net.parameters()))
+        if note := self.cpu_note.at_start():
+            self.console.print(note)
         self.start_step, self.last, self.empty_epochs = self.step, {}, 0
         self._clock = (time.perf_counter(), self.step)
 
@@ -160,6 +164,9 @@ class Run:
             more = verdict.more
             meter.step()
             self.console.step(self.step)
+            if self.step == self.start_step + 1 and (note := self.cpu_note.after_first_step(
+                    time.perf_counter() - self._clock[0], self.total_steps - self.start_step)):
+                self.console.print(note)
             self._after_step(losses, stop=verdict.stop)
         self._end_epoch(step_at_epoch_start)
 
