@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from vlp.curate.store import DONE_FILE, CurateError, atomic_write, check_model, read_table, table_path, write_table
+from vlp.flags import Parser
 
 
 def load_model(checkpoint: Optional[str], model: Optional[str], tokenizer: Optional[str], device):
@@ -164,7 +165,7 @@ def _finish(folder: Path, n_shards: int) -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="shard spec, as --train-data")
     p.add_argument("--out", required=True, help="folder for the per-shard tables")
     p.add_argument("--checkpoint", "--pretrained", dest="checkpoint", help="vlp checkpoint/export or open_clip file")
