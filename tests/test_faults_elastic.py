@@ -192,3 +192,39 @@ def test_resume_with_more_loader_workers_finishes_the_epoch_exactly(demo_data, m
     assert loader["workers"] == 3 and loader["epoch"] == 0
     assert sum(b - a for a, b in loader["pool"]) == left and loader["batches_done"] == loader["epoch_batches"] == left // 16
     assert sorted(_losses(tmp_path / "workers")) == list(range(1, 38))
+
+
+_WATCHED = """
+import sys, time
+from pathlib import Path
+from vlp.runtime.preemption import StopSignals
+from vlp.train.launcher import LauncherWatch
+with StopSignals() as signals:
+    watch = LauncherWatch(signals)
+    print("watching", flush=True)
+    deadline = time.monotonic() + 30
+    while not signals.requested and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(watch.noticed_at, flush=True)   # CLOCK_MONOTONIC: one clock for every process of the machine
+    print(watch.stopped(Path(sys.argv[1])), flush=True)
+"""
+
+
+def test_a_rank_notices_its_launcher_die_within_a_poll(tmp_path):
+    """A stand-in agent (a process started by torchrun's rules: TORCHELASTIC_RUN_ID set for its child) SIGKILLed:
+    its child asks to stop within one poll and words the stop as the launcher's; without the variable no watch."""
+    env = dict(os.environ, PYTHONPATH=str(repo_root()), TORCHELASTIC_RUN_ID="t")
+    agent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+                              sys.executable, "-c", _WATCHED, str(tmp_path)],
+                             env=env, stdout=subprocess.PIPE, text=True)
+    assert agent.stdout.readline() == "watching\n"
+    killed = time.monotonic()
+    agent.kill()
+    agent.wait()
+    noticed, line = agent.stdout.readline(), agent.stdout.readline()   # the orphan still holds the pipe
+    assert 0 < float(noticed) - killed < 1.5, float(noticed) - killed
+    assert line == "state saved at step 0; continue with --resume latest\n"
+    from vlp.runtime.preemption import StopSignals
+    from vlp.train.launcher import LauncherWatch
+
+    assert LauncherWatch(StopSignals(), env={}).stopped(tmp_path) is None   # not under torchrun: nothing watched
