@@ -58,6 +58,32 @@ def test_the_pages_hold_shell_blocks():
     assert _params(), "no block is run"
 
 
+def test_every_flag_in_a_block_is_a_flag_of_its_command():
+    """Blocks that are not run (GPU, cluster, network) still name only flags the parsers have: each vlp command
+    line of every block (train.py under torchrun/srun too) is checked against its command's own parser."""
+    from vlp.flags import Answer
+
+    reference = docs_blocks.flag_reference(ROOT)
+    parsers, bad, checked = {}, [], 0
+    for page in docs_blocks.pages(ROOT):
+        for block in docs_blocks.shell_blocks(page):
+            for argv in docs_blocks.commands(block):
+                found = docs_blocks.vlp_invocation(argv)
+                if not found:
+                    continue
+                name, target, args = found
+                parser = parsers.get(target) or parsers.setdefault(target, reference.parser_of(target))
+                known = parser._option_string_actions
+                checked += 1
+                for arg in args:
+                    flag = arg.split("=", 1)[0]
+                    if flag.startswith("--") and flag != "--" and (
+                            flag not in known or isinstance(known[flag], Answer)):
+                        bad.append(f"{block.where}: {name} has no flag {flag}")
+    assert checked >= 10, checked
+    assert not bad, "\n".join(bad)
+
+
 def test_ci_runs_the_command_readme_shows():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1].strip()
     readme = [b.code for b in docs_blocks.shell_blocks(ROOT / "README.md")]
