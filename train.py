@@ -17,7 +17,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from vlp.config import ConfigError, parse_config
     from vlp.data.errors import DataError
-    from vlp.train.preemption import EXIT_PREEMPTED, Preempted, ignore_stop_signals
+    from vlp.runtime.preemption import EXIT_PREEMPTED, Preempted, ignore_stop_signals
 
     try:
         cfg = parse_config(argv)  # before torch is imported, so --help and a bad flag answer at once

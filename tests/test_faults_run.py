@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import repo_root
 from tests.test_train_loop import _losses
 from vlp.config import ConfigError, parse_config
-from vlp.train.preemption import EXIT_PREEMPTED
+from vlp.runtime.preemption import EXIT_PREEMPTED
 
 STEPS = 14
 
@@ -97,7 +97,7 @@ def test_nonfinite_gradients_stop_with_the_last_finite_state(demo_data, micro_mo
     optimiser step; the checkpoint is the finite state before it, and nothing NaN is exported."""
     import torch
 
-    from vlp.train import checkpoint as ckpt
+    from vlp.runtime import checkpoint as ckpt
     from vlp.train import loop
 
     calls = {"n": 0}
@@ -126,7 +126,7 @@ def test_nan_weights_are_never_saved(demo_data, micro_model_json, tmp_path, monk
     step NaN as well, saves nothing, and names the last finite checkpoint."""
     import torch
 
-    from vlp.train import checkpoint as ckpt
+    from vlp.runtime import checkpoint as ckpt
     from vlp.train import loop
 
     calls = {"n": 0}

@@ -91,7 +91,7 @@ def test_nonfinite_loss_stops_with_message_and_checkpoint(demo_data, micro_model
     import torch
 
     import vlp.train.loop as loop
-    from vlp.train import checkpoint as ckpt
+    from vlp.runtime import checkpoint as ckpt
 
     calls = {"n": 0}
     real_step = loop.train_step

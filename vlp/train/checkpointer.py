@@ -3,7 +3,7 @@
 Each rank has its own RNG streams and loader position; all of them go into the checkpoint's main file
 (rank order), and on resume each rank takes its own back. The model (gathered under --fsdp) is in the
 main file too, written by rank 0; the optimiser state is written by all ranks at once, each its share (see
-`vlp.train.checkpoint`), through the single atomic writer of `vlp.train.atomic_file`. Only finite weights
+`vlp.runtime.checkpoint`), through the single atomic writer of `vlp.runtime.atomic_file`. Only finite weights
 are ever written, and every rank learns whether the write worked (a full disk on one process must not
 leave the other ranks waiting).
 """
@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Optional
 
 from vlp.config import ConfigError
-from vlp.train import checkpoint as ckpt
+from vlp.runtime import checkpoint as ckpt
 from vlp.train.health import TrainingError, all_finite
-from vlp.train import optim_shards, rng_state, sharding
+from vlp.runtime import rng_state
+from vlp.train import optim_shards, sharding
 
 
 def split_by_bytes(state: dict, world: int, first: int = 0) -> list[dict]:

@@ -22,7 +22,7 @@ from vlp.config import Config, ConfigError
 from vlp.data.errors import DataError
 from vlp import precision as prec
 from vlp.models import create_model, export_open_clip, model_identity
-from vlp.train import checkpoint as ckpt
+from vlp.runtime import checkpoint as ckpt
 from vlp.train import device_batch, health
 from vlp.train import sharding
 from vlp.train.checkpointer import Checkpointer
@@ -30,8 +30,8 @@ from vlp.train.console import Console
 from vlp.train.feed import StepFeed
 from vlp.train.health import TrainingError
 from vlp.train.inloop_eval import InLoopEval, open_sets
-from vlp.train.peers import Peers
-from vlp.train.preemption import Preempted, StopSignals
+from vlp.runtime.peers import Peers
+from vlp.runtime.preemption import Preempted, StopSignals
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
 from vlp.train.run_state import RunFolder
 from vlp.train.step import train_step
