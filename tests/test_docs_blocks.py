@@ -26,21 +26,27 @@ def _params():
 
 @pytest.fixture(scope="module")
 def page_dirs(tmp_path_factory):
-    """One working folder per page, shared by that page's blocks (a later block uses what an earlier one made)."""
+    """One working folder per page, shared by that page's blocks, and the blocks already run there."""
     made = {}
 
     def get(page):
         if page not in made:
-            made[page] = docs_blocks.workdir(ROOT, tmp_path_factory.mktemp(page.stem))
+            made[page] = (docs_blocks.workdir(ROOT, tmp_path_factory.mktemp(page.stem)), set())
         return made[page]
     return get
 
 
 @pytest.mark.parametrize("block", _params())
 def test_block_runs(block, page_dirs):
-    out = docs_blocks.run(block, page_dirs(block.page), TIMEOUT_S[block.slow])
-    tail = "\n".join(out.stdout.splitlines()[-40:])
-    assert out.returncode == 0, f"{block.where}: the block exited {out.returncode}; its output ends:\n{tail}"
+    """A block may use what the page's earlier default blocks made: those not run yet in this session (a
+    `-m slow` run deselects them) run first. A default block must not rely on a `run: slow` one."""
+    cwd, done = page_dirs(block.page)
+    earlier = [b for b in docs_blocks.shell_blocks(block.page) if b.line < block.line and b.marker is None]
+    for b in [*(b for b in earlier if b.line not in done), block]:
+        out = docs_blocks.run(b, cwd, TIMEOUT_S[b.slow])
+        done.add(b.line)
+        tail = "\n".join(out.stdout.splitlines()[-40:])
+        assert out.returncode == 0, f"{b.where}: the block exited {out.returncode}; its output ends:\n{tail}"
 
 
 def test_every_marker_is_well_formed():
