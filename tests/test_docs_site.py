@@ -23,7 +23,10 @@ def build(config_dir, out_dir) -> subprocess.CompletedProcess:
 
 
 def copy_site(tmp_path):
-    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    """What the build reads: mkdocs.yml, docs/, the README (the Tutorial page) and the hook that adds it."""
+    for name in ("mkdocs.yml", "README.md", "scripts/mkdocs_hooks.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
     return tmp_path
 
@@ -31,7 +34,7 @@ def copy_site(tmp_path):
 def test_site_builds_strict(tmp_path):
     out = build(ROOT, tmp_path / "site")
     assert out.returncode == 0, out.stdout + out.stderr
-    for page in ("index", "training", "data", "curation", "evaluation", "reliability", "scale", "results", "flags"):
+    for page in ("index", "tutorial", "training", "data", "curation", "evaluation", "reliability", "scale", "results", "flags"):
         assert (tmp_path / "site" / ("" if page == "index" else page) / "index.html").exists(), page
 
 
@@ -42,6 +45,14 @@ def test_strict_build_fails_on_a_broken_link(tmp_path):
     out = build(site, tmp_path / "site")
     assert out.returncode != 0
     assert "no_such_page.md" in out.stdout + out.stderr
+
+
+def test_strict_build_checks_the_readme_tutorials_links(tmp_path):
+    site = copy_site(tmp_path)
+    (site / "README.md").write_text((site / "README.md").read_text() + "\nSee [gone](docs/gone.md).\n")
+    out = build(site, tmp_path / "site")
+    assert out.returncode != 0
+    assert "gone.md" in out.stdout + out.stderr
 
 
 def test_strict_build_fails_on_a_broken_anchor(tmp_path):
