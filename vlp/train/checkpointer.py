@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from vlp.config import ConfigError
+from vlp.model_drift import drift, refusal
 from vlp.runtime import checkpoint as ckpt
 from vlp.train.health import TrainingError, all_finite
 from vlp.runtime import rng_state
@@ -138,6 +139,9 @@ class Checkpointer:
         if missing:
             raise ConfigError(f"{path} is not a vlp training checkpoint (no {', '.join(missing)}): "
                               f"to start from its weights use --pretrained instead of --resume")
+        changes = drift(state["model_cfg"], self.identity["model_cfg"]) if "model_cfg" in state else []
+        if changes and not self.cfg.model.allow_model_change:   # same shapes load, as another model
+            raise ConfigError(refusal(str(path), changes))
         sharded = sharding.is_sharded(self.net)
         if bool(state.get("fsdp")) != sharded:  # the optimiser states differ in form (by name vs by index)
             raise ConfigError(f"{path} was written {'with' if state.get('fsdp') else 'without'} --fsdp; "
