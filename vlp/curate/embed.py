@@ -12,7 +12,6 @@ first shard without one; the last rank to finish writes `done.json`.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
