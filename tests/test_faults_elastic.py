@@ -224,6 +224,7 @@ def test_a_rank_notices_its_launcher_die_within_a_poll(tmp_path):
     agent.wait()
     noticed, line = agent.stdout.readline(), agent.stdout.readline()   # the orphan still holds the pipe
     assert 0 < float(noticed) - killed < 1.5, float(noticed) - killed
+    print(f"\nlauncher watch: the stop asked {float(noticed) - killed:.2f} s after the kill")
     assert line == "state saved at step 0; continue with --resume latest\n"
     from vlp.runtime.preemption import StopSignals
     from vlp.train.launcher import LauncherWatch
