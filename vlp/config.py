@@ -336,6 +336,10 @@ def validate(cfg: Config) -> Config:
 
     if r.precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)} (got {r.precision!r})")
+    from vlp.precision import fsdp_refusal
+
+    if cfg.model.fsdp and fsdp_refusal(r.precision):
+        raise ConfigError(fsdp_refusal(r.precision))
     if r.threads is not None and r.threads < 1:
         raise ConfigError("--threads must be at least 1")
     if d.text_aug not in (None, "stopwords", "eda", "stopwords+eda"):

@@ -12,7 +12,6 @@ first shard without one; the last rank to finish writes `done.json`.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -22,7 +21,8 @@ from typing import Optional
 
 import numpy as np
 
-from vlp.curate.store import DONE_FILE, CurateError, atomic_write, check_model, read_table, table_path, write_table
+from vlp.curate.store import (DONE_FILE, LEGACY, CurateError, atomic_write, check_model, table_path, table_shard,
+                              write_table)
 from vlp.flags import Parser
 
 
@@ -141,13 +141,13 @@ def embed(data: str, out: str, bundle, *, batch_size: int = 256, device="cpu", a
     t0 = time.perf_counter()
     for i in range(rank, len(urls), world):
         path = table_path(folder, i)
-        old = read_table(path) if path.is_file() else None
-        if old is not None and str(old["shard"]) == urls[i]:
-            skipped += 1
+        if urls[i] in (table_shard(path), table_shard(table_path(folder, i, LEGACY))):
+            skipped += 1   # written by an earlier run (a damaged or another shard's table is embedded again)
             continue
         t = time.perf_counter()
         table = embed_shard(bundle, urls[i], batch_size, device, amp)
         write_table(path, urls[i], table)
+        table_path(folder, i, LEGACY).unlink(missing_ok=True)   # an earlier (damaged or stale) .npz table
         done += 1
         samples += len(table["key"])
         log(f"[rank {rank}/{world}] {path.name} <- {urls[i]}: {len(table['key'])} samples "
@@ -158,10 +158,30 @@ def embed(data: str, out: str, bundle, *, batch_size: int = 256, device="cpu", a
 
 def _finish(folder: Path, n_shards: int) -> bool:
     """Write done.json once every shard's table is there (whichever rank sees that first)."""
-    have = [table_path(folder, i).is_file() for i in range(n_shards)]
+    have = [table_path(folder, i).is_file() or table_path(folder, i, LEGACY).is_file() for i in range(n_shards)]
     if all(have):
         atomic_write(folder / DONE_FILE, lambda f: f.write(json.dumps({"shards": n_shards}).encode()))
     return all(have)
+
+
+def hold_folder(out: str, main_process: bool, broadcast=None):
+    """The lock of --out (`OUT/.lock`), taken by the main process; -> (lock or None, error line or None).
+    `broadcast` passes the main process's answer to the other ranks, so a refused job stops on every rank."""
+    from vlp.runtime.lock import FolderLock
+
+    lock, error = None, None
+    if main_process:
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            lock = FolderLock(Path(out) / ".lock")
+            holder = lock.take()
+        except OSError as e:
+            holder, error = None, f"cannot write --out {out}: {e.strerror or e}"
+        if holder:
+            error = f"{out} is in use by another `vlp data embed` ({holder}): wait for it to end or use another --out"
+    if broadcast is not None:
+        error = broadcast(error)
+    return lock, error
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -188,6 +208,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     state = PartialState(cpu=not torch.cuda.is_available())
     if a.threads:
         torch.set_num_threads(a.threads)
+    lock, error = hold_folder(a.out, state.is_main_process,
+                              _broadcast if state.num_processes > 1 else None)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         bundle = load_model(a.checkpoint, a.model, a.tokenizer, state.device)
         stats = embed(a.data, a.out, bundle, batch_size=a.batch_size, device=state.device, amp=a.amp,
@@ -198,10 +223,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     state.wait_for_everyone()
     complete = _finish(Path(a.out), stats["shards"]) if state.is_main_process else True
+    if lock is not None:
+        lock.release()
     print(f"rank {state.process_index}: embedded {stats['embedded']} shards ({stats['samples']} samples, "
           f"{stats['samples'] / max(stats['seconds'], 1e-9):.1f} samples/s), {stats['resumed']} already done"
           + ("" if complete else "; some shards are missing: run again to finish"), flush=True)
     return 0
+
+
+def _broadcast(value):
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 if __name__ == "__main__":
