@@ -123,6 +123,7 @@ def test_a_node_killed_during_a_filter_run(cluster, curation_pool, local_filter,
         cluster.nodes.pop(1)
         cluster._start("--address", cluster.address, log="node1-again.log")   # for tests after this one
     err = "".join(lines)
+    print(f"node kill: rc {p.returncode}; {err.strip().splitlines()[-1]}")
     if p.returncode == 0:
         assert (out / "decisions.tsv").read_bytes() == (local_filter / "decisions.tsv").read_bytes()
         _same_report(out, local_filter)
