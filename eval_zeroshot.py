@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from vlp.flags import Answer, check
+from vlp.flags import Answer, Parser, check
 
 PRECISIONS = ["auto", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32"]
 
@@ -35,7 +35,7 @@ RUN_CHECKPOINTS = (("step", re.compile(r"^step_(\d+)\.pt$")), ("epoch", re.compi
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+    p = Parser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", "--pretrained", dest="checkpoint", default=None,
                    help="vlp checkpoint, export folder, open_clip weights file (with --model), or run folder; "
@@ -155,6 +155,9 @@ def find_checkpoints(path: Path) -> Optional[tuple[str, list[tuple[int, Path]]]]
 
 
 def main(argv=None) -> int:
+    from vlp.thread_env import check_omp_env
+
+    check_omp_env()   # before torch is imported (libgomp reads OMP_NUM_THREADS then)
     from vlp.config import ConfigError
     from vlp.eval.evalset import EvalError
 

@@ -15,9 +15,12 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlp.thread_env import check_omp_env
+
+    check_omp_env()   # before torch is imported (libgomp reads OMP_NUM_THREADS then)
     from vlp.config import ConfigError, parse_config
     from vlp.data.errors import DataError
-    from vlp.train.preemption import EXIT_PREEMPTED, Preempted, ignore_stop_signals
+    from vlp.runtime.preemption import EXIT_PREEMPTED, Preempted, ignore_stop_signals
 
     try:
         cfg = parse_config(argv)  # before torch is imported, so --help and a bad flag answer at once

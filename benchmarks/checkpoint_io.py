@@ -126,7 +126,7 @@ def _worker(rank: int, world: int, port: int, model_name: str, fsdp: bool, load:
 
     import vlp.models  # noqa: F401 - registers vlp's own model configs (vlp-tiny) with open_clip
     from vlp.config import Config
-    from vlp.train import checkpoint as ckpt
+    from vlp.runtime import checkpoint as ckpt
     from vlp.train.checkpointer import Checkpointer
 
     torch.set_num_threads(1)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from vlp.train.peers import alive
+from vlp.runtime.peers import alive
 
 OWNER = "owner.json"
 

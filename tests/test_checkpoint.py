@@ -8,13 +8,13 @@ import time
 
 import torch
 
-from vlp.train import checkpoint as ckpt
-from vlp.train import rng_state
+from vlp.runtime import checkpoint as ckpt
+from vlp.runtime import rng_state
 
 WRITER = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
-    from vlp.train import checkpoint as ckpt
+    from vlp.runtime import checkpoint as ckpt
     d = Path(sys.argv[1])
     ckpt.save_checkpoint(d, 1, {"step": 1, "w": torch.ones(1000)}, keep=3)
     real_save = torch.save

@@ -78,12 +78,12 @@ def test_api_all_dataset_kinds_and_chance_level(micro, sets):
 
 
 def _vlp_checkpoint(bundle, path: Path, step: int) -> None:
-    """A checkpoint in train.py's format (vlp.train.checkpoint.save_checkpoint when available)."""
+    """A checkpoint in train.py's format (vlp.runtime.checkpoint.save_checkpoint when available)."""
     from vlp.models import model_identity
 
     state = {"model": bundle.model.state_dict(), "step": step, "epoch": 0, **model_identity(bundle, None)}
     try:
-        from vlp.train.checkpoint import save_checkpoint
+        from vlp.runtime.checkpoint import save_checkpoint
     except ImportError:
         path.mkdir(parents=True, exist_ok=True)
         torch.save(state, path / f"step_{step:08d}.pt")

@@ -16,7 +16,7 @@ import torch
 
 from tests.conftest import MICRO_CFG, repo_root
 from vlp.config import ConfigError, parse_config
-from vlp.train import checkpoint as ckpt
+from vlp.runtime import checkpoint as ckpt
 
 
 def _flags(demo_data, model_json, logs, name, *extra):
@@ -46,7 +46,7 @@ def _limited(limit: int):
 DISK_FULL = textwrap.dedent("""
     import json, signal, resource, sys, torch
     from pathlib import Path
-    from vlp.train import checkpoint as ckpt
+    from vlp.runtime import checkpoint as ckpt
     d = Path(sys.argv[1])
     ckpt.save_checkpoint(d, 1, {"step": 1, "w": torch.ones(1000)}, keep=3)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

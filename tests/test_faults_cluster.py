@@ -18,7 +18,7 @@ from tests.conftest import repo_root
 from tests.test_faults_run import _flags, _start, _stop, _wait_for_step
 from tests.test_train_loop import _losses
 from vlp.config import ConfigError, parse_config
-from vlp.train import checkpoint as ckpt
+from vlp.runtime import checkpoint as ckpt
 from vlp.train.run_state import read_status
 
 
@@ -38,7 +38,7 @@ def test_a_repeated_stop_signal_within_the_window_is_one_request():
     """SLURM signals every process of the step and torchrun relays the same signal: the second copy, a few
     milliseconds later, used to kill the rank mid-save. A repeat after the window still stops at once."""
     code = ("import os, signal, time\n"
-            "from vlp.train import preemption as p\n"
+            "from vlp.runtime import preemption as p\n"
             "p.REPEAT_WINDOW_S = 1.0\n"
             "with p.StopSignals() as s:\n"
             "    os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
@@ -58,7 +58,7 @@ def test_eval_workers_outlive_a_process_group_sigterm():
             "from PIL import Image\n"
             "from vlp.eval.decode import iter_batches\n"
             "from vlp.eval.evalset import Sample\n"
-            "from vlp.train.preemption import StopSignals\n"
+            "from vlp.runtime.preemption import StopSignals\n"
             "buf = io.BytesIO(); Image.new('RGB', (8, 8), 'red').save(buf, 'PNG')\n"
             "samples = [Sample(key=str(i), target=0, data=buf.getvalue()) for i in range(64)]\n"
             "def slow(im):\n"
@@ -188,12 +188,13 @@ def _ranks(proc) -> list:
 @pytest.mark.parametrize("delivery", ["SIGTERM to torchrun", "SIGUSR1 to torchrun", "SIGTERM to every process"])
 def test_torchrun_preemption_is_saved_and_recorded(demo_data, micro_model_json, tmp_path, delivery):
     """torchrun exits 1 whatever its ranks return, so the run folder says how it ended. SIGUSR1 reaches the
-    ranks only with README's --signals-to-handle (torchrun itself died of it and the ranks trained on); SLURM's
+    ranks only with the documented --signals-to-handle (torchrun itself died of it and the ranks trained on); SLURM's
     delivery to every process plus torchrun's relay gives each rank the signal twice (it used to kill them)."""
     import psutil
 
     sig = signal.SIGUSR1 if "USR1" in delivery else signal.SIGTERM
-    assert SIGNALS_FLAG in (repo_root() / "README.md").read_text()
+    for doc in ("README.md", "docs/training.md", "docs/reliability.md"):   # the torchrun lines users copy
+        assert SIGNALS_FLAG in (repo_root() / doc).read_text(), doc
     proc = _torchrun(demo_data, micro_model_json, tmp_path, "pre", SIGNALS_FLAG)
     _wait_for_step(tmp_path / "pre", proc, 3)
     targets = [psutil.Process(proc.pid)]

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import repo_root
 from tests.test_train_loop import _losses
 from vlp.config import ConfigError, parse_config
-from vlp.train.preemption import EXIT_PREEMPTED
+from vlp.runtime.preemption import EXIT_PREEMPTED
 
 STEPS = 14
 
@@ -97,11 +97,12 @@ def test_nonfinite_gradients_stop_with_the_last_finite_state(demo_data, micro_mo
     optimiser step; the checkpoint is the finite state before it, and nothing NaN is exported."""
     import torch
 
-    from vlp.train import checkpoint as ckpt
+    from vlp.runtime import checkpoint as ckpt
     from vlp.train import loop
+    from vlp.train import trainer as trainer_module
 
     calls = {"n": 0}
-    real_step = loop.train_step
+    real_step = trainer_module.train_step
 
     def poisoned_step(model, *args, **kwargs):
         calls["n"] += 1
@@ -110,7 +111,7 @@ def test_nonfinite_gradients_stop_with_the_last_finite_state(demo_data, micro_mo
             next(p for p in model.parameters() if p.grad is not None).grad[0].fill_(float("nan"))
         return losses
 
-    monkeypatch.setattr(loop, "train_step", poisoned_step)
+    monkeypatch.setattr(trainer_module, "train_step", poisoned_step)
     cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "nangrad", "--workers", "0"))
     with pytest.raises(loop.TrainingError, match=r"^gradient norm is nan at step 3; the state before this step is "
                                                  r"saved in .*step_00000002\.pt$"):
@@ -126,11 +127,12 @@ def test_nan_weights_are_never_saved(demo_data, micro_model_json, tmp_path, monk
     step NaN as well, saves nothing, and names the last finite checkpoint."""
     import torch
 
-    from vlp.train import checkpoint as ckpt
+    from vlp.runtime import checkpoint as ckpt
     from vlp.train import loop
+    from vlp.train import trainer as trainer_module
 
     calls = {"n": 0}
-    real_step = loop.train_step
+    real_step = trainer_module.train_step
 
     def poisoned_step(model, *args, **kwargs):
         calls["n"] += 1
@@ -139,7 +141,7 @@ def test_nan_weights_are_never_saved(demo_data, micro_model_json, tmp_path, monk
                 getattr(model, "module", model).visual.proj.view(-1)[0] = float("nan")
         return real_step(model, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", poisoned_step)
+    monkeypatch.setattr(trainer_module, "train_step", poisoned_step)
     cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "nanw", "--workers", "0", "--save-every", "2"))
     with pytest.raises(loop.TrainingError, match=r"^loss is nan at step 4; the state before this step is not "
                                                  r"finite either\. The last finite checkpoint is .*step_00000002\.pt"):

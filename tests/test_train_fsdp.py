@@ -101,6 +101,7 @@ def _fsdp_worker(rank: int, world: int, port: int, model_json: str, sets: list, 
     from vlp.train.inloop_eval import InLoopEval, open_sets
     from vlp.train.loop import make_accelerator
     from vlp.train.run_log import MetricsLog, RunPaths
+    from vlp.train.parallelize import gradient_sync_off
     from vlp.train.step import train_step
 
     cfg = Config()
@@ -148,7 +149,7 @@ def _fsdp_worker(rank: int, world: int, port: int, model_json: str, sets: list, 
     for accum in (1, 2):
         with CommDebugMode() as comm:
             train_step(model, micro[:accum], loss_fn, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
-                       no_sync=lambda: sharding.gradient_sync_off(acc, model))
+                       no_sync=lambda: gradient_sync_off(acc, model))
         out["reduce_scatters"][accum] = sum(n for op, n in comm.get_comm_counts().items() if "reduce_scatter" in str(op))
         model.zero_grad(set_to_none=True)
     with CommDebugMode() as comm:  # accelerate's no_sync, what the loop used: nothing for a model it did not wrap

@@ -98,6 +98,9 @@ def _one_line_error(parser: argparse.ArgumentParser, message: str):
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from vlp.thread_env import check_omp_env
+
+    check_omp_env()   # before any command imports torch
     if argv[:1] == ["--version"]:
         from vlp import __version__
 

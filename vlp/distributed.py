@@ -201,3 +201,16 @@ class RingShift:
         for request in self.requests:
             request.wait()
         return self.received
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP-style (`.module`) and torch.compile (`._orig_mod`) wrappers, in any nesting:
+    the same parameters, whose state dict keys carry no `module.`/`_orig_mod.` prefix (what is saved, evaluated,
+    clamped). An FSDP2 module is its own plain module (fully_shard changes the class in place)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner

@@ -176,10 +176,10 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except Exception as e:  # noqa: BLE001 - an empty or damaged file is a user-facing error
-            from vlp.train.checkpoint import first_line
+            from vlp.runtime.checkpoint import first_line
 
             raise ConfigError(f"cannot read checkpoint {path}: {first_line(e)}") from None
-    from vlp.train.checkpoint import load_state
+    from vlp.runtime.checkpoint import load_state
 
     ckpt = load_state(Path(path), parts=False)  # weights only; checksum verified; one line on any unreadable file
     if isinstance(ckpt, dict):
@@ -220,7 +220,7 @@ def read_checkpoint_meta(path: str) -> Optional[dict]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001
-        from vlp.train.checkpoint import check
+        from vlp.runtime.checkpoint import check
 
         check(Path(path))  # a damaged checkpoint or a text file is reported as such, not as "not a vlp checkpoint"
         return None
@@ -264,7 +264,7 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: di
     from safetensors.torch import save_file
 
     from vlp.tokenizers import save_tokenizer_files
-    from vlp.train.checkpoint import folder_write_error, state_bytes
+    from vlp.runtime.checkpoint import folder_write_error, state_bytes
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")

@@ -12,7 +12,6 @@ first shard without one; the last rank to finish writes `done.json`.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 
 from vlp.curate.store import (DONE_FILE, LEGACY, CurateError, atomic_write, check_model, table_path, table_shard,
                               write_table)
+from vlp.flags import Parser
 
 
 def load_model(checkpoint: Optional[str], model: Optional[str], tokenizer: Optional[str], device):
@@ -191,7 +191,7 @@ def hold_folder(out: str, main_process: bool, broadcast=None):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="shard spec, as --train-data")
     p.add_argument("--out", required=True, help="folder for the per-shard tables")
     p.add_argument("--checkpoint", "--pretrained", dest="checkpoint", help="vlp checkpoint/export or open_clip file")

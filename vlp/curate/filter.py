@@ -22,6 +22,7 @@ import numpy as np
 
 from vlp.curate.report import summarise, write_report
 from vlp.curate.store import CurateError, Table, atomic_write, load_tables
+from vlp.flags import Parser
 
 
 def build_rules(a) -> list[tuple[str, dict, object]]:
@@ -83,7 +84,7 @@ def write_decisions(path: Path, t: Table, reason: np.ndarray) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--embeddings", required=True, help="the --out folder of `vlp data embed`")
     p.add_argument("--out", required=True, help="folder for decisions.tsv and the report")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from vlp.curate.store import CurateError
+from vlp.flags import Parser
 
 STAGING_PREFIX = ".reshard-"   # owner-tagged (data_tools.staging): a killed run's folder is removed by the next
 
@@ -103,7 +104,7 @@ def _write(kept: dict, removed: Counter, decisions: str, out: Path, staging: Pat
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--decisions", required=True, help="decisions.tsv written by `vlp data filter`")
     p.add_argument("--output", "--out", dest="output", required=True, help="folder for the new shards")
     p.add_argument("--per-shard", type=int, default=10000)

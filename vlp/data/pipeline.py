@@ -48,7 +48,7 @@ from vlp.data.preflight import preflight
 from vlp.data.shards import ShardSet, load_shards, shard_list_hash
 from vlp.data.transforms import build_transform
 from vlp.data.worker import WorkerStream
-from vlp.train.preemption import start_workers, worker_init
+from vlp.runtime.preemption import start_workers, worker_init
 
 STATE_VERSION = 1
 

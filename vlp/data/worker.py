@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import random
 from collections import Counter
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Protocol
 
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -19,15 +19,28 @@ from vlp.data.plan import Cursor, EpochPlan, check_bad_fraction, mix, shuffle
 from vlp.data.shards import ShardSet
 from vlp.data.tario import Sample, TarError, read_shard
 
-if TYPE_CHECKING:
-    from vlp.data.pipeline import TrainLoader
+class StreamSource(Protocol):
+    """What a WorkerStream reads its set-up from (the training loader, `vlp.data.pipeline.TrainLoader`): named
+    here so that the worker does not import the loader that imports it."""
+
+    shards: ShardSet
+    cfg: DataConfig
+    rank: int
+    world_size: int
+    seed: int
+    n_workers: int
+    transform: Callable
+    tokenizer: Callable
+    picker: CaptionPicker
+
+    def plan(self, epoch: int) -> EpochPlan: ...
 
 
 class WorkerStream(IterableDataset):
     """What each DataLoader worker runs: read its range -> shuffle -> decode/augment + caption -> batch.
     `epoch`, `cursors` (resume) and `rotation` are set by TrainLoader before each epoch."""
 
-    def __init__(self, loader: "TrainLoader"):
+    def __init__(self, loader: StreamSource):
         super().__init__()
         L = loader
         self.shards: ShardSet = L.shards

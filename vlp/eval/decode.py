@@ -12,7 +12,7 @@ import torch
 from vlp.data.errors import MISSING_IMAGE, SkipSample
 from vlp.data.images import decode_rgb
 from vlp.eval.evalset import EvalError, Sample
-from vlp.train.preemption import start_workers, worker_init
+from vlp.runtime.preemption import start_workers, worker_init
 
 
 class UndecodableImage(EvalError):

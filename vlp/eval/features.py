@@ -48,7 +48,7 @@ def load(cache_dir: Path, key: str) -> Optional[tuple[torch.Tensor, torch.Tensor
 
 
 def save(cache_dir: Path, key: str, features: torch.Tensor, targets: torch.Tensor, meta: dict) -> Path:
-    from vlp.train.checkpoint import atomic_torch_save
+    from vlp.runtime.checkpoint import atomic_torch_save
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from vlp.progress import progress_bar
 
 from vlp.rewrite.prompt import GUARD_REASONS, guard, one_line
 from vlp.rewrite.sources import InputError, Record
-from vlp.train.checkpoint import atomic_write_bytes
+from vlp.runtime.checkpoint import atomic_write_bytes
 
 FORMATS = ("lines", "jsonl")
 

@@ -3,7 +3,7 @@
 Each rank has its own RNG streams and loader position; all of them go into the checkpoint's main file
 (rank order), and on resume each rank takes its own back. The model (gathered under --fsdp) is in the
 main file too, written by rank 0; the optimiser state is written by all ranks at once, each its share (see
-`vlp.train.checkpoint`), through the single atomic writer of `vlp.train.atomic_file`. Only finite weights
+`vlp.runtime.checkpoint`), through the single atomic writer of `vlp.runtime.atomic_file`. Only finite weights
 are ever written, and every rank learns whether the write worked (a full disk on one process must not
 leave the other ranks waiting).
 """
@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 from vlp.config import ConfigError
-from vlp.train import checkpoint as ckpt
+from vlp.model_drift import drift, refusal
+from vlp.runtime import checkpoint as ckpt
 from vlp.train.health import TrainingError, all_finite
-from vlp.train import optim_shards, rng_state, sharding
+from vlp.runtime import rng_state
+from vlp.train import optim_shards, sharding
 
 
 def split_by_bytes(state: dict, world: int, first: int = 0) -> list[dict]:
@@ -137,6 +139,9 @@ class Checkpointer:
         if missing:
             raise ConfigError(f"{path} is not a vlp training checkpoint (no {', '.join(missing)}): "
                               f"to start from its weights use --pretrained instead of --resume")
+        changes = drift(state["model_cfg"], self.identity["model_cfg"]) if "model_cfg" in state else []
+        if changes and not self.cfg.model.allow_model_change:   # same shapes load, as another model
+            raise ConfigError(refusal(str(path), changes))
         sharded = sharding.is_sharded(self.net)
         if bool(state.get("fsdp")) != sharded:  # the optimiser states differ in form (by name vs by index)
             raise ConfigError(f"{path} was written {'with' if state.get('fsdp') else 'without'} --fsdp; "

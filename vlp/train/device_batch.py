@@ -1,10 +1,10 @@
 """Batches onto the training device, images normalised there.
 
 On CUDA the loader hands over uint8 images in pinned memory (a quarter of the float bytes, copied
-asynchronously) and the trainer turns them into normalised images on the GPU in one fused op
-(`addcmul`: x * 1/(255 std) - mean/std, computed in float32 and stored once in the run's compute dtype:
-bf16 under bf16 autocast). On CPU the loader normalises on the host as before (into reused buffers):
-there is no transfer to save, and that path is already the fast one.
+asynchronously) and the trainer turns them into normalised images on the GPU with the loader's own
+arithmetic (`vlp.data.transforms.Uint8Normalizer`: the same floats as the host path, bit for bit), stored
+in the run's compute dtype (bf16 under bf16 autocast). On CPU the loader normalises on the host as before
+(into reused buffers): there is no transfer to save, and that path is already the fast one.
 """
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["DeviceBatch", "wanted"]
+from vlp import precision as prec
+from vlp.data.transforms import Uint8Normalizer
+
+__all__ = ["DeviceBatch", "wanted", "for_run"]
 
 
 def wanted(device) -> bool:
@@ -30,20 +33,21 @@ class DeviceBatch:
                  dtype: torch.dtype = torch.float32, input_dtype: Optional[torch.dtype] = None):
         self.device, self.dtype = torch.device(device), dtype
         self.input_dtype = input_dtype  # float images cast to it: open_clip's bf16/fp16/pure_* 16-bit weights
-        self.scale = self.shift = None
-        if normalization is not None:
-            mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalization)
-            self.scale = (1.0 / (std * 255)).to(self.device)
-            self.shift = (-mean / std).to(self.device)
+        self.normalize = Uint8Normalizer(*normalization, device=self.device) if normalization is not None else None
 
     def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, non_blocking=True)
         texts = texts.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:
-            if self.scale is None:
+            if self.normalize is None:
                 raise ValueError("uint8 images need the loader's normalization (mean, std)")
-            out = torch.empty(images.shape, dtype=self.dtype, device=self.device)
-            images = torch.addcmul(self.shift, images, self.scale, out=out)
+            images = self.normalize(images, self.dtype)
         elif self.input_dtype is not None:
             images = images.to(self.input_dtype)
         return images, texts
+
+
+def for_run(device, loader, precision: str) -> DeviceBatch:
+    """The DeviceBatch for a training loader and a run's resolved --precision."""
+    return DeviceBatch(device, loader.normalization if loader.device_normalize else None,
+                       prec.compute_dtype(precision), prec.input_dtype(precision))

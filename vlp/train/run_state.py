@@ -13,8 +13,6 @@ already holding a run) leaves the folder's status as it was.
 """
 from __future__ import annotations
 
-import datetime
-import fcntl
 import json
 import os
 import socket
@@ -22,7 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from vlp.config import ConfigError
-from vlp.train import checkpoint as ckpt
+from vlp.runtime import checkpoint as ckpt
+from vlp.runtime.lock import FolderLock, now as _now
 from vlp.train.health import TrainingError
 from vlp.train.run_log import RunPaths
 
@@ -34,42 +33,34 @@ class RunFolder:
 
     def __init__(self, root: Path):
         self.root = root
-        self.peers = None   # vlp.train.peers.Peers, once the processes are up: names a lost rank
-        self._lock_fh = None
+        self.peers = None   # vlp.runtime.peers.Peers, once the processes are up: names a lost rank
+        self._lock: Optional[FolderLock] = None
         self._started = False
 
     def hold(self) -> Optional[str]:
         """Take the folder's lock (main process only); None, or one line saying who holds it."""
+        lock = FolderLock(self.root / LOCK)
         try:
             RunPaths(self.root).create()
-            fh = open(self.root / LOCK, "a+")
+            holder = lock.take()
         except (ConfigError, OSError) as e:
             return str(e) if isinstance(e, ConfigError) else f"cannot write the run folder {self.root}: {e.strerror}"
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            return (f"run folder {self.root} is in use by another training ({holder}): "
-                    f"pass another --name, or wait for that run to end")
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n")
-        fh.flush()
-        self._lock_fh = fh
-        return None
+        if holder is None:
+            self._lock = lock
+            return None
+        return (f"run folder {self.root} is in use by another training ({holder}): "
+                f"pass another --name, or wait for that run to end")
 
     def start(self, step: int) -> None:
         """The run is under way (from `step`); from now on its end is recorded."""
-        self._started = self._lock_fh is not None
+        self._started = self._lock is not None
         self._write("running", None, "", step=step)
 
     def __enter__(self) -> "RunFolder":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        from vlp.train.preemption import EXIT_PREEMPTED, Preempted
+        from vlp.runtime.preemption import EXIT_PREEMPTED, Preempted
 
         if self._started:
             if exc is None:
@@ -79,9 +70,9 @@ class RunFolder:
             elif isinstance(exc, Exception):   # train.py's exit code: 2 for an error it words, 1 for a crash
                 self._write("failed", 2 if isinstance(exc, (ConfigError, TrainingError)) else 1,
                             ckpt.first_line(exc, limit=1000))
-        if self._lock_fh is not None:
-            self._lock_fh.close()   # releases the lock
-            self._lock_fh = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _write(self, state: str, code: Optional[int], message: str, step: Optional[int] = None) -> None:
         if not self._started:
@@ -106,6 +97,3 @@ def read_status(root: Path) -> Optional[dict]:
     except (OSError, ValueError):
         return None
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

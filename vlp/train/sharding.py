@@ -10,7 +10,8 @@ its own shard unit (gathered for its forward and backward only), then the root h
 Under `--precision amp_bf16` the blocks are gathered in bf16 and their gradients reduced in float32
 (`MixedPrecisionPolicy`, torchtitan's choice: half the all-gather bytes); the root stays float32 (its
 `logit_scale` feeds the loss, which computes in float32). With `--accum-freq k` only the last micro-step
-reduce-scatters gradients (`gradient_sync_off`; FSDP2 modules have no `no_sync`).
+reduce-scatters gradients (`vlp.train.parallelize.gradient_sync_off`; FSDP2 modules have no `no_sync`).
+`vlp.train.parallelize` calls `shard_model` in its place among precision, compile and DDP.
 
 Checkpoints hold the full (gathered) model and optimiser state, written by the main process: the
 model part is an ordinary state dict (export, eval_zeroshot and open_clip read it as from any other
@@ -25,11 +26,11 @@ from typing import Optional
 import torch
 
 from vlp import compat
+from vlp import precision as prec
 from vlp.compat import require_fsdp2
 from vlp.config import ConfigError
 
 SHARDINGS = ("full", "grad-op")
-PRECISIONS = ("fp32", "amp_bf16", "amp_bfloat16")
 SCALARS_ATTR = "_vlp_fsdp_scalars"  # names of 0-dim parameters stored as shape [1] while sharded
 RESHARD_ATTR = "_vlp_fsdp_reshard"  # the blocks' reshard_after_forward (--fsdp-sharding full)
 
@@ -55,9 +56,8 @@ def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, pre
     """Shard `model` in place over every rank of the default process group; call it before building the
     optimiser (the parameters become DTensors). `precision`: the run's resolved --precision."""
     fully_shard = require_fsdp2("--fsdp")
-    if precision not in PRECISIONS:
-        # fp16 autocast needs a grad scaler that agrees across shards; cast weights mix dtypes in a shard unit
-        raise ConfigError(f"--fsdp runs in {' or '.join(PRECISIONS[:2])} (bf16 autocast), not --precision {precision}")
+    if precision == "auto" or prec.fsdp_refusal(precision):   # config validation refuses these at parse time
+        raise ConfigError(prec.fsdp_refusal(precision) or "shard_model takes a resolved --precision, not auto")
     if not torch.distributed.is_initialized():
         raise ConfigError("--fsdp needs several processes (torchrun or accelerate launch)")
     from torch.distributed.device_mesh import init_device_mesh
@@ -139,48 +139,6 @@ def gathered(model: torch.nn.Module):
             m.reshard()
 
 
-def prepare(accelerator, model: torch.nn.Module, optimizer, compile: bool = False):
-    """accelerate's prepare; a sharded model is left out of it (accelerate would wrap it in DDP). `compile`
-    (--torchcompile) compiles the module inside DDP, `DDP(torch.compile(m))`. Dynamo's DDPOptimizer still splits
-    the compiled graph at DDP's bucket boundaries (so each bucket's all-reduce overlaps the rest of the
-    backward): DDP marks itself active around its call of the inner module, and dynamo applies DDPOptimizer to
-    any frame compiled under an active DDP (torch/_dynamo/convert_frame.py). tests/test_train_distributed.py
-    checks the split; benchmarks/compile_ddp.py measured `torch.compile(DDP(m))`, torch's documented order, with
-    the same split and 1.2-1.75x slower steps on 2 CPU ranks."""
-    if compile:
-        model = torch.compile(model)
-    if is_sharded(model):
-        return model, accelerator.prepare(optimizer)
-    return accelerator.prepare(model, optimizer)
-
-
-def plain_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside the DDP and compile wrappers (same parameters): accelerate's `unwrap_model` leaves a
-    module compiled inside DDP compiled, whose state dict keys would carry `_orig_mod.`."""
-    net = accelerator.unwrap_model(model, keep_torch_compile=False)
-    return getattr(net, "_orig_mod", net)
-
-
-@contextmanager
-def gradient_sync_off(accelerator, model: torch.nn.Module):
-    """An accumulation micro-step: no gradient communication (DDP's `no_sync`; for a sharded model FSDP2's
-    `set_requires_gradient_sync(False)`: accelerate's `no_sync` does nothing for a model it did not wrap)."""
-    if not is_sharded(_compiled_inner(model)):
-        with accelerator.no_sync(model):
-            yield
-        return
-    inner = _compiled_inner(model)
-    inner.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        inner.set_requires_gradient_sync(True)
-
-
-def _compiled_inner(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)
-
-
 def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     path, _, attr = name.rpartition(".")
     return (model.get_submodule(path) if path else model), attr
@@ -191,10 +149,11 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _options(**kw):
+def state_dict_options(full: bool = True, **kw):
+    """torch.distributed.checkpoint's options: the full (gathered) form, or each rank's own shard (`full=False`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, **kw)
+    return StateDictOptions(full_state_dict=full, **kw)
 
 
 def _plain_optimizer(optimizer):
@@ -206,13 +165,14 @@ def full_state(model: torch.nn.Module, optimizer=None) -> tuple[dict, Optional[d
     the main process (other ranks get empty dicts). Collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    model_state = get_model_state_dict(model, options=_options(cpu_offload=True))
+    model_state = get_model_state_dict(model, options=state_dict_options(cpu_offload=True))
     for name in getattr(model, SCALARS_ATTR):
         if name in model_state:
             model_state[name] = model_state[name].reshape(())
     optim_state = None
     if optimizer is not None:
-        optim_state = get_optimizer_state_dict(model, _plain_optimizer(optimizer), options=_options(cpu_offload=True))
+        optim_state = get_optimizer_state_dict(model, _plain_optimizer(optimizer),
+                                               options=state_dict_options(cpu_offload=True))
     return model_state, optim_state
 
 
@@ -224,6 +184,6 @@ def load_full_state(model: torch.nn.Module, model_state: dict, optimizer=None, o
     for name in getattr(model, SCALARS_ATTR):
         if name in model_state:
             model_state[name] = model_state[name].reshape(1)
-    set_model_state_dict(model, model_state, options=_options())
+    set_model_state_dict(model, model_state, options=state_dict_options())
     if optimizer is not None and optim_state is not None:
-        set_optimizer_state_dict(model, _plain_optimizer(optimizer), optim_state, options=_options())
+        set_optimizer_state_dict(model, _plain_optimizer(optimizer), optim_state, options=state_dict_options())

@@ -2,7 +2,7 @@
 
 A checkpoint is `step_NNNNNNNN.pt`, one torch.save dict holding only weights_only-safe types (tensors,
 numbers, strings, lists, dicts), so loading never executes pickled code; open_clip loads it as
-`pretrained=` (its `state_dict`). It is written by `vlp.train.atomic_file`'s single atomic writer and
+`pretrained=` (its `state_dict`). It is written by `vlp.runtime.atomic_file`'s single atomic writer and
 carries its SHA-256; `latest` names the newest. Under several processes the optimiser state is split by
 parameter between the ranks and each rank writes its own share beside it (`step_NNNNNNNN.pt.partR-TOKEN`,
 also checksummed; TOKEN names the save) while rank 0 writes the main file that lists them: its rename,
@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from vlp.config import ConfigError
-from vlp.train import peers
-from vlp.train.atomic_file import (  # noqa: F401 - the writer's names, used through this module too
+from vlp.runtime import peers
+from vlp.runtime.atomic_file import (  # noqa: F401 - the writer's names, used through this module too
     CheckpointWriteError, atomic_torch_save, atomic_write_bytes, first_line, folder_write_error, state_bytes,
     stored_checksum, verify)
 
