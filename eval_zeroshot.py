@@ -91,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="linear probe / k-NN: folder of cached float16 features (default: $VLP_FEATURE_CACHE or "
                         "~/.cache/vlp/features; 'none' to keep nothing)")
     p.add_argument("--clip-benchmark-commands", action="store_true",
-                   help="print the clip_benchmark commands of the suite's `dataset:` sets and exit")
+                   help="print the clip_benchmark eval command of each set (however named) and exit: runnable as "
+                        "printed (--num_workers within the set's shards, an --output per set)")
     p.add_argument("--no-geometry", action="store_true", help="skip the geometry figures")
     p.add_argument("--steps", default=None,
                    help="run folder only: evaluate only these steps (epochs for open_clip_train runs), e.g. '1000,2000'")
@@ -177,7 +178,8 @@ def run(a: argparse.Namespace) -> int:
     from vlp.eval import evaluate
     from vlp.eval.datasets import EvalError, open_eval_set
     from vlp.eval.report import summary_table, write_results
-    from vlp.eval.suite import SuiteEntry, aggregate, clip_benchmark_commands, is_suite, load_suite, table_files
+    from vlp.eval.cb_commands import clip_benchmark_commands
+    from vlp.eval.suite import SuiteEntry, aggregate, is_suite, load_suite, table_files
     from vlp.models import create_model, load_checkpoint, read_checkpoint_meta
 
     if a.batch_size < 1:
@@ -251,7 +253,8 @@ def run(a: argparse.Namespace) -> int:
             pretrained = "random"
         else:
             bundle = load_checkpoint(path, model_name=a.model, tokenizer=a.tokenizer, device=device)
-            pretrained = path
+            # CLIP_benchmark's fields: an export folder is the model `local-dir:EXPORT` with pretrained ''
+            pretrained = "" if bundle.model_name.startswith("local-dir:") else path
         if step is None and path is not None:
             step = (read_checkpoint_meta(path) or {}).get("step")
         prec.cast_model(bundle.model, a.precision)

@@ -34,6 +34,7 @@ from vlp.train.inloop_eval import InLoopEval, open_sets
 from vlp.train.launcher import LauncherWatch
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
 from vlp.train.run_state import RunFolder
+from vlp.train.skip_report import difference, skip_line
 from vlp.train.setup import build_model, make_accelerator, resume_point, run_precision
 from vlp.train.telemetry import Meter
 from vlp.train.threads import configure_threads
@@ -156,6 +157,7 @@ class Run:
             self._loader_state = None
         feed.start()
         step_at_epoch_start = self.step
+        seen_before = self.loader.skip_counts(), self.loader.noted_counts()
         with meter.waiting():
             more = health.all_ranks(feed.fetch(), self.accelerator.device)
 
@@ -178,6 +180,9 @@ class Run:
                     time.perf_counter() - self._clock[0], self.total_steps - self.start_step)):
                 self.console.print(note)
             self._after_step(losses, stop=verdict.stop)
+        if line := skip_line(f"epoch {self.epoch}", difference(self.loader.skip_counts(), seen_before[0]),
+                             difference(self.loader.noted_counts(), seen_before[1])):
+            self.console.print(line)
         self._end_epoch(step_at_epoch_start)
 
     def _after_step(self, losses: dict, stop: bool) -> None:
@@ -246,5 +251,7 @@ class Run:
         self.accelerator.end_training()
         self.console.summary(step=step, samples_seen=(step - self.start_step) * self.samples_per_step,
                              last=self.last, checkpoint=final, export=self.paths.export, run_dir=self.paths.root)
+        if line := skip_line("  in all", self.loader.skip_counts(), self.loader.noted_counts()):
+            self.console.print(line)
         self.last["run_dir"] = str(self.paths.root)
         return self.last
