@@ -102,8 +102,8 @@ def test_a_stalled_rank_times_out_in_one_line_and_the_restarted_group_resumes(de
     assert proc.returncode == 0, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1, err[-3000:]
-    assert re.fullmatch(rf"error: (collective \w+|DDP's gradient all_reduce) \(vlp\.[\w.]+\) timed out after 30 s \(--dist-timeout\): another "
-                        rf"rank stopped answering; the last checkpoint is \S+step_0*{saved}\.pt \(step {saved}\): "
+    assert re.fullmatch(rf"error: (collective \w+|DDP's gradient all_reduce) \(vlp\.[\w.]+\) timed out after 30 s "
+                        rf"\(--dist-timeout\): another rank stopped answering; the last checkpoint is \S+step_0*{saved}\.pt \(step {saved}\): "
                         rf"start the run again with --resume latest", lines[0]), lines[0]
     first_attempt = err.split(lines[0])[0] + lines[0]
     assert not TRACEBACK.search(first_attempt), first_attempt[-3000:]
@@ -191,7 +191,8 @@ def test_resume_with_more_loader_workers_finishes_the_epoch_exactly(demo_data, m
     loader = ckpt.load_state(tmp_path / "workers" / "checkpoints" / ckpt.checkpoint_name(37))["loader"][0]
     left = 600 // 16 * 16 - stopped * 16
     assert loader["workers"] == 3 and loader["epoch"] == 0
-    assert sum(b - a for a, b in loader["pool"]) == left and loader["batches_done"] == loader["epoch_batches"] == left // 16
+    assert sum(b - a for a, b in loader["pool"]) == left
+    assert loader["batches_done"] == loader["epoch_batches"] == left // 16
     assert sorted(_losses(tmp_path / "workers")) == list(range(1, 38))
 
 
@@ -244,7 +245,8 @@ def test_four_ranks_resumed_on_two_train_the_rest_of_the_epoch_once(demo_data, m
     def run(n, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
                str(_free_port()), str(repo_root() / "train.py"), "--",
-               *_flags(demo_data, micro_model_json, tmp_path, "shrink", "--workers", "1", "--save-every", "100", *extra)]
+               *_flags(demo_data, micro_model_json, tmp_path, "shrink", "--workers", "1", "--save-every", "100",
+                       *extra)]
         proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
