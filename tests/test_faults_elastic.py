@@ -104,7 +104,8 @@ def test_a_stalled_rank_times_out_in_one_line_and_the_restarted_group_resumes(de
     assert len(lines) == 1, err[-3000:]
     assert re.fullmatch(rf"error: (collective \w+|DDP's gradient all_reduce) \(vlp\.[\w.]+\) timed out after 30 s "
                         rf"\(--dist-timeout\): another rank stopped answering; the last checkpoint is "
-                        rf"\S+step_0*{saved}\.pt \(step {saved}\): start the run again with --resume latest", lines[0]), lines[0]
+                        rf"\S+step_0*{saved}\.pt \(step {saved}\): start the run again with --resume latest",
+                        lines[0]), lines[0]
     first_attempt = err.split(lines[0])[0] + lines[0]
     assert not TRACEBACK.search(first_attempt), first_attempt[-3000:]
     assert f"at step {saved}" in out + err   # "resumed from ... at step N" by the restarted group
