@@ -258,3 +258,49 @@ def test_four_ranks_resumed_on_two_train_the_rest_of_the_epoch_once(demo_data, m
     epoch = {r["step"]: r["train/epoch"] for r in rows if "train/epoch" in r}
     assert sorted(epoch) == list(range(1, 16))
     assert [epoch[s] for s in (4, 5, 14, 15)] == [0, 0, 0, 1]   # the re-planned rest: exactly steps 5-14
+
+
+_ATTEMPT_RANK = """
+import datetime
+import torch, torch.distributed as dist
+from vlp.distributed import init_restarted_group
+timeout = datetime.timedelta(seconds=8)
+init_restarted_group(timeout)   # what the run does before accelerate opens the group with env://
+if not dist.is_initialized():
+    dist.init_process_group("gloo", init_method="env://", timeout=timeout)
+x = torch.ones(1)
+dist.all_reduce(x)
+print(int(x.item()), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_restarted_attempt_does_not_read_the_dead_groups_addresses():
+    """torchrun's static rendezvous keeps one store for every attempt: a store served by this test stands in for
+    the agent's. Attempt 0's two ranks leave their gloo addresses there and exit; in attempt 1 rank 1 starts 6 s
+    before rank 0 (a slow start under load). Without a key prefix per attempt rank 1 read rank 0's dead address
+    and both failed (`Gloo connectFullMesh failed ... Connection refused`, checked by hand); now both connect."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent_store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+
+    def rank(r, attempt):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
+                   TORCHELASTIC_RESTART_COUNT=str(attempt), PYTHONPATH=str(repo_root()), OMP_NUM_THREADS="1")
+        return subprocess.Popen([sys.executable, "-c", _ATTEMPT_RANK], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    first = [rank(0, 0), rank(1, 0)]
+    assert [p.communicate(timeout=120)[0] for p in first] == ["2\n", "2\n"]
+    late = rank(1, 1)
+    time.sleep(6)
+    restarted = [rank(0, 1), late]
+    results = [p.communicate(timeout=120) for p in restarted]
+    assert [out for out, _ in results] == ["2\n", "2\n"], [err[-500:] for _, err in results]
+    del agent_store
