@@ -105,6 +105,8 @@ class RunConfig:
     dist_timeout: Optional[float] = field(default=None, metadata={"help": "seconds a collective may wait before the job aborts (NCCL: 600 unless set)"})
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N optimiser steps"})
     keep_checkpoints: int = field(default=3, metadata={"help": "keep the last K step checkpoints"})
+    async_save: bool = field(default=True, metadata={"help": "write the periodic checkpoints in the background (DCP "
+                                                             "async_save); --no-async-save: the loop waits for each"})
     resume: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint path"})
     log_every: int = field(default=10, metadata={"help": "log scalars every N steps", "aliases": ["--log-every-n-steps"]})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "eval sets (CLIP_benchmark webdataset roots) for in-loop evaluation"})

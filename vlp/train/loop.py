@@ -166,7 +166,7 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
     loss_fn = build_loss(cfg.loss, rank=rank, world_size=world)
     feed = StepFeed(loader, cfg.optim.accum_freq, to_device)
     checkpointer = Checkpointer(paths.checkpoints, accelerator, net, optimizer, scheduler, feed, cfg,
-                                model_identity(bundle, cfg.model.tokenizer))
+                                model_identity(bundle, cfg.model.tokenizer), say=console.print)
 
     step, epoch, loader_state = 0, 0, None
     if resume_from is not None:
@@ -225,6 +225,7 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
             step += 1
             meter.step()
             console.step(step)
+            checkpointer.poll()   # a background save that failed: one line
 
             if step % cfg.run.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
@@ -248,7 +249,7 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
                 last.update(results := evaluate_now(net, step))
                 console.eval(step, results)
             if step % cfg.run.save_every == 0 and step < total_steps:
-                checkpointer.save(step, epoch)
+                checkpointer.save(step, epoch, background=True)
             if verdict.stop:
                 raise Preempted(f"{signals.name}: stopped after step {step}, state saved in "
                                 f"{checkpointer.save(step, epoch)}; continue with --resume latest")
