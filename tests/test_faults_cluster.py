@@ -188,12 +188,13 @@ def _ranks(proc) -> list:
 @pytest.mark.parametrize("delivery", ["SIGTERM to torchrun", "SIGUSR1 to torchrun", "SIGTERM to every process"])
 def test_torchrun_preemption_is_saved_and_recorded(demo_data, micro_model_json, tmp_path, delivery):
     """torchrun exits 1 whatever its ranks return, so the run folder says how it ended. SIGUSR1 reaches the
-    ranks only with README's --signals-to-handle (torchrun itself died of it and the ranks trained on); SLURM's
+    ranks only with the documented --signals-to-handle (torchrun itself died of it and the ranks trained on); SLURM's
     delivery to every process plus torchrun's relay gives each rank the signal twice (it used to kill them)."""
     import psutil
 
     sig = signal.SIGUSR1 if "USR1" in delivery else signal.SIGTERM
-    assert SIGNALS_FLAG in (repo_root() / "README.md").read_text()
+    for doc in ("README.md", "docs/training.md", "docs/reliability.md"):   # the torchrun lines users copy
+        assert SIGNALS_FLAG in (repo_root() / doc).read_text(), doc
     proc = _torchrun(demo_data, micro_model_json, tmp_path, "pre", SIGNALS_FLAG)
     _wait_for_step(tmp_path / "pre", proc, 3)
     targets = [psutil.Process(proc.pid)]
