@@ -96,6 +96,15 @@ def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / torch.distributed.get_world_size()
 
 
+def gather_objects(obj) -> list:
+    """`obj` (picklable) from every rank, in rank order; `[obj]` when not distributed."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_initialized():
         torch.distributed.barrier()

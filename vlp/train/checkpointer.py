@@ -17,7 +17,8 @@ from typing import Callable, Optional
 import torch
 
 from vlp.config import ConfigError
-from vlp.distributed import cpu_group, main_work_group
+from vlp.data.plan import replan
+from vlp.distributed import cpu_group, gather_objects, main_work_group
 from vlp.runtime import checkpoint as ckpt
 from vlp.runtime import dcp_files as F
 from vlp.runtime import rng_state
@@ -25,17 +26,6 @@ from vlp.runtime.dcp_checkpoint import DcpSaver
 from vlp.train import sharding
 from vlp.train.checkpoint_v1 import restore_v1
 from vlp.train.health import TrainingError, all_finite
-
-
-def per_rank(accelerator, obj) -> list:
-    """`obj` from every rank, in rank order (a one-element list in a single process)."""
-    if accelerator.num_processes == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * accelerator.num_processes
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _options():
@@ -59,7 +49,7 @@ class Checkpointer:
 
     def finite(self) -> bool:
         """Whether the weights are finite on every rank (an exact check; run at each save only)."""
-        return all(per_rank(self.accelerator, all_finite(self.net.state_dict().values())))
+        return all(gather_objects(all_finite(self.net.state_dict().values())))
 
     def save(self, step: int, epoch: int, background: bool = False) -> Optional[Path]:
         """Write the checkpoint of `step` (every rank calls this). Returns its path on the main process (None
@@ -139,12 +129,10 @@ class Checkpointer:
         return train["step"], train["epoch"], self._loader_state(loaders, train)
 
     def _loader_state(self, loaders: list, train: dict) -> dict:
-        acc, workers = self.accelerator, self.cfg.data.workers
-        if len(loaders) == acc.num_processes and train.get("workers", workers) == workers:
-            return loaders[acc.process_index]
-        from vlp.data.plan import replan   # another world size or --workers: the epoch's rest planned anew
-
-        return replan(loaders, acc.process_index, acc.num_processes, max(1, workers))
+        """This rank's loader state: its own when ranks and workers are as saved; otherwise the interrupted
+        epoch's unconsumed samples planned over the new ranks and workers (exactly once)."""
+        acc = self.accelerator
+        return replan(loaders, acc.process_index, acc.num_processes, max(1, self.cfg.data.workers))
 
     def _restore_dcp(self, path: Path, main: dict) -> tuple[dict, list]:
         """Read the DCP folder of `path` resharded onto this run; returns (train state, every old rank's loader)."""

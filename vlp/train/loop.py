@@ -26,12 +26,14 @@ from vlp.runtime import checkpoint as ckpt
 from vlp.train import device_batch, health
 from vlp.train import sharding
 from vlp.train.checkpointer import Checkpointer
+from vlp.train.collective_faults import PeerFault, timed_out
 from vlp.train.console import Console
 from vlp.train.feed import StepFeed
 from vlp.train.health import TrainingError
 from vlp.train.inloop_eval import InLoopEval, open_sets
 from vlp.runtime.peers import Peers
 from vlp.runtime.preemption import Preempted, StopSignals
+from vlp.train.launcher import LauncherWatch
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
 from vlp.train.run_state import RunFolder
 from vlp.train.step import train_step
@@ -97,15 +99,23 @@ def train(cfg: Config, show_final_eval: bool = True) -> dict:
     show_final_eval=False leaves the final figures to the caller (the demo prints them with chance levels)."""
     paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
     with StopSignals() as signals, RunFolder(paths.root) as folder:
+        launcher = LauncherWatch(signals)   # under torchrun: its agent's death stops the ranks as a signal does
         try:
             return _train(cfg, paths, signals, folder, show_final_eval)
-        except RuntimeError as e:   # a collective that failed because a rank died: one line naming it
+        except Preempted:
+            gone = launcher.stopped(paths.checkpoints)
+            if gone is None:
+                raise
+            raise gone from None
+        except RuntimeError as e:   # a collective that failed because a rank died or stalled: one line naming it
             lost = folder.peers.lost(e) if folder.peers is not None else None
-            if lost is None:
+            stalled = None if lost else timed_out(e, cfg.run.dist_timeout)
+            if lost is None and stalled is None:
                 raise
             found = ckpt.list_checkpoints(paths.checkpoints)
-            raise TrainingError(f"{lost}; the last checkpoint is {found[-1][1] if found else 'none yet'}: "
-                                f"start the run again with --resume latest") from None
+            last = f"the last checkpoint is {found[-1][1]} (step {found[-1][0]})" if found else "no checkpoint yet"
+            raise PeerFault(f"{lost or stalled}; {last}: start the run again with --resume latest",
+                            "rank lost" if lost else "collective timeout") from None
 
 
 def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder, show_final_eval: bool) -> dict:
@@ -262,8 +272,9 @@ def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder
             raise TrainingError(f"epoch {epoch} yielded no complete batch: check --train-data and the skip counts")
         if step < total_steps:
             trained = feed.state_dict()["batches_done"] // cfg.optim.accum_freq
-            if trained < steps_per_epoch:   # a rank's data ran out early (the loader warned which shard lied)
-                console.print(f"warning: epoch {epoch} ended after {trained} of {steps_per_epoch} steps: shards "
+            owed = loader.batches_per_epoch // cfg.optim.accum_freq   # (a re-planned epoch's rest: fewer)
+            if trained < owed:   # a rank's data ran out early (the loader warned which shard lied)
+                console.print(f"warning: epoch {epoch} ended after {trained} of {owed} steps: shards "
                               f"delivered fewer samples than their size files claim (see the skip counts); the run "
                               f"still ends after --epochs")
             epoch += 1
