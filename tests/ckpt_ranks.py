@@ -54,9 +54,10 @@ def train_steps(model, optimizer, scheduler, steps: int) -> None:
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         images = torch.randn(4, 3, 32, 32, generator=g)
-        texts = torch.randint(0, 400, (4, 77), generator=g)
+        texts = torch.randint(0, 400, (4, 16), generator=g)
         out = model(images, texts)
-        loss = (out["image_features"] @ out["text_features"].T).logsumexp(1).mean()
+        logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+        loss = torch.nn.functional.cross_entropy(logits, torch.arange(4))
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -71,9 +72,9 @@ def gathered(net, optimizer) -> dict:
 
     model, optim = get_state_dict(net, sharding._plain_optimizer(optimizer),
                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {"model": {k: v.reshape(-1) for k, v in model.items()},
-            "optim": {f"{n}/{k}": v.reshape(-1) if torch.is_tensor(v) else v
-                      for n, e in optim["state"].items() for k, v in e.items()}}
+    return {"model": {k: v.reshape(-1).clone() for k, v in model.items()},   # (copies: training goes on)
+            "optim": {f"{n}/{k}": v.reshape(-1).clone() if torch.is_tensor(v) else v
+                      for n, e in optim.get("state", {}).items() for k, v in e.items()}}
 
 
 def main() -> None:
