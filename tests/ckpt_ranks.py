@@ -4,7 +4,7 @@ the micro model, AdamW, the scheduler, the training loader, DDP or FSDP2 on gloo
 
     python -m torch.distributed.run --nproc_per_node N tests/ckpt_ranks.py ACTION CKPT_DIR MODEL_JSON SHARDS FSDP OUT
 
-ACTION: `save` (3 steps, then save step 3; OUT gets the gathered model and optimiser state as saved),
+ACTION: `save` / `save-v1` (3 steps, then save step 3; OUT gets the gathered model and optimiser state as saved),
 `load` (restore the newest checkpoint; OUT gets the gathered state as loaded, the step and each rank's loader
 state), `full-disk` (as save, with a per-file size limit on the last rank: every rank's one line in OUT.rankR).
 """
@@ -100,6 +100,12 @@ def main() -> None:
             return
         state = gathered(net, optimizer)
         cp.save(3, 0)
+    elif action == "save-v1":   # vlp's earlier writer (the format a run saved before DCP)
+        from vlp.train.checkpoint_v1 import save_v1
+
+        train_steps(model, optimizer, scheduler, 3)
+        state = gathered(net, optimizer)
+        save_v1(cp, 3, 0)
     else:
         from vlp.runtime import checkpoint as ckpt
 

@@ -89,7 +89,7 @@ class DcpSaver:
                 written.result()
                 error = None
             except BaseException as e:  # noqa: BLE001
-                error = self._line(e, tmp)
+                error = self._line(e, writer)
             return self._finish(step, tmp, writer, error, main_state)
 
         self.pending = (step, self._thread.submit(rest))
@@ -103,30 +103,34 @@ class DcpSaver:
         except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
-            return self._line(e, writer.path)
+            return self._line(e, writer)
         return None
 
-    def _line(self, e: BaseException, tmp: Path) -> str:
+    def _line(self, e: BaseException, writer) -> str:
+        """One line for a failed write: this rank's own OSError when it had one (a full disk: the bytes free),
+        else the first failing rank's message as DCP passed it on."""
         failures = getattr(e, "failures", None)   # DCP's CheckpointException: {rank: (exception, trace)}
-        if failures:
+        if writer.fs.error is not None:
+            rank, exc = self.rank, writer.fs.error
+        elif failures:
             rank, (exc, _) = sorted(failures.items(), key=lambda kv: kv[0])[0]
         else:
             rank, exc = self.rank, e
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            return f"rank {rank}: {_write_failure(Path(tmp) / (exc.filename or 'its share'), exc, 0)}"
+            return f"rank {rank}: {_write_failure(Path(writer.path) / (exc.filename or 'its share'), exc, 0)}"
         return f"rank {rank}: {F.failure_line(exc)}"
 
     def _finish(self, step: int, tmp: Path, writer, error: Optional[str], main_state: dict) -> Optional[Path]:
         """Every rank: learn every rank's digests and errors; rank 0 commits (or removes the folder); all learn
         the outcome from rank 0 over the long-timeout group."""
-        shares = _gather(self.group, (error, writer.digests))
-        errors = [e for e, _ in shares if e]
+        shares = _gather(self.group, (error, writer.fs.error is not None, writer.digests))
+        errors = [e for e, own, _ in shares if e and own] + [e for e, own, _ in shares if e and not own]
         outcome = None
         if self.rank == 0:
             try:
                 if errors:
                     raise CheckpointWriteError(errors[0])
-                digests = {name: d for _, share in shares for name, d in share.items()}
+                digests = {name: d for _, _, share in shares for name, d in share.items()}
                 outcome = ("ok", str(self._commit(step, tmp, digests, main_state)))
             except Exception as e:  # noqa: BLE001 - told to every rank, raised on every rank
                 shutil.rmtree(tmp, ignore_errors=True)

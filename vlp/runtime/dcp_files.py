@@ -37,6 +37,7 @@ def _filesystem_writer():
         def __init__(self) -> None:
             super().__init__()
             self.digests: dict = {}
+            self.error: Optional[OSError] = None   # the first failed write (torch.save's zip writer hides errno)
 
         @contextmanager
         def create_stream(self, path, mode):
@@ -45,7 +46,11 @@ def _filesystem_writer():
                     yield stream
                     return
                 hashing = _HashingStream(stream)
-                yield hashing
+                try:
+                    yield hashing
+                except BaseException:
+                    self.error = self.error or hashing.error
+                    raise
                 name = Path(path).name
                 self.digests[name.removesuffix(".tmp")] = (hashing.sha.hexdigest(), hashing.size)
 
@@ -74,13 +79,18 @@ class _HashingStream(io.RawIOBase):
     def __init__(self, fh) -> None:
         super().__init__()
         self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+        self.error: Optional[OSError] = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        _hash_alongside(self.sha, view, self.fh.write)
+        try:
+            _hash_alongside(self.sha, view, self.fh.write)
+        except OSError as e:
+            self.error = self.error or e
+            raise
         self.size += len(view)
         return len(view)
 
