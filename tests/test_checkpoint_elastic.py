@@ -61,6 +61,7 @@ def test_resume_on_another_world_size_is_bit_exact_and_trains_on(demo_data, micr
     # open_clip reads the model file without knowing the rank count or the sharding
     import open_clip
 
+    open_clip.add_model_config(micro_model_json)
     name = Path(micro_model_json).stem
     model, _, _ = open_clip.create_model_and_transforms(name, pretrained=str(main))
     state = {k: v.reshape(-1) for k, v in model.state_dict().items()}

@@ -1,13 +1,13 @@
-"""Checkpoints of a run: written atomically, verified before use, restored exactly.
+"""Checkpoint files of a run: written atomically, verified before use, found again (`--resume latest`).
 
-A checkpoint is `step_NNNNNNNN.pt`, one torch.save dict holding only weights_only-safe types (tensors,
-numbers, strings, lists, dicts), so loading never executes pickled code; open_clip loads it as
-`pretrained=` (its `state_dict`). It is written by `vlp.runtime.atomic_file`'s single atomic writer and
-carries its SHA-256; `latest` names the newest. Under several processes the optimiser state is split by
-parameter between the ranks and each rank writes its own share beside it (`step_NNNNNNNN.pt.partR-TOKEN`,
-also checksummed; TOKEN names the save) while rank 0 writes the main file that lists them: its rename,
-once every share is written, commits the set. A run resumes from the newest checkpoint that verifies; rank 0 alone verifies, every rank
-maps the files (`mmap`: the processes of a machine share the pages).
+A checkpoint's main file is `step_NNNNNNNN.pt`, one torch.save dict holding only weights_only-safe types
+(tensors, numbers, strings, lists, dicts), so loading it never executes pickled code; open_clip loads it as
+`pretrained=` (its `state_dict`: the model alone). It is written by `vlp.runtime.atomic_file`'s single atomic
+writer and carries its SHA-256; `latest` names the newest. The training state beside it is a DCP folder
+(`"dcp"`: `step_NNNNNNNN.dcp/`, see `vlp.runtime.dcp_checkpoint`) whose manifest's digest the main file records;
+the earlier format listed each rank's optimiser share instead (`"parts"`: `step_NNNNNNNN.pt.partR-TOKEN`). The
+main file's rename commits the set. A run resumes from the newest checkpoint that verifies; rank 0 alone
+verifies while the other ranks wait through the long-timeout CPU group.
 """
 from __future__ import annotations
 
