@@ -63,6 +63,7 @@ class DcpSaver:
         self.rank = 0 if group is None else __import__("torch.distributed").distributed.get_rank()
         self.pending: Optional[tuple[int, Future]] = None
         self.failed: Optional[int] = None   # the step of the last background save that failed
+        self.size = 0
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlp-ckpt")
 
     def save(self, step: int, state: dict, main_state: dict, background: bool = False) -> Optional[Path]:
@@ -71,6 +72,7 @@ class DcpSaver:
         rank 0 (None elsewhere), or raises CheckpointWriteError (one line, on every rank). Background: returns
         None once the state is staged; `poll()` reports the outcome."""
         self.wait()
+        self.size = ckpt.state_bytes(state)   # this rank's share, at most: named when a full disk stops it
         tmp = self.dir / _from_main(self.group, f".{dcp_name(step)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         writer = F.hashing_writer(tmp)
         if not background:
@@ -112,12 +114,14 @@ class DcpSaver:
         failures = getattr(e, "failures", None)   # DCP's CheckpointException: {rank: (exception, trace)}
         if writer.fs.error is not None:
             rank, exc = self.rank, writer.fs.error
+            exc.filename = exc.filename or writer.fs.error_file
         elif failures:
             rank, (exc, _) = sorted(failures.items(), key=lambda kv: kv[0])[0]
         else:
             rank, exc = self.rank, e
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            return f"rank {rank}: {_write_failure(Path(writer.path) / (exc.filename or 'its share'), exc, 0)}"
+            where = Path(writer.path) / Path(exc.filename or "its share").name
+            return f"rank {rank}: {_write_failure(where, exc, self.size if rank == self.rank else 0)}"
         return f"rank {rank}: {F.failure_line(exc)}"
 
     def _finish(self, step: int, tmp: Path, writer, error: Optional[str], main_state: dict) -> Optional[Path]:
@@ -153,8 +157,8 @@ class DcpSaver:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.dir)
-        return ckpt.save_checkpoint(self.dir, step, {**main_state, "state_dict": model, "dcp": final.name,
-                                                     "manifest_sha256": manifest_sha}, self.keep)
+        return ckpt.save_checkpoint(self.dir, step, {**main_state, "model": model, "state_dict": model,  # (stored once)
+                                                     "dcp": final.name, "manifest_sha256": manifest_sha}, self.keep)
 
     def wait(self) -> None:
         """Let the background save in flight finish (every rank); its failure is reported, not raised."""

@@ -38,6 +38,7 @@ def _filesystem_writer():
             super().__init__()
             self.digests: dict = {}
             self.error: Optional[OSError] = None   # the first failed write (torch.save's zip writer hides errno)
+            self.error_file: Optional[str] = None
 
         @contextmanager
         def create_stream(self, path, mode):
@@ -49,7 +50,8 @@ def _filesystem_writer():
                 try:
                     yield hashing
                 except BaseException:
-                    self.error = self.error or hashing.error
+                    if self.error is None and hashing.error is not None:
+                        self.error, self.error_file = hashing.error, Path(path).name
                     raise
                 name = Path(path).name
                 self.digests[name.removesuffix(".tmp")] = (hashing.sha.hexdigest(), hashing.size)

@@ -156,8 +156,8 @@ class Checkpointer:
         except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
-            raise ConfigError(f"{path} does not fit this run ({F.failure_line(e)}): resume with the run's own "
-                              f"--model") from None
+            raise ConfigError(f"{path} does not fit this architecture ({F.failure_line(e)}): resume with the run's "
+                              f"own --model") from None
         train = F.from_bytes_tensor(state["train"])
         set_state_dict(self.net, optimizer, model_state_dict=state["model"],
                        optim_state_dict={"state": state["optim"], "param_groups": train["param_groups"]},
