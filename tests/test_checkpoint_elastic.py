@@ -105,3 +105,23 @@ def test_a_checkpoint_in_the_earlier_format_still_resumes(demo_data, micro_model
     loaded = torch.load(tmp_path / "loaded.pt", weights_only=False)
     assert loaded["step"] == 3 and _same(torch.load(tmp_path / "saved.pt", weights_only=False), loaded) == []
     assert (tmp_path / "a" / "checkpoints" / "step_00000005.dcp").is_dir()
+
+
+@pytest.mark.slow
+def test_train_py_saved_on_two_ranks_finishes_on_one_with_three_workers(demo_data, micro_model_json, tmp_path):
+    """The whole run: torchrun 2 ranks saves at step 2 and 4; `train.py --resume .../step_00000002.pt` in one
+    process with --workers 3 (was: `written by 2 processes; resume it with as many`) trains steps 3-6 and ends."""
+    from tests.test_train_distributed import _torchrun
+
+    common = ["--train-data", demo_data["train_data"], "--model", micro_model_json, "--batch-size", "8",
+              "--save-every", "2", "--report-to", "none", "--no-progress"]
+    _torchrun([*common, "--name", "two", "--max-steps", "4", "--workers", "2"], tmp_path)
+    step2 = tmp_path / "two" / "checkpoints" / "step_00000002.pt"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "--logs", str(tmp_path), "--name", "one",
+                           "--max-steps", "6", "--workers", "3", "--resume", str(step2)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {step2} at step 2" in proc.stderr + proc.stdout
+    from vlp.runtime import checkpoint as ckpt
+
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "one" / "checkpoints")] == [4, 6]
