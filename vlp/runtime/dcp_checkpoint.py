@@ -33,6 +33,12 @@ def dcp_name(step: int) -> str:
     return f"step_{step:08d}.dcp"
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
 def _gather(group, obj) -> list:
     import torch.distributed as dist
 
@@ -60,7 +66,7 @@ class DcpSaver:
     def __init__(self, ckpt_dir: Path, keep: int, group, say: Callable[[str], None] = print):
         """`group`: a CPU (gloo) process group of every rank with a long timeout (None in a single process)."""
         self.dir, self.keep, self.group, self.say = ckpt_dir, keep, group, say
-        self.rank = 0 if group is None else __import__("torch.distributed").distributed.get_rank()
+        self.rank = 0 if group is None else _rank()
         self.pending: Optional[tuple[int, Future]] = None
         self.failed: Optional[int] = None   # the step of the last background save that failed
         self.size = 0
