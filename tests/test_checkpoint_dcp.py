@@ -161,3 +161,34 @@ def test_a_sync_write_that_fails_is_one_line_and_removes_its_folder(tmp_path, mo
         _save(tmp_path, 2)
     assert "\n" not in str(failed.value) and "File too large" in str(failed.value)
     assert {p.name for p in tmp_path.iterdir()} == {"latest", "step_00000001.pt", "step_00000001.dcp"}
+
+
+def test_a_background_save_holds_the_state_of_its_step_and_at_most_one_is_in_flight(tmp_path, monkeypatch):
+    """The state is copied to CPU memory before `save` returns (training may change the tensors at once);
+    the next save waits for the one in flight before it starts."""
+    import threading
+    import time
+
+    release, order = threading.Event(), []
+    real = F._HashingStream.write
+
+    def held_write(self, data):
+        release.wait(60)   # every write waits until the test lets them go
+        return real(self, data)
+
+    saver = DcpSaver(tmp_path, keep=3, group=None)
+    monkeypatch.setattr(F._HashingStream, "write", held_write)
+    state = _state(1)
+    saver.save(1, state, {"step": 1}, background=True)
+    state["model"]["w"].zero_()   # the loop's next optimiser step
+    waiter = threading.Thread(target=lambda: (saver.save(2, _state(2), {"step": 2}), order.append("2 saved")))
+    waiter.start()
+    time.sleep(0.5)
+    assert order == [] and not (tmp_path / "step_00000001.pt").exists()   # save 2 waits for save 1
+    order.append("1 released")
+    release.set()
+    waiter.join(60)
+    assert order == ["1 released", "2 saved"]
+    main = ckpt.load_state(tmp_path / "step_00000001.pt", parts=False)
+    assert torch.equal(main["state_dict"]["w"], _state(1)["model"]["w"])   # the step's values, not the zeros
+    assert ckpt.resolve_resume("latest", tmp_path).name == "step_00000002.pt"
