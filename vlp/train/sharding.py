@@ -12,10 +12,10 @@ Under `--precision amp_bf16` the blocks are gathered in bf16 and their gradients
 `logit_scale` feeds the loss, which computes in float32). With `--accum-freq k` only the last micro-step
 reduce-scatters gradients (`gradient_sync_off`; FSDP2 modules have no `no_sync`).
 
-Checkpoints hold the full (gathered) model and optimiser state, written by the main process: the
-model part is an ordinary state dict (export, eval_zeroshot and open_clip read it as from any other
-run); the optimiser part is keyed by parameter name (torch.distributed.checkpoint's full form), so
-an `--fsdp` checkpoint resumes an `--fsdp` run.
+Checkpoints hold the optimiser and model as the ranks hold them (torch.distributed.checkpoint: each rank
+writes its DTensor shards, `vlp.train.checkpointer`), plus the model read back into one ordinary state dict
+(export, eval_zeroshot and open_clip read it as from any other run); DCP reshards on load, so an `--fsdp`
+checkpoint resumes an `--fsdp` run on any number of ranks.
 """
 from __future__ import annotations
 
