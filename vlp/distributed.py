@@ -214,3 +214,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
+
+
+_HOST_GROUP = None
+
+
+def host_group():
+    """A process group for small host-side agreements that must not wait for the device (stop signals, whether
+    every rank has more data): the default group when it is gloo already (CPU runs), else a gloo group made once.
+    Collective the first time: every rank calls it at the same point. None without a process group."""
+    global _HOST_GROUP
+    if not is_initialized():
+        return None
+    if torch.distributed.get_backend() == "gloo":
+        return torch.distributed.group.WORLD
+    if _HOST_GROUP is None:
+        _HOST_GROUP = torch.distributed.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+def any_on_host(flags: list[bool]) -> list[bool]:
+    """Each flag true on every rank when true on any, agreed over `host_group()`: no device work is waited for."""
+    group = host_group()
+    if group is None:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return [v > 0 for v in t.tolist()]

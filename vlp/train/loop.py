@@ -152,10 +152,10 @@ class Run:
         while more:
             meter.begin()   # the step's clock: its compute, the next step's fetch, the optimiser
             feed.advance()
-            losses, verdict = trainer.step(feed.current, fetch_next, self.signals.requested)
+            losses, verdict = trainer.step(feed.current, fetch_next, self.signals.requested, number=self.step + 1)
             if verdict.problem:
-                raise TrainingError(f"{verdict.problem} at step {self.step + 1}; "
-                                    f"{trainer.save_before_failure(self.step, self.epoch)}")
+                where = "" if verdict.at else f" at step {self.step + 1}"
+                raise TrainingError(f"{verdict.problem}{where}; {trainer.save_before_failure(self.step, self.epoch)}")
             self.step += 1
             more = verdict.more
             meter.step()
