@@ -112,7 +112,7 @@ class Run:
         self.feed = StepFeed(self.loader, cfg.optim.accum_freq, to_device)
         self.trainer.checkpointer = Checkpointer(
             self.paths.checkpoints, acc, self.trainer.net, self.trainer.optimizer, self.trainer.scheduler,
-            self.feed, cfg, model_identity(self.bundle, cfg.model.tokenizer))
+            self.feed, cfg, {**model_identity(self.bundle, cfg.model.tokenizer), "precision": precision})
 
     def _start_logs(self, eval_sets: list) -> None:
         """config.yaml, trackers, metrics.jsonl, the evaluator, the meter and the banner."""
