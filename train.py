@@ -15,6 +15,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlp.thread_env import check_omp_env
+
+    check_omp_env()   # before torch is imported (libgomp reads OMP_NUM_THREADS then)
     from vlp.config import ConfigError, parse_config
     from vlp.data.errors import DataError
     from vlp.runtime.preemption import EXIT_PREEMPTED, Preempted, ignore_stop_signals
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:  # SIGTERM/SIGINT/SIGUSR1: the state is saved; the same command + --resume latest goes on
         ignore_stop_signals()
         if os.environ.get("RANK", "0") == "0":
-            print(f"preempted: {e}", file=sys.stderr)
+            print(f"{getattr(e, 'label', 'preempted')}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     if os.environ.get("RANK", "0") == "0":  # one summary, not one per process
         print(json.dumps(result, indent=1, sort_keys=True))

@@ -30,6 +30,7 @@ from torchvision.transforms import InterpolationMode
 from vlp.data import errors as E
 from vlp.data.buffers import BufferPool
 from vlp.data.images import decode_rgb, open_image, orientation, upright
+from vlp.data.pixels import to_rgb
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -143,6 +144,7 @@ class FastTransform:
         self.normalization = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
         self.normalizer = Uint8Normalizer(mean, std)
         self._out = BufferPool()
+        self.last_size: Optional[tuple[int, int]] = None   # the last image's upright size
 
     def _box(self, w: int, h: int, rng: random.Random):
         if self.train:
@@ -154,6 +156,7 @@ class FastTransform:
         im = open_image(data)
         turn = orientation(im)
         w, h = im.size[::-1] if turn >= 5 else im.size   # the upright size (EXIF orientations 5-8 swap the sides)
+        self.last_size = (w, h)   # for the loader's count of extreme aspect ratios (vlp.data.oddities)
         x0, y0, cw, ch = self._box(w, h, rng)
         try:
             k = next((k for k in (8, 4, 2) if cw // k >= S and ch // k >= S), 1) if im.format == "JPEG" else 1
@@ -163,13 +166,14 @@ class FastTransform:
                 if k > 1:
                     im.draft("RGB", (im.size[0] // k, im.size[1] // k))
                 im.load()
-                im = upright(im)
-                im = im.convert("RGB") if im.mode != "RGB" else im
-                x = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
+                im = to_rgb(upright(im))
                 sx, sy = im.size[0] / w, im.size[1] / h
                 if (sx, sy) != (1, 1):
                     x0, y0 = int(x0 * sx), int(y0 * sy)
                     cw, ch = max(1, int(round(cw * sx))), max(1, int(round(ch * sy)))
+                # the crop copied out of PIL's read-only pixels: torch may write to what it is given
+                x = torch.from_numpy(np.asarray(im)[y0:y0 + ch, x0:x0 + cw].copy()).permute(2, 0, 1)
+                x0 = y0 = 0
         except E.SkipSample:
             raise
         except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt image

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from vlp.config import ConfigError
+from vlp.data.plan import replan
+from vlp.model_drift import drift, refusal
 from vlp.runtime import checkpoint as ckpt
 from vlp.train.health import TrainingError, all_finite
 from vlp.runtime import rng_state
@@ -138,6 +140,9 @@ class Checkpointer:
         if missing:
             raise ConfigError(f"{path} is not a vlp training checkpoint (no {', '.join(missing)}): "
                               f"to start from its weights use --pretrained instead of --resume")
+        changes = drift(state["model_cfg"], self.identity["model_cfg"]) if "model_cfg" in state else []
+        if changes and not self.cfg.model.allow_model_change:   # same shapes load, as another model
+            raise ConfigError(refusal(str(path), changes))
         sharded = sharding.is_sharded(self.net)
         if bool(state.get("fsdp")) != sharded:  # the optimiser states differ in form (by name vs by index)
             raise ConfigError(f"{path} was written {'with' if state.get('fsdp') else 'without'} --fsdp; "
@@ -166,4 +171,6 @@ class Checkpointer:
         rng_state.restore(state["rng"][acc.process_index])
         if Path(path).resolve().parent == self.dir.resolve():  # already saved: a stop right away rewrites nothing
             self.saved = (state["step"], Path(path))
-        return state["step"], state["epoch"], state["loader"][acc.process_index]
+        # another --workers: the epoch's unconsumed samples re-planned over the new workers (exactly once)
+        return state["step"], state["epoch"], replan(state["loader"], rank, acc.num_processes,
+                                                     max(1, self.cfg.data.workers))
