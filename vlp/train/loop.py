@@ -49,8 +49,8 @@ def train(cfg: Config, show_final_eval: bool = True) -> dict:
     SIGTERM/SIGINT/SIGUSR1 end it after the current step with a checkpoint (raises Preempted).
     show_final_eval=False leaves the final figures to the caller (the demo prints them with chance levels)."""
     paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
-    with StopSignals() as signals, RunFolder(paths.root) as folder:
-        launcher = LauncherWatch(signals)   # under torchrun: its agent's death stops the ranks as a signal does
+    # under torchrun the agent's death stops the ranks as a signal does (LauncherWatch)
+    with StopSignals() as signals, RunFolder(paths.root) as folder, LauncherWatch(signals) as launcher:
         try:
             run = Run(cfg, paths, signals, folder)
             while run.step < run.total_steps and (cfg.optim.max_steps or run.epoch < cfg.optim.epochs):
