@@ -15,6 +15,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlp.thread_env import check_omp_env
+
+    check_omp_env()   # before torch is imported (libgomp reads OMP_NUM_THREADS then)
     from vlp.config import ConfigError, parse_config
     from vlp.data.errors import DataError
     from vlp.runtime.preemption import EXIT_PREEMPTED, Preempted, ignore_stop_signals

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/compile.py                        # vlp-tiny, batch 64, fp32, 1 thread
     .venv/bin/python benchmarks/compile.py --threads 2 --precision amp_bf16
 
-Two `VlpRunner`s of benchmarks/train_step.py (the step exactly as `vlp.train.loop.train` runs it), one
+Two `VlpRunner`s of benchmarks/train_step.py (`Trainer.step`, what `vlp.train.loop.train` drives), one
 with `cfg.model.torchcompile` (the model wrapped in `torch.compile`, as the loop does), one without,
 start from one state dict. Batches are random (images already float, as the CPU loader hands them
 over): data loading is not timed. The compiled one's first steps (compilation) are reported apart;

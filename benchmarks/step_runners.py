@@ -1,5 +1,5 @@
 """The two training-step contenders the step benchmarks time (benchmarks/train_step.py on CPU, benchmarks/gpu.py's
-compute-only ceiling, benchmarks/compile.py): vlp's step exactly as `vlp.train.loop.train` runs it, and
+compute-only ceiling, benchmarks/compile.py): vlp's Trainer step (the one `vlp.train.loop.train` drives), and
 open_clip_train's `train_one_epoch` set up as its main.py sets it up, fed the same in-memory batches."""
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def _sync(device: torch.device) -> None:
 
 
 class VlpRunner:
-    """vlp's optimiser step, line for line as `vlp.train.loop.train` runs it (logging left out)."""
+    """vlp's optimiser step: `vlp.train.trainer.Trainer.step`, the object `vlp.train.loop.train` drives (its
+    gradient-norm check and per-step agreement included), fed without the loader or logging."""
 
     name = "vlp"
 
@@ -45,12 +46,10 @@ class VlpRunner:
 
         from vlp import precision as prec
         from vlp.config import Config, validate
-        from vlp.losses import build_loss, clamp_logit_scale, prepare_model_for_loss
+        from vlp.losses import prepare_model_for_loss
         from vlp.models import create_model
-        from vlp.train.optim import build_optimizer, build_scheduler
         from vlp.train.device_batch import DeviceBatch
-        from vlp.train import sharding
-        from vlp.train.step import train_step
+        from vlp.train.trainer import Trainer
 
         cfg = Config()
         cfg.model.model = model_name
@@ -69,47 +68,31 @@ class VlpRunner:
         GradientState._reset_state()
         accelerator = Accelerator(mixed_precision=prec.accelerate_mixed_precision(precision),
                                   cpu=torch.device(device).type == "cpu")
-        bundle = create_model(model_name)
-        model = bundle.model
+        model = create_model(model_name).model
         model.load_state_dict(state)
         prepare_model_for_loss(model, cfg.loss)
-        prec.cast_model(model, precision)  # open_clip's bf16/fp16/pure_*: 16-bit weights
-        optimizer = build_optimizer(model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=total_steps)
-        model, optimizer = sharding.prepare(accelerator, model, optimizer, compile=cfg.model.torchcompile)
-        self.loss_fn = build_loss(cfg.loss, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self._train_step, self._clamp, self._sync_off = train_step, clamp_logit_scale, sharding.gradient_sync_off
+        self.trainer = Trainer(cfg, accelerator, model, total_steps=total_steps, steps_per_epoch=total_steps,
+                               precision=precision)
+        self.accelerator, self.model = accelerator, self.trainer.model
         self.to_device = DeviceBatch(accelerator.device, None, prec.compute_dtype(precision), prec.input_dtype(precision))
         self.device = accelerator.device
-        self.model.train()
 
     def initial_loss(self, images, texts) -> float:
-        net = self.accelerator.unwrap_model(self.model)
+        net, loss_fn = self.trainer.net, self.trainer.loss_fn
         with torch.no_grad(), self.accelerator.autocast():
             out = net(*self.to_device(images, texts))
-            return float(self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                                      out.get("logit_bias"))["loss"])
+            return float(loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
+                                 out.get("logit_bias"))["loss"])
 
     def run(self, stream: _Stream, n_steps: int) -> list[float]:
         """n_steps optimiser steps; returns the start time of each and, last, the end time (after a sync)."""
-        accelerator, model, optimizer, scheduler, cfg = (self.accelerator, self.model, self.optimizer,
-                                                         self.scheduler, self.cfg)
         marks = []
         for _ in range(n_steps):
             marks.append(_now())
-            micro = [self.to_device(images, texts) for images, texts in stream.take(cfg.optim.accum_freq)]
-            losses = self._train_step(model, micro, self.loss_fn, backward=accelerator.backward,
-                                      autocast=accelerator.autocast,
-                                      no_sync=lambda: self._sync_off(accelerator, model))
-            if not torch.isfinite(losses["loss"]):
-                raise RuntimeError(f"vlp: loss is {losses['loss'].item()}")
-            if cfg.optim.grad_clip_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            self._clamp(accelerator.unwrap_model(model))
+            micro = [self.to_device(images, texts) for images, texts in stream.take(self.cfg.optim.accum_freq)]
+            _, verdict = self.trainer.step(micro)
+            if verdict.problem:
+                raise RuntimeError(f"vlp: {verdict.problem}")
         _sync(self.device)
         marks.append(_now())
         return marks

@@ -9,10 +9,11 @@ What is timed is the optimiser step, not data loading. A fixed set of batches is
 from demo shards (images through the model's train transform, captions through its tokenizer)
 and the identical in-memory batches, in the same order, are fed to
 
-  vlp              the step exactly as `vlp.train.loop.train` runs it: accelerate's `Accelerator`
-                   (prepare, autocast, backward, no_sync), `vlp.train.step.train_step`, the loss of
-                   `vlp.losses.build_loss`, the finite-loss check, `build_optimizer` (AdamW) and
-                   `build_scheduler` (LambdaLR), `zero_grad(set_to_none=True)`, `clamp_logit_scale`;
+  vlp              `vlp.train.trainer.Trainer.step`, the object `vlp.train.loop.train` drives: accelerate's
+                   `Accelerator` (autocast, backward, no_sync), `vlp.train.parallelize`, `vlp.train.step.train_step`,
+                   the loss of `vlp.losses.build_loss`, the end-of-step check (finite loss and gradient norm,
+                   agreed by every rank), `build_optimizer` (AdamW) and `build_scheduler` (LambdaLR),
+                   `zero_grad(set_to_none=True)`, `clamp_logit_scale`;
   open_clip_train  its own `train_one_epoch` with `args` from `open_clip_train.params.parse_args`,
                    `open_clip.create_loss(args)` (ClipLoss), AdamW with the param groups of its
                    main.py, its `cosine_lr` scheduler and GradScaler rule, the model built with

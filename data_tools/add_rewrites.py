@@ -29,6 +29,7 @@ from typing import Optional
 from vlp.data.errors import DataError, SkipSample
 from vlp.data.shards import shard_urls as _urls
 from vlp.data.tario import ShardWriter, TarError, read_shard
+from vlp.flags import Parser
 
 
 def _read_text(path: str) -> str:
@@ -170,7 +171,7 @@ def _all_keys(urls) -> set[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = Parser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--shards", required=True, help="input shard spec or folder")
     p.add_argument("--output", "--out", dest="output", required=True, help="folder for the new shards (not the input folder)")

@@ -1,7 +1,6 @@
 """A contact sheet: sample thumbnails in a grid, each with its caption underneath (a first look at a data set)."""
 from __future__ import annotations
 
-import io
 import textwrap
 from pathlib import Path
 
@@ -9,6 +8,8 @@ from pathlib import Path
 def contact_sheet(samples: list[dict], path: str, thumb: int = 160, columns: int = 6, caption_lines: int = 3) -> Path:
     """`samples`: dicts with "image" (encoded bytes or None), "key" and "caption"; writes a PNG to `path`."""
     from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    from vlp.data.images import decode_rgb
 
     font = ImageFont.load_default()
     line_h = 12
@@ -20,7 +21,7 @@ def contact_sheet(samples: list[dict], path: str, thumb: int = 160, columns: int
     for i, s in enumerate(samples):
         x, y = (i % columns) * (thumb + 8) + 4, (i // columns) * (cell_h + 8) + 4
         try:
-            im = Image.open(io.BytesIO(s["image"])).convert("RGB")
+            im = decode_rgb(s["image"])   # as the loader sees it: upright, 8-bit, transparency on white
             im = ImageOps.contain(im, (thumb, thumb), Image.NEAREST if max(im.size) < thumb // 2 else Image.BICUBIC)
             sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
         except Exception:  # noqa: BLE001 - an unreadable image is shown as a grey box

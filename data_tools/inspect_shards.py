@@ -23,6 +23,7 @@ from vlp.data.errors import DataError, SkipSample
 from vlp.data.images import IMAGE_EXTS, open_image
 from vlp.data.shards import shard_size, shard_urls
 from vlp.data.tario import TarError, read_shard
+from vlp.flags import Parser
 
 
 def _check_image(data: bytes, decode: bool) -> tuple[Optional[str], Optional[tuple[int, int]]]:
@@ -134,7 +135,7 @@ def inspect(spec: str, decode: bool = True, rewrites_field: str = "rewrites", ma
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("shards", help="shard spec (brace expansion, '::' sources) or a folder of .tar files")
     p.add_argument("--no-decode", action="store_true", help="only read image headers (faster; misses corrupt data)")
     p.add_argument("--rewrites-field", default="rewrites", help="json field holding rewrites")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vlp.data import demo_world as W
 from vlp.data.tario import ShardWriter
+from vlp.flags import Parser
 from vlp.progress import progress_bar
 
 
@@ -123,7 +124,7 @@ def make_demo_data(out: str | Path, train_samples: int = 20000, eval_samples: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--output", "--out", dest="out", required=True, help="output folder")
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--eval-samples", type=int, default=800)

@@ -40,6 +40,7 @@ from data_tools.icon_sources import SETS, Icon, SourceError, load_icons
 from data_tools.make_demo_data import eval_split_dir, finish_split
 from data_tools.make_shards import make_shards
 from vlp.data.tario import ShardWriter
+from vlp.flags import Parser
 
 HELDOUT_STYLES = ("lucide-outline", "bi-outline", "bi-fill", "ph-duotone")
 TEMPLATES = ["a {c} icon.", "an icon of {c}.", "{c}", "a pictogram of {c}."]
@@ -201,7 +202,7 @@ def build(output: str | Path, cache: str | Path, *, train_size: int, heldout_con
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = Parser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--output", "--out", dest="output", required=True, help="folder to write the benchmark into")

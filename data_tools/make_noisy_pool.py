@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from vlp.flags import Parser
+
 BOILERPLATE = ("click to enlarge", "image", "untitled", "stock vector illustration", "free download",
                "thumbnail", "photo", "view larger image")
 
@@ -86,7 +88,7 @@ def make_noisy_pool(inp: str, output: str, mismatched: float = 0.3, near_dups: f
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="clean shards (a spec)")
     p.add_argument("--output", required=True)
     p.add_argument("--mismatched", type=float, default=0.3, help="share of the input count (default 0.3)")

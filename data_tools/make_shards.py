@@ -31,6 +31,7 @@ from data_tools import staging as staging_folders
 from data_tools.outputs import check_name, own_shards, swap_in
 from vlp.data.images import IMAGE_FILE_SUFFIXES
 from vlp.data.tario import ShardWriter
+from vlp.flags import Parser
 
 STAGING_PREFIX = ".make_shards-"
 
@@ -132,6 +133,7 @@ def process(rec: dict):
 
     from vlp.data.errors import SkipSample
     from vlp.data.images import open_image, orientation, upright
+    from vlp.data.pixels import to_rgb
 
     cap = rec["caption"]
     if cap is None:
@@ -169,7 +171,7 @@ def process(rec: dict):
         reencode = _OPTS.get("reencode") or scale < 1 or im.format != "JPEG" or im.mode not in ("RGB", "L")
         if reencode:   # the new JPEG carries no EXIF: its pixels are turned upright here
             size = size[::-1] if orientation(im) >= 5 else size
-            im = upright(im).convert("RGB")
+            im = to_rgb(upright(im))   # 16-bit scaled, transparency on white (vlp.data.pixels)
             if im.size != size:
                 im = im.resize(size, Image.BICUBIC, reducing_gap=3.0)
             buf = io.BytesIO()
@@ -255,7 +257,7 @@ def _write(recs: list, folder: Path, src: Path, per_shard: int, prefix: str, wor
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = Parser(description=__doc__.splitlines()[0],
                                 epilog="Keys are input row numbers; sizes.json makes --train-num-samples unnecessary.")
     p.add_argument("--input", required=True, help="CSV/TSV/parquet/JSONL table, or a folder of image+caption pairs")
     p.add_argument("--output", "--out", dest="output", required=True, help="folder for the shards")

@@ -24,12 +24,13 @@ import sys
 from typing import Optional
 
 from data_tools.outputs import check_name
+from vlp.flags import Parser
 from vlp.rewrite.pools import POOLS
 from vlp.rewrite.sources import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = Parser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--input", required=True, help="shard spec (brace-expanded, '::'-joined), a .csv or a .txt file")

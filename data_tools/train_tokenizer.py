@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+from vlp.flags import Parser
 from vlp.progress import progress_bar
-
 from vlp.rewrite.sources import InputError, open_input
+
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -77,7 +78,7 @@ def model_config_for(base_config: str, model_file: str, context_length: Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = Parser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--train-data", action="append", required=True,

@@ -72,22 +72,31 @@ def _default(action: argparse.Action) -> str:
 
 
 def table(parser: argparse.ArgumentParser) -> str:
+    """The parser's own flags; the flags of other tools it answers (vlp.flags.Answer) in a table of their own."""
+    from vlp.flags import Answer
+
     formatter = parser._get_formatter()
-    lines = ["| flag | default | what it does |", "|---|---|---|"]
+    own = ["| flag | default | what it does |", "|---|---|---|"]
+    answered = ["Flags of open_clip or CLIP_benchmark this command does not take; each is answered in one line "
+                "naming vlp's way (exit 2):",
+                "", "| flag | answer |", "|---|---|"]
     for action in parser._actions:
         if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
             continue
         names = action.option_strings or [action.dest]
         flag = ", ".join(f"`{n}`" for n in names)
+        what = formatter._expand_help(action) if action.help else ""
+        if isinstance(action, Answer):
+            answered.append(f"| {_cell(flag)} | {_cell(what.removeprefix('answered: '))} |")
+            continue
         if action.option_strings and action.nargs != 0 and action.choices is None:
             flag += f" `{formatter._format_args(action, action.dest.upper())}`"
-        what = formatter._expand_help(action) if action.help else ""
         if action.choices is not None:
             what = (what + " " if what else "") + "(one of: " + ", ".join(map(str, action.choices)) + ")"
         if action.required:
             what = "**required.** " + what
-        lines.append(f"| {_cell(flag)} | {_cell(_default(action))} | {_cell(what)} |")
-    return "\n".join(lines)
+        own.append(f"| {_cell(flag)} | {_cell(_default(action))} | {_cell(what)} |")
+    return "\n".join(own + ([""] + answered if len(answered) > 4 else []))
 
 
 def render() -> str:

@@ -27,7 +27,7 @@ if [ ! -f "$venv/.complete" ]; then
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade -c constraints.txt pip 2> >(grep -v "is ignored" >&2)
   # One resolve, held to the lock: every package, torch's CUDA libraries included, at its tested version.
-  "$venv/bin/python" -m pip install -q -c constraints.txt -e ".[dev,remote,hf]" 2> >(grep -v "is ignored" >&2)
+  "$venv/bin/python" -m pip install -q -c constraints.txt -e ".[dev,remote,hf,ray]" 2> >(grep -v "is ignored" >&2)
   touch "$venv/.complete"
 else
   # Reused environment: refresh the package's metadata (entry points) from this clone; nothing is resolved.

@@ -45,8 +45,8 @@ def write_color_splits(base: Path, test: int, train: int) -> Path:
     return base / "colors"
 
 
-def write_tiny_bert(base: Path) -> Path:
-    """A Hugging Face text tower folder `base/tiny-bert` (BERT, 32-d, 1 layer, random weights, its own small
+def write_tiny_bert(base: Path, layers: int = 1) -> Path:
+    """A Hugging Face text tower folder `base/tiny-bert` (BERT, 32-d, `layers` layers, random weights, its own small
     WordPiece vocabulary), for the HF-tower tests; nothing is downloaded."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -56,7 +56,7 @@ def write_tiny_bert(base: Path) -> Path:
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     hf_dir = base / "tiny-bert"
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(hf_dir)
-    cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=32)
     torch.manual_seed(0)
     BertModel(cfg).save_pretrained(hf_dir)

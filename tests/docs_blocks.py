@@ -109,3 +109,56 @@ def _end_group(pgid: int):
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def commands(block: Block) -> list[list[str]]:
+    """The block's command lines as argv lists (continuations joined, comments and `&` dropped)."""
+    import shlex
+
+    joined = re.sub(r"\\\n\s*", " ", block.script())
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            argv = shlex.split(line, comments=True)
+        except ValueError:
+            continue
+        out.append([a for a in argv if a != "&"])
+    return out
+
+
+def vlp_invocation(argv: list[str]) -> Optional[tuple[str, str, list[str]]]:
+    """(command name, COMMANDS target, its arguments) when argv runs a vlp command, else None. Knows
+    `train.py`/`eval_zeroshot.py` (also under torchrun/srun/accelerate), `vlp ...`, `python -m vlp ...`."""
+    from vlp.cli import COMMANDS
+
+    for i, arg in enumerate(argv):
+        name = Path(arg).name
+        if name in ("train.py", "eval_zeroshot.py"):
+            rest = argv[i + 1:]
+            rest = rest[1:] if rest[:1] == ["--"] else rest
+            return (("vlp train", "vlp.cli:train") if name == "train.py" else ("vlp eval", "vlp.cli:evaluate")) + (rest,)
+        if name == "vlp" and (i == 0 or argv[i - 1] == "-m" or "/" in arg):
+            rest = argv[i + 1:]
+            table, words = COMMANDS, ["vlp"]
+            while rest and rest[0] in table:
+                target, _ = table[rest[0]]
+                words.append(rest[0])
+                rest = rest[1:]
+                if not isinstance(target, dict):
+                    return " ".join(words), target, rest
+                table = target
+            return None
+    return None
+
+
+def flag_reference(root: Path):
+    """scripts/flag_reference.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flag_reference", root / "scripts" / "flag_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

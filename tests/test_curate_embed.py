@@ -13,33 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import repo_root
+from tests.curate_fixtures import reference, run, shards, vlp_cmd  # noqa: F401 - fixtures
 from vlp.curate.store import load_tables, read_table
-
-
-def vlp_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "vlp", "data", *args]
-
-
-def run(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(vlp_cmd(*args), capture_output=True, text=True, cwd=repo_root(), **kw)
-
-
-
-@pytest.fixture(scope="module")
-def shards(demo_data) -> list[str]:
-    from vlp.data.shards import shard_urls
-
-    urls = shard_urls(demo_data["train_data"])
-    assert len(urls) >= 3
-    return urls
-
-
-@pytest.fixture(scope="module")
-def reference(shards, micro_model_json, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "emb"
-    r = run("embed", "--data", "::".join(shards), "--model", micro_model_json, "--out", str(out), "--threads", "1")
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 def test_embeddings_are_the_models_own(reference, shards, micro_model_json):
@@ -84,8 +59,8 @@ def test_kill_and_resume_per_shard(reference, shards, micro_model_json, tmp_path
     assert flag.exists(), p.communicate()
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    done = sorted(x.name for x in out.glob("*.npz"))
-    assert done == ["000000.npz", "000001.npz"] and not (out / "done.json").exists()
+    done = sorted(x.name for x in out.glob("*.parquet"))
+    assert done == ["000000.parquet", "000001.parquet"] and not (out / "done.json").exists()
     before = {n: (out / n).stat().st_mtime_ns for n in done}
     with pytest.raises(Exception, match="incomplete"):
         load_tables(str(out))
@@ -110,7 +85,7 @@ def test_torchrun_two_ranks_split_shards(reference, shards, micro_model_json, tm
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=repo_root(), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     for i in range(len(shards)):   # rank r of 2 wrote shards r, r + 2, ...
-        assert f"[rank {i % 2}/2] {i:06d}.npz" in r.stderr
+        assert f"[rank {i % 2}/2] {i:06d}.parquet" in r.stderr
     a, b = load_tables(str(out)), load_tables(str(reference))
     assert list(a.key) == list(b.key)
     np.testing.assert_allclose(a.image.astype(np.float32), b.image.astype(np.float32), atol=1e-3)
@@ -145,7 +120,7 @@ def test_bad_input_one_line(reference, shards, micro_model_json, tmp_path):
             "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and "does not fit this architecture" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert read_table(Path(reference) / "000000.npz") is not None
+    assert read_table(Path(reference) / "000000.parquet") is not None
 
 
 def test_filter_cli_writes_decisions_report_and_sheets(reference, tmp_path):

@@ -26,21 +26,27 @@ def _params():
 
 @pytest.fixture(scope="module")
 def page_dirs(tmp_path_factory):
-    """One working folder per page, shared by that page's blocks (a later block uses what an earlier one made)."""
+    """One working folder per page, shared by that page's blocks, and the blocks already run there."""
     made = {}
 
     def get(page):
         if page not in made:
-            made[page] = docs_blocks.workdir(ROOT, tmp_path_factory.mktemp(page.stem))
+            made[page] = (docs_blocks.workdir(ROOT, tmp_path_factory.mktemp(page.stem)), set())
         return made[page]
     return get
 
 
 @pytest.mark.parametrize("block", _params())
 def test_block_runs(block, page_dirs):
-    out = docs_blocks.run(block, page_dirs(block.page), TIMEOUT_S[block.slow])
-    tail = "\n".join(out.stdout.splitlines()[-40:])
-    assert out.returncode == 0, f"{block.where}: the block exited {out.returncode}; its output ends:\n{tail}"
+    """A block may use what the page's earlier default blocks made: those not run yet in this session (a
+    `-m slow` run deselects them) run first. A default block must not rely on a `run: slow` one."""
+    cwd, done = page_dirs(block.page)
+    earlier = [b for b in docs_blocks.shell_blocks(block.page) if b.line < block.line and b.marker is None]
+    for b in [*(b for b in earlier if b.line not in done), block]:
+        out = docs_blocks.run(b, cwd, TIMEOUT_S[b.slow])
+        done.add(b.line)
+        tail = "\n".join(out.stdout.splitlines()[-40:])
+        assert out.returncode == 0, f"{b.where}: the block exited {out.returncode}; its output ends:\n{tail}"
 
 
 def test_every_marker_is_well_formed():
@@ -56,6 +62,32 @@ def test_the_pages_hold_shell_blocks():
     found = {b.where for page in docs_blocks.pages(ROOT) for b in docs_blocks.shell_blocks(page)}
     assert any(w.startswith("README.md:") for w in found) and any(w.startswith("docs/") for w in found), found
     assert _params(), "no block is run"
+
+
+def test_every_flag_in_a_block_is_a_flag_of_its_command():
+    """Blocks that are not run (GPU, cluster, network) still name only flags the parsers have: each vlp command
+    line of every block (train.py under torchrun/srun too) is checked against its command's own parser."""
+    from vlp.flags import Answer
+
+    reference = docs_blocks.flag_reference(ROOT)
+    parsers, bad, checked = {}, [], 0
+    for page in docs_blocks.pages(ROOT):
+        for block in docs_blocks.shell_blocks(page):
+            for argv in docs_blocks.commands(block):
+                found = docs_blocks.vlp_invocation(argv)
+                if not found:
+                    continue
+                name, target, args = found
+                parser = parsers.get(target) or parsers.setdefault(target, reference.parser_of(target))
+                known = parser._option_string_actions
+                checked += 1
+                for arg in args:
+                    flag = arg.split("=", 1)[0]
+                    if flag.startswith("--") and flag != "--" and (
+                            flag not in known or isinstance(known[flag], Answer)):
+                        bad.append(f"{block.where}: {name} has no flag {flag}")
+    assert checked >= 10, checked
+    assert not bad, "\n".join(bad)
 
 
 def test_ci_runs_the_command_readme_shows():

@@ -3,12 +3,12 @@ and docs/flags.md is what scripts/flag_reference.py writes from the parsers (a c
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 
+from tests import docs_blocks
 from tests.conftest import repo_root
 
 ROOT = repo_root()
@@ -23,22 +23,18 @@ def build(config_dir, out_dir) -> subprocess.CompletedProcess:
 
 
 def copy_site(tmp_path):
-    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    """What the build reads: mkdocs.yml, docs/, the README (the Tutorial page) and the hook that adds it."""
+    for name in ("mkdocs.yml", "README.md", "scripts/mkdocs_hooks.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
     return tmp_path
-
-
-def flag_reference():
-    spec = importlib.util.spec_from_file_location("flag_reference", ROOT / "scripts" / "flag_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_site_builds_strict(tmp_path):
     out = build(ROOT, tmp_path / "site")
     assert out.returncode == 0, out.stdout + out.stderr
-    for page in ("index", "training", "data", "curation", "evaluation", "reliability", "scale", "results", "flags"):
+    for page in ("index", "tutorial", "training", "data", "curation", "evaluation", "reliability", "scale", "results", "flags"):
         assert (tmp_path / "site" / ("" if page == "index" else page) / "index.html").exists(), page
 
 
@@ -49,6 +45,14 @@ def test_strict_build_fails_on_a_broken_link(tmp_path):
     out = build(site, tmp_path / "site")
     assert out.returncode != 0
     assert "no_such_page.md" in out.stdout + out.stderr
+
+
+def test_strict_build_checks_the_readme_tutorials_links(tmp_path):
+    site = copy_site(tmp_path)
+    (site / "README.md").write_text((site / "README.md").read_text() + "\nSee [gone](docs/gone.md).\n")
+    out = build(site, tmp_path / "site")
+    assert out.returncode != 0
+    assert "gone.md" in out.stdout + out.stderr
 
 
 def test_strict_build_fails_on_a_broken_anchor(tmp_path):
@@ -62,7 +66,7 @@ def test_strict_build_fails_on_a_broken_anchor(tmp_path):
 
 def test_flag_reference_matches_the_parsers():
     page = ROOT / "docs" / "flags.md"
-    assert page.read_text() == flag_reference().render(), \
+    assert page.read_text() == docs_blocks.flag_reference(ROOT).render(), \
         "docs/flags.md is out of date: run `.venv/bin/python scripts/flag_reference.py` and commit it"
 
 
@@ -74,6 +78,6 @@ def test_flag_reference_sees_a_changed_flag(monkeypatch):
         return add_argument(self, *("--show-samples" if n == "--show" else n for n in names), **kw)
 
     monkeypatch.setattr(argparse.ArgumentParser, "add_argument", renamed)
-    text = flag_reference().render()
+    text = docs_blocks.flag_reference(ROOT).render()
     assert "`--show-samples`" in text
     assert text != (ROOT / "docs" / "flags.md").read_text()

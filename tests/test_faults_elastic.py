@@ -2,6 +2,7 @@
 SIGSTOPped so that a collective times out, a rank SIGKILLed under `--max-restarts`. Two gloo ranks on CPU."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -101,9 +102,10 @@ def test_a_stalled_rank_times_out_in_one_line_and_the_restarted_group_resumes(de
     assert proc.returncode == 0, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1, err[-3000:]
-    assert re.fullmatch(rf"error: collective \w+ \(vlp\.[\w.]+\) timed out after 30 s \(--dist-timeout\): another "
-                        rf"rank stopped answering; the last checkpoint is \S+step_0*{saved}\.pt \(step {saved}\): "
-                        rf"start the run again with --resume latest", lines[0]), lines[0]
+    assert re.fullmatch(rf"error: (collective \w+|DDP's gradient all_reduce) \(vlp\.[\w.]+\) timed out after 30 s "
+                        rf"\(--dist-timeout\): another rank stopped answering; the last checkpoint is "
+                        rf"\S+step_0*{saved}\.pt \(step {saved}\): start the run again with --resume latest",
+                        lines[0]), lines[0]
     first_attempt = err.split(lines[0])[0] + lines[0]
     assert not TRACEBACK.search(first_attempt), first_attempt[-3000:]
     assert f"at step {saved}" in out + err   # "resumed from ... at step N" by the restarted group
@@ -142,3 +144,117 @@ def test_a_collective_timeout_is_worded_with_the_collective_and_its_caller(tmp_p
     procs[1].communicate(timeout=120)
     assert out.splitlines() == ["collective all_reduce (vlp.distributed.reduce_mean) timed out after 2 s "
                                 "(--dist-timeout): another rank stopped answering", "None"], err[-2000:]
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_resume_a_sigkilled_rank_from_the_newest_checkpoint(demo_data, micro_model_json, tmp_path):
+    """`torchrun --max-restarts 3 ... --resume latest`, a rank SIGKILLed at step ~8 with saves every 5 steps: the
+    survivor names the lost rank in one line and exits, torchrun restarts the group, the restarted ranks resume
+    from the newest checkpoint, and the run finishes at its last step having repeated at most one save interval.
+    The first start, with nothing to resume, starts at step 0."""
+    run = tmp_path / "restart"
+    proc = _torchrun(demo_data, micro_model_json, tmp_path, "restart", "--resume", "latest",
+                     launcher=("--max-restarts", "3"), steps=24, save_every=5)
+    _wait_for_step(run, proc, 8)
+    _, rank1 = _ranks(proc)
+    rank1.kill()
+    killed = time.monotonic()
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert "--resume latest: no checkpoint in" in err and "starting from step 0" in err
+    lost = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lost) == 1 and lost[0].startswith(f"error: rank 1 (pid {rank1.pid}) ended during training"), err[-3000:]
+    resumed = [int(m) for m in re.findall(r"^resumed from \S+ at step (\d+)$", err, re.M)]
+    assert len(resumed) == 1 and resumed[0] % 5 == 0 and resumed[0] >= 5, err[-3000:]
+    rows = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in json.loads(ln)]
+    repeated = len(rows) - len(set(rows))
+    assert sorted(set(rows)) == list(range(1, 25)) and repeated <= 5, rows
+    assert read_status(run)["state"] == "finished"
+    assert ckpt.load_state(run / "checkpoints" / ckpt.checkpoint_name(24))["step"] == 24
+    print(f"\nrank killed: group restarted and resumed at step {resumed[0]}, {repeated} steps repeated, "
+          f"run finished {time.monotonic() - killed:.0f} s after the kill")
+
+
+@pytest.mark.slow
+def test_resume_with_more_loader_workers_finishes_the_epoch_exactly(demo_data, micro_model_json, tmp_path):
+    """Stopped with --workers 2, resumed with --workers 3 (refused before: `saved with workers=2, now 3`): the
+    rest of the epoch is re-planned over 3 workers and trained once, so the epoch ends exactly at its last
+    step (600 samples, 16 a batch: 37 steps) with the re-planned pool used up (which samples: test_data_elastic)."""
+    from tests.test_faults_run import _start, _stop
+
+    flags = _flags(demo_data, micro_model_json, tmp_path, "workers", "--workers", "2", "--max-steps", "37",
+                   "--save-every", "100")
+    stopped = _stop(_start(flags, start_new_session=True), tmp_path / "workers", 6, signal.SIGTERM, group=False)
+    proc = _start([*flags, "--workers", "3", "--resume", "latest"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    loader = ckpt.load_state(tmp_path / "workers" / "checkpoints" / ckpt.checkpoint_name(37))["loader"][0]
+    left = 600 // 16 * 16 - stopped * 16
+    assert loader["workers"] == 3 and loader["epoch"] == 0
+    assert sum(b - a for a, b in loader["pool"]) == left
+    assert loader["batches_done"] == loader["epoch_batches"] == left // 16
+    assert sorted(_losses(tmp_path / "workers")) == list(range(1, 38))
+
+
+_WATCHED = """
+import sys, time
+from pathlib import Path
+from vlp.runtime.preemption import StopSignals
+from vlp.train.launcher import LauncherWatch
+with StopSignals() as signals:
+    watch = LauncherWatch(signals)
+    print("watching", flush=True)
+    deadline = time.monotonic() + 30
+    while not signals.requested and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(watch.noticed_at, flush=True)   # CLOCK_MONOTONIC: one clock for every process of the machine
+    print(watch.stopped(Path(sys.argv[1])), flush=True)
+"""
+
+
+def test_a_rank_notices_its_launcher_die_within_a_poll(tmp_path):
+    """A stand-in agent (a process started by torchrun's rules: TORCHELASTIC_RUN_ID set for its child) SIGKILLed:
+    its child asks to stop within one poll and words the stop as the launcher's; without the variable no watch."""
+    env = dict(os.environ, PYTHONPATH=str(repo_root()), TORCHELASTIC_RUN_ID="t")
+    agent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+                              sys.executable, "-c", _WATCHED, str(tmp_path)],
+                             env=env, stdout=subprocess.PIPE, text=True)
+    assert agent.stdout.readline() == "watching\n"
+    killed = time.monotonic()
+    agent.kill()
+    agent.wait()
+    noticed, line = agent.stdout.readline(), agent.stdout.readline()   # the orphan still holds the pipe
+    assert 0 < float(noticed) - killed < 1.5, float(noticed) - killed
+    print(f"\nlauncher watch: the stop asked {float(noticed) - killed:.2f} s after the kill")
+    assert line == "state saved at step 0; continue with --resume latest\n"
+    from vlp.runtime.preemption import StopSignals
+    from vlp.train.launcher import LauncherWatch
+
+    assert LauncherWatch(StopSignals(), env={}).stopped(tmp_path) is None   # not under torchrun: nothing watched
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vlp.runtime.dcp_checkpoint") is None,
+                    reason="resuming on another number of ranks needs the DCP checkpoints (issue 29.1-3)")
+def test_four_ranks_resumed_on_two_train_the_rest_of_the_epoch_once(demo_data, micro_model_json, tmp_path):
+    """4 ranks train 4 of their epoch's 9 steps (600 samples, 16 a batch per rank) and save; 2 ranks resume: the
+    epoch's 5 x 64 untrained samples are re-planned into exactly 10 steps of 2 x 16, so step 14 ends the epoch and
+    step 15 is the next one's first (which samples: tests/test_data_elastic.py counts them)."""
+    from tests.test_train_distributed import _free_port
+
+    def run(n, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+               str(_free_port()), str(repo_root() / "train.py"), "--",
+               *_flags(demo_data, micro_model_json, tmp_path, "shrink", "--workers", "1", "--save-every", "100",
+                       *extra)]
+        proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(4, "--max-steps", "4")
+    run(2, "--max-steps", "15", "--resume", "latest")
+    rows = [json.loads(ln) for ln in (tmp_path / "shrink" / "metrics.jsonl").read_text().splitlines()]
+    epoch = {r["step"]: r["train/epoch"] for r in rows if "train/epoch" in r}
+    assert sorted(epoch) == list(range(1, 16))
+    assert [epoch[s] for s in (4, 5, 14, 15)] == [0, 0, 0, 1]   # the re-planned rest: exactly steps 5-14

@@ -99,9 +99,10 @@ def test_nonfinite_gradients_stop_with_the_last_finite_state(demo_data, micro_mo
 
     from vlp.runtime import checkpoint as ckpt
     from vlp.train import loop
+    from vlp.train import trainer as trainer_module
 
     calls = {"n": 0}
-    real_step = loop.train_step
+    real_step = trainer_module.train_step
 
     def poisoned_step(model, *args, **kwargs):
         calls["n"] += 1
@@ -110,7 +111,7 @@ def test_nonfinite_gradients_stop_with_the_last_finite_state(demo_data, micro_mo
             next(p for p in model.parameters() if p.grad is not None).grad[0].fill_(float("nan"))
         return losses
 
-    monkeypatch.setattr(loop, "train_step", poisoned_step)
+    monkeypatch.setattr(trainer_module, "train_step", poisoned_step)
     cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "nangrad", "--workers", "0"))
     with pytest.raises(loop.TrainingError, match=r"^gradient norm is nan at step 3; the state before this step is "
                                                  r"saved in .*step_00000002\.pt$"):
@@ -128,9 +129,10 @@ def test_nan_weights_are_never_saved(demo_data, micro_model_json, tmp_path, monk
 
     from vlp.runtime import checkpoint as ckpt
     from vlp.train import loop
+    from vlp.train import trainer as trainer_module
 
     calls = {"n": 0}
-    real_step = loop.train_step
+    real_step = trainer_module.train_step
 
     def poisoned_step(model, *args, **kwargs):
         calls["n"] += 1
@@ -139,7 +141,7 @@ def test_nan_weights_are_never_saved(demo_data, micro_model_json, tmp_path, monk
                 getattr(model, "module", model).visual.proj.view(-1)[0] = float("nan")
         return real_step(model, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", poisoned_step)
+    monkeypatch.setattr(trainer_module, "train_step", poisoned_step)
     cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "nanw", "--workers", "0", "--save-every", "2"))
     with pytest.raises(loop.TrainingError, match=r"^loss is nan at step 4; the state before this step is not "
                                                  r"finite either\. The last finite checkpoint is .*step_00000002\.pt"):

@@ -143,7 +143,7 @@ def test_setup_sh_installs_through_the_lock_and_keys_the_venv_on_it(setup_sandbo
     calls, _, venv = run_setup()
     installs = [c for c in calls if " -m pip install " in c]
     assert installs and all("-c constraints.txt" in c for c in installs), calls
-    assert any('-e .[dev,remote,hf]' in c for c in installs), calls
+    assert any('-e .[dev,remote,hf,ray]' in c for c in installs), calls
     assert (venv / ".complete").exists()
     # Reused: only the editable link is refreshed, nothing is resolved again.
     calls, _, again = run_setup()
@@ -171,7 +171,7 @@ def test_two_setups_started_together_build_the_environment_once(setup_sandbox, t
             calls += job.result()[0]
     (env,) = (tmp_path / "envs").glob("venv-*")
     assert (env / ".complete").exists() and (repo / ".venv" / "shared").resolve() == env
-    assert sum(".[dev,remote,hf]" in c for c in calls) == 1, calls   # built once; the other run reused it
+    assert sum(".[dev,remote,hf,ray]" in c for c in calls) == 1, calls   # built once; the other run reused it
 
 
 def test_each_clone_runs_its_own_code_from_the_shared_environment(setup_sandbox, tmp_path):

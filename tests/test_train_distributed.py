@@ -57,8 +57,8 @@ def _setup_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from vlp.config import Config
     from vlp.distributed import wait_for_main
-    from vlp.train import sharding
     from vlp.train.loop import make_accelerator
+    from vlp.train.parallelize import gradient_sync_off, parallelize, unwrap
     from vlp.train.run_log import RunPaths
 
     cfg = Config()
@@ -73,11 +73,12 @@ def _setup_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     buckets = record_ddp_buckets()
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    model, _ = sharding.prepare(acc, net, torch.optim.SGD(net.parameters(), lr=0.1), compile=True)
+    cfg.model.torchcompile = True
+    model = parallelize(net, cfg, acc, "fp32")
     out["outer"] = type(model).__name__
     out["inner"] = type(model.module).__name__
-    out["unwrapped_is_net"] = sharding.plain_module(acc, model) is net  # what the loop saves: no `_orig_mod.` keys
-    with sharding.gradient_sync_off(acc, model):
+    out["unwrapped_is_net"] = unwrap(model) is net  # what the loop saves: no `_orig_mod.` keys
+    with gradient_sync_off(acc, model):
         out["sync_in_no_sync"] = model.require_backward_grad_sync
     out["sync_after"] = model.require_backward_grad_sync
     t0 = time.monotonic()

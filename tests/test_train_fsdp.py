@@ -101,6 +101,7 @@ def _fsdp_worker(rank: int, world: int, port: int, model_json: str, sets: list, 
     from vlp.train.inloop_eval import InLoopEval, open_sets
     from vlp.train.loop import make_accelerator
     from vlp.train.run_log import MetricsLog, RunPaths
+    from vlp.train.parallelize import gradient_sync_off
     from vlp.train.step import train_step
 
     cfg = Config()
@@ -137,8 +138,9 @@ def _fsdp_worker(rank: int, world: int, port: int, model_json: str, sets: list, 
                                     amp=False, feature_cache=False)[0]["metrics"]
 
     # --- FSDP2 communication: bf16 all-gathers, float32 reductions, one reduce-scatter per step under --accum-freq
+    # with --fsdp-accum-no-sync (the default reduce-scatters every micro-step: tests/test_fsdp_memory.py)
     torch.manual_seed(0)
-    model = sharding.shard_model(create_model(model_json).model, "full", acc.device, "amp_bf16")
+    model = sharding.shard_model(create_model(model_json).model, "full", acc.device, "amp_bf16", accum_no_sync=True)
     dtypes = []
     sharding._blocks(model)[0].mlp.c_fc.register_forward_pre_hook(lambda m, a: dtypes.append(m.weight.dtype))
     g = torch.Generator().manual_seed(rank)
@@ -148,7 +150,7 @@ def _fsdp_worker(rank: int, world: int, port: int, model_json: str, sets: list, 
     for accum in (1, 2):
         with CommDebugMode() as comm:
             train_step(model, micro[:accum], loss_fn, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
-                       no_sync=lambda: sharding.gradient_sync_off(acc, model))
+                       no_sync=lambda: gradient_sync_off(acc, model))
         out["reduce_scatters"][accum] = sum(n for op, n in comm.get_comm_counts().items() if "reduce_scatter" in str(op))
         model.zero_grad(set_to_none=True)
     with CommDebugMode() as comm:  # accelerate's no_sync, what the loop used: nothing for a model it did not wrap

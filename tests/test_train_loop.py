@@ -92,9 +92,10 @@ def test_nonfinite_loss_stops_with_message_and_checkpoint(demo_data, micro_model
 
     import vlp.train.loop as loop
     from vlp.runtime import checkpoint as ckpt
+    from vlp.train import trainer as trainer_module
 
     calls = {"n": 0}
-    real_step = loop.train_step
+    real_step = trainer_module.train_step
 
     def step_that_blows_up(*args, **kwargs):
         calls["n"] += 1
@@ -103,7 +104,7 @@ def test_nonfinite_loss_stops_with_message_and_checkpoint(demo_data, micro_model
             losses["loss"] = torch.tensor(float("nan"))
         return losses
 
-    monkeypatch.setattr(loop, "train_step", step_that_blows_up)
+    monkeypatch.setattr(trainer_module, "train_step", step_that_blows_up)
     cfg = parse_config(_flags(demo_data, micro_model_json, tmp_path, "nan", "--max-steps", "10"))
     with pytest.raises(loop.TrainingError, match=r"loss is nan at step 3; the state before this step is saved in"):
         train(cfg)

@@ -31,6 +31,7 @@ COMMANDS: Table = {
         "embed": ("vlp.curate.embed:main", "image/text embeddings + CLIP score per shard (torchrun splits shards)"),
         "filter": ("vlp.curate.filter:main", "counted curation rules over embed's tables -> decisions.tsv + report"),
         "reshard": ("vlp.curate.reshard:main", "the kept samples of decisions.tsv as new shards (atomic, sizes.json)"),
+        "convert-tables": ("vlp.curate.convert:main", "rewrite a folder's .npz embed tables as Parquet tables"),
         "make-noisy-pool": ("data_tools.make_noisy_pool:main", "clean shards + mismatched, near-dup, boilerplate"),
     }, "data tools (vlp data COMMAND --help)"),
 }
@@ -97,6 +98,9 @@ def _one_line_error(parser: argparse.ArgumentParser, message: str):
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from vlp.thread_env import check_omp_env
+
+    check_omp_env()   # before any command imports torch
     if argv[:1] == ["--version"]:
         from vlp import __version__
 

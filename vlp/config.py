@@ -15,7 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from vlp.flags import Answer, check as check_flags
+from vlp.flags import Answer, Parser, check as check_flags
+from vlp.open_clip_flags import NOT, OPEN_CLIP_ANSWERS
 
 
 class ConfigError(ValueError):
@@ -53,7 +54,9 @@ class ModelConfig:
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in both towers"})
     torchcompile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard parameters, gradients and optimiser state over the processes (towers too large to replicate)"})
+    allow_model_change: bool = field(default=False, metadata={"help": "--resume with a model config that differs from the checkpoint's (refused otherwise, naming the fields)"})
     fsdp_sharding: str = field(default="full", metadata={"help": "--fsdp: 'full' frees each block's gathered weights after its forward (ZeRO-3), 'grad-op' keeps them for the backward (ZeRO-2)"})
+    fsdp_accum_no_sync: bool = field(default=False, metadata={"help": "--fsdp with --accum-freq: reduce-scatter gradients once per step instead of every micro-step, at the cost of every rank holding the whole model's float32 gradients between micro-steps (4 bytes per parameter per rank, as much as DDP)"})
 
 
 @dataclass
@@ -108,6 +111,7 @@ class RunConfig:
     async_save: bool = field(default=True, metadata={"help": "write the periodic checkpoints in the background (DCP "
                                                              "async_save); --no-async-save: the loop waits for each"})
     resume: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint path"})
+    check_every: Optional[int] = field(default=None, metadata={"help": "read the end-of-step check (finite loss and gradients) on the host every N steps instead of every step, so the device is never waited for in between; a non-finite step is then found up to N-1 steps late, and every save reads the pending check first (nothing non-finite is saved). Default: every step off CUDA, --log-every on CUDA", "default_text": "auto"})
     log_every: int = field(default=10, metadata={"help": "log scalars every N steps", "aliases": ["--log-every-n-steps"]})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "eval sets (CLIP_benchmark webdataset roots) for in-loop evaluation"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
@@ -214,20 +218,8 @@ def _default_text(f: dataclasses.Field) -> str:
     return str(value)
 
 
-# open_clip_train flags whose meaning vlp has under another name: exact ones are aliases, the others
-# are answered with vlp's equivalent instead of argparse's "unrecognized arguments".
-OPEN_CLIP_ANSWERS = {
-    "--save-frequency": "--save-every N saves every N optimiser steps (an epoch is printed in the start-up banner)",
-    "--zeroshot-frequency": "--eval-every N (steps) with --eval-data 'IMAGENET_VAL?classnames=imagenet&templates=openai'",
-    "--val-frequency": "--eval-every N (steps); vlp scores zero-shot and retrieval sets, not a validation loss",
-    "--val-data": "--eval-data SPEC... (CLIP_benchmark wds roots, image folders, or CSV/JSONL image-caption files "
-                  "scored by retrieval)",
-    "--save-most-recent": "vlp always keeps RUN/checkpoints/latest naming the newest checkpoint (--resume latest)",
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a CLIP-style dual encoder. Every default is shown; flags "
+    p = Parser(description="Train a CLIP-style dual encoder. Every default is shown; flags "
                                             "are open_clip's where one exists.", allow_abbrev=False)
     p.add_argument("--config", help="YAML file with options (flat or grouped by section); flags override it")
     for section, klass in SECTIONS.items():
@@ -248,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(*flags, nargs="+", **kw)
             else:
                 group.add_argument(*flags, **kw)
-    oc = p.add_argument_group("open_clip flags (exact aliases, or answered with vlp's equivalent)")
+    oc = p.add_argument_group("open_clip flags (exact aliases, or answered with vlp's equivalent; the others "
+                                                            "answered 'not supported', with why)")
     oc.add_argument("--siglip", dest="loss", action="store_const", const="siglip", default=argparse.SUPPRESS,
                     help="same as --loss siglip")
     oc.add_argument("--delete-previous-checkpoint", dest="keep_checkpoints", action="store_const", const=1,
@@ -257,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only 'webdataset' (vlp reads webdataset shards; data_tools.make_shards writes them)")
     oc.add_argument("--imagenet-val", dest="_imagenet_val", default=argparse.SUPPRESS, metavar="DIR",
                     help="same as adding --eval-data 'DIR?name=imagenet-val&classnames=imagenet&templates=openai'")
-    for flag, answer in OPEN_CLIP_ANSWERS.items():
+    for flag, answer in OPEN_CLIP_ANSWERS.items():   # the unsupported ones answer but stay out of --help
         oc.add_argument(flag, action=Answer, answer=f"open_clip's; in vlp: {answer}", metavar="X",
-                        help=f"answered: {answer}".replace("%", "%%"))
+                        help=argparse.SUPPRESS if answer.startswith(NOT) else f"answered: {answer}".replace("%", "%%"))
     return p
 
 
@@ -347,6 +340,12 @@ def validate(cfg: Config) -> Config:
 
     if r.precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)} (got {r.precision!r})")
+    from vlp.precision import fsdp_refusal
+
+    if cfg.model.fsdp and fsdp_refusal(r.precision):
+        raise ConfigError(fsdp_refusal(r.precision))
+    if r.check_every is not None and r.check_every < 1:
+        raise ConfigError("--check-every must be at least 1")
     if r.threads is not None and r.threads < 1:
         raise ConfigError("--threads must be at least 1")
     if d.text_aug not in (None, "stopwords", "eda", "stopwords+eda"):

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from vlp.flags import Parser
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 CHANCE = {"demo_colors": 1 / 8, "demo_shapes": 1 / 5}
@@ -64,7 +66,7 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Train and evaluate vlp's demo model on procedural shapes (CPU).")
+    p = Parser(description="Train and evaluate vlp's demo model on procedural shapes (CPU).")
     p.add_argument("--output", "--out", dest="out", default="demo_out", help="folder for data and runs")
     p.add_argument("--train-samples", type=int, default=20000)
     p.add_argument("--name", default=None, help="run name (default: demo or demo-rewrites, timestamped)")
@@ -74,10 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     if extra and extra[0] == "--":
         extra = extra[1:]
 
-    from vlp.config import ConfigError, parse_config
+    from vlp.config import ConfigError, build_parser, parse_config
     from vlp.data.errors import DataError
+    from vlp.flags import check
     from vlp.train.loop import TrainingError, train
 
+    try:
+        check(build_parser(), extra, ConfigError)   # a bad training flag answered before any data is made
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     t0 = time.time()
     paths = ensure_data(out / "data", args.train_samples)

@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
+from vlp.flags import Parser
+
 # Distribution names (as pip knows them) of what vlp imports or its extras bring.
 PACKAGES = ("torchvision", "open_clip_torch", "timm", "webdataset", "accelerate", "transformers", "tokenizers",
             "sentencepiece", "safetensors", "huggingface_hub", "numpy", "pillow", "fsspec", "s3fs", "gcsfs")
@@ -170,7 +172,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Report vlp's environment (paste it into bug reports).")
+    p = Parser(description="Report vlp's environment (paste it into bug reports).")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = p.parse_args(argv)
     report = collect()

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from vlp.flags import Parser
+
 
 class ExportError(ValueError):
     """The model's architecture has no transformers CLIPModel equivalent; one line says why."""
@@ -170,7 +172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(description="Write a transformers CLIPModel + CLIPProcessor folder from a vlp "
+    p = Parser(description="Write a transformers CLIPModel + CLIPProcessor folder from a vlp "
                                             "checkpoint, export folder or open_clip file (ViT CLIP architectures).")
     p.add_argument("--checkpoint", required=True, help="vlp checkpoint, export folder, or open_clip file (with --model)")
     p.add_argument("--model", default=None, help="open_clip model name for an open_clip weights file")

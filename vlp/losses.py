@@ -333,12 +333,6 @@ def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1
 
 # ----------------------------------------------------------------------------- model hooks
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)  # torch.compile wrapper
-
-
 def prepare_model_for_loss(model: torch.nn.Module, cfg: LossConfig, model_cfg: Optional[dict] = None) -> torch.nn.Module:
     """Give a model what its loss needs. For `siglip` on a model without a `logit_bias`: add a
     learnable bias (init -10, shaped like `logit_scale`) and set `logit_scale` to ln 10. A model
@@ -347,7 +341,7 @@ def prepare_model_for_loss(model: torch.nn.Module, cfg: LossConfig, model_cfg: O
     Call before building the optimiser and before loading a checkpoint's state. If `model_cfg` (the
     open_clip tower config stored with checkpoints) is given, `init_logit_bias` is recorded in it
     so that a model rebuilt from that config has the `logit_bias` parameter its weights need."""
-    net = _unwrap(model)
+    net = distributed.unwrap(model)
     if cfg.loss == "siglip" and getattr(net, "logit_bias", None) is None:
         scale = net.logit_scale
         with torch.no_grad():
@@ -362,7 +356,7 @@ def prepare_model_for_loss(model: torch.nn.Module, cfg: LossConfig, model_cfg: O
 @torch.no_grad()
 def clamp_logit_scale(model: torch.nn.Module, max_value: float = LOGIT_SCALE_MAX) -> None:
     """Clamp `logit_scale` (log space) in place to [0, ln 100]; call after every optimiser step."""
-    net = _unwrap(model)
+    net = distributed.unwrap(model)
     scale = getattr(net, "logit_scale", None)
     if isinstance(scale, torch.Tensor):
         scale.clamp_(0, max_value)

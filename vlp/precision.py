@@ -8,8 +8,11 @@
 | `pure_bf16`, `pure_fp16` | the whole model cast to 16 bit | `model.to(dtype)` |
 | `fp32` | fp32 | fp32 |
 
-vlp adds `auto` (its default): `amp` on CUDA, `fp32` on CPU, where 16-bit arithmetic is slower than
-fp32 on most processors (vlp-tiny on 2 cores: 9 samples/s in bf16 autocast, 66 in fp32).
+vlp adds `auto` (its default): `amp` on CUDA (`amp_bf16` under `--fsdp`, whose shards are gathered in bf16 and
+reduced in float32, and where fp16's grad scaler would have to agree across shards), `fp32` on CPU, where 16-bit
+arithmetic is slower than fp32 on most processors (vlp-tiny on 2 cores: 9 samples/s in bf16 autocast, 66 in fp32).
+The resolved name is the run's one precision policy: training, the in-loop evaluation and (through the checkpoint's
+config) `vlp eval` of its checkpoints use it.
 """
 from __future__ import annotations
 
@@ -20,11 +23,24 @@ import torch
 NAMES = ("auto", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
 
 
-def resolve(name: str, device) -> str:
-    """`auto` -> `amp` on CUDA, `fp32` elsewhere; other names unchanged."""
+FSDP_NAMES = ("auto", "fp32", "amp_bf16", "amp_bfloat16")   # what --fsdp can run
+
+
+def resolve(name: str, device, fsdp: bool = False) -> str:
+    """`auto` -> `amp` on CUDA (`amp_bf16` under --fsdp), `fp32` elsewhere; other names unchanged."""
     if name != "auto":
         return name
-    return "amp" if torch.device(device).type == "cuda" else "fp32"
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "amp_bf16" if fsdp else "amp"
+
+
+def fsdp_refusal(name: str) -> Optional[str]:
+    """Why --fsdp cannot run under --precision `name` (None: it can)."""
+    if name in FSDP_NAMES:
+        return None
+    return (f"--fsdp runs in fp32 or amp_bf16 (bf16 autocast; auto picks it on CUDA), not --precision {name}: "
+            f"fp16 autocast needs a grad scaler that agrees across shards, and cast weights mix dtypes in a shard unit")
 
 
 def accelerate_mixed_precision(name: str) -> str:
@@ -78,6 +94,16 @@ def cpu_warning(name: str, device) -> Optional[str]:
                 "say --precision fp32 (or auto)")
     return (f"--precision {name} on CPU: 16-bit arithmetic is slower than fp32 on CPUs without native bf16 "
             "matrix units; --precision fp32 (or auto) is the faster choice there")
+
+
+def for_eval(asked: str, trained: Optional[str]) -> str:
+    """The precision a checkpoint is scored in: the asked one, or under `auto` the precision it was trained in (as
+    the checkpoint records it, resolved on the training machine): a model trained in bf16 is not scored under fp16
+    autocast, where its activations can overflow. `auto` stays when the training precision is unknown (open_clip
+    checkpoints, random weights): the evaluator's own choice, fp16 autocast on CUDA as CLIP_benchmark's --amp."""
+    if asked != "auto" or trained not in NAMES or trained == "auto":
+        return asked
+    return trained
 
 
 def eval_autocast(name: str, device):

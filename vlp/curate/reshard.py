@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from vlp.curate.store import CurateError
+from vlp.flags import Parser
 
 STAGING_PREFIX = ".reshard-"   # owner-tagged (data_tools.staging): a killed run's folder is removed by the next
 
@@ -45,8 +46,7 @@ def read_decisions(path: str) -> tuple[dict[str, list[str]], Counter]:
 
 def reshard(decisions: str, output: str, per_shard: int = 10000, prefix: str = "", overwrite: bool = False) -> dict:
     from data_tools import staging as staging_folders
-    from data_tools.outputs import check_name, own_shards, swap_in
-    from vlp.data.tario import ShardWriter, TarError, read_shard
+    from data_tools.outputs import check_name, own_shards
 
     kept, removed = read_decisions(decisions)
     out = Path(output)
@@ -61,38 +61,50 @@ def reshard(decisions: str, output: str, per_shard: int = 10000, prefix: str = "
     for gone in staging_folders.sweep(out, STAGING_PREFIX):
         print(f"removed {gone}: the staging folder of a reshard that was killed", file=sys.stderr)
     staging = staging_folders.make(out, STAGING_PREFIX)
-    seen: Counter = Counter()
-    written = 0
     try:
-        with ShardWriter(str(staging / f"{prefix}%05d.tar"), per_shard) as sink:
-            for shard, keys in kept.items():
-                want, found = set(keys), 0
-                try:
-                    for s in read_shard(shard, retries=2):
-                        if s.key in want:
-                            seen[s.key] += 1
-                            key = s.key if seen[s.key] == 1 else f"{s.key}_{seen[s.key]}"
-                            sink.write(key, s.files)
-                            found += 1
-                except TarError as e:
-                    raise CurateError(str(e).splitlines()[0]) from None
-                if found != len(want):
-                    raise CurateError(f"{shard}: {len(want) - found} kept keys are not in the shard (changed since "
-                                      f"it was embedded?); {out} is unchanged")
-                written += found
-            sizes = dict(sink.sizes)
-        n = len(sizes)
-        spec = str(staging / (f"{prefix}{{00000..{n - 1:05d}}}.tar" if n > 1 else f"{prefix}00000.tar"))
-        stats = {"input": str(decisions), "rows": written + sum(removed.values()), "written": written, "shards": n,
-                 "skipped": dict(sorted(removed.items())), "train_data": spec, "sizes": sizes}
-        swap_in(staging, out, prefix, stats)
+        return _write(kept, removed, decisions, out, staging, per_shard, prefix)
+    except OSError as e:   # a full disk, a quota: the staging folder goes, the input shards were only read
+        raise CurateError(f"cannot write the new shards in {out}: {e.strerror or e}; "
+                          f"{out} keeps its earlier shards and the input is untouched") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write(kept: dict, removed: Counter, decisions: str, out: Path, staging: Path, per_shard: int,
+           prefix: str) -> dict:
+    """Copy the kept samples into `staging`, then move the shards into `out` (`data_tools.outputs.swap_in`)."""
+    from data_tools.outputs import swap_in
+    from vlp.data.tario import ShardWriter, TarError, read_shard
+
+    seen: Counter = Counter()
+    written = 0
+    with ShardWriter(str(staging / f"{prefix}%05d.tar"), per_shard) as sink:
+        for shard, keys in kept.items():
+            want, found = set(keys), 0
+            try:
+                for s in read_shard(shard, retries=2):
+                    if s.key in want:
+                        seen[s.key] += 1
+                        key = s.key if seen[s.key] == 1 else f"{s.key}_{seen[s.key]}"
+                        sink.write(key, s.files)
+                        found += 1
+            except TarError as e:
+                raise CurateError(str(e).splitlines()[0]) from None
+            if found != len(want):
+                raise CurateError(f"{shard}: {len(want) - found} kept keys are not in the shard (changed since "
+                                  f"it was embedded?); {out} is unchanged")
+            written += found
+        sizes = dict(sink.sizes)
+    n = len(sizes)
+    spec = str(staging / (f"{prefix}{{00000..{n - 1:05d}}}.tar" if n > 1 else f"{prefix}00000.tar"))
+    stats = {"input": str(decisions), "rows": written + sum(removed.values()), "written": written, "shards": n,
+             "skipped": dict(sorted(removed.items())), "train_data": spec, "sizes": sizes}
+    swap_in(staging, out, prefix, stats)
     return stats
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--decisions", required=True, help="decisions.tsv written by `vlp data filter`")
     p.add_argument("--output", "--out", dest="output", required=True, help="folder for the new shards")
     p.add_argument("--per-shard", type=int, default=10000)

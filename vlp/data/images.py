@@ -12,6 +12,7 @@ from typing import Optional
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlp.data import errors as E
+from vlp.data.pixels import to_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # a sample's image is its first member with one of these
 # image files in a folder (make_shards' folder input, eval's image folders)
@@ -58,10 +59,10 @@ def upright(im: Image.Image) -> Image.Image:
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """Fully decoded, upright RGB PIL image; SkipSample(not_image | corrupt_image)."""
+    """Fully decoded, upright 8-bit RGB PIL image (`vlp.data.pixels.to_rgb`); SkipSample(not_image | corrupt_image)."""
     im = open_image(data)
     try:
         im.load()
-        return upright(im).convert("RGB")
+        return to_rgb(upright(im))
     except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt image
         raise E.SkipSample(E.CORRUPT_IMAGE, str(e)) from None

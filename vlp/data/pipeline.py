@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from vlp.config import DataConfig
 from vlp.data.captions import CaptionPicker
 from vlp.data.errors import DataError
+from vlp.data.oddities import counted_kind
 from vlp.data.plan import Cursor, EpochPlan, check_bad_fraction, mix, quotas_for
 from vlp.data.preflight import preflight
 from vlp.data.shards import ShardSet, load_shards, shard_list_hash
@@ -89,6 +90,7 @@ class TrainLoader:
         self._cursors: dict[int, Cursor] = {}
         self._prev_counts: Counter = Counter()
         self._prev_retries = 0
+        self._noted: Counter = Counter()   # counted notes by kind (vlp.data.oddities)
         # the shards pre-flight already named are not warned about again when a worker meets them
         self._warned: set[str] = {f"{u} missing" for u in self.shards.missing} | {
             f"{u} {kind}" for u in self.shards.unreadable for kind in ("bad_header", "unreadable")}
@@ -168,6 +170,10 @@ class TrainLoader:
         """Remote reads reopened after a transport error since the loader was built (or as restored)."""
         return self._prev_retries + sum(c.retries for c in self._cursors.values())
 
+    def noted_counts(self) -> dict[str, int]:
+        """Samples trained on but changed (`vlp.data.oddities`: captions cut, extreme aspect ratios), by kind."""
+        return dict(sorted(self._noted.items()))
+
     def skip_counts(self) -> dict[str, int]:
         """Samples skipped by reason since the loader was built (or as restored from a checkpoint)."""
         c = self._prev_counts + self._current_counts()
@@ -220,7 +226,12 @@ class TrainLoader:
         """One stderr line per shard and fault (per loader): a size file that differs from what its shard holds, a
         shard given up as missing, unreadable (after `--shard-retries`), truncated or corrupt."""
         for key, line in notes:
-            if key not in self._warned:
+            kind = counted_kind(key)
+            if kind is not None:   # a sample trained on but changed: the first of its kind shown, all counted
+                self._noted[kind] += 1
+                if self._noted[kind] == 1:
+                    print(line, file=sys.stderr, flush=True)
+            elif key not in self._warned:
                 self._warned.add(key)
                 print(line, file=sys.stderr, flush=True)
 

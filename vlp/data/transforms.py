@@ -30,6 +30,7 @@ from torchvision.transforms import InterpolationMode
 from vlp.data import errors as E
 from vlp.data.buffers import BufferPool
 from vlp.data.images import decode_rgb, open_image, orientation, upright
+from vlp.data.pixels import to_rgb
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -95,12 +96,37 @@ def transform_params(preprocess: Any) -> dict:
     return out
 
 
+class Uint8Normalizer:
+    """The one uint8 -> normalised float conversion: `(x - 255 mean) * (1 / (255 std))` in float32, subtract then
+    multiply, rounded once more only when a 16-bit `dtype` is asked for. The loader's host path
+    (`FastTransform.normalize`, NumPy) and the trainer's device path (`vlp.train.device_batch`) both apply it, so
+    a batch normalised on the GPU is bit for bit the one normalised on the host (a fused multiply-add,
+    `x * s + t`, is not: it rounds differently)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device="cpu"):
+        self.mean_255 = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std_255 = 1.0 / (torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        x = batch.to(torch.float32).sub_(self.mean_255).mul_(self.inv_std_255)
+        return x if dtype == torch.float32 else x.to(dtype)
+
+    def into(self, batch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The same floats written into `out` (CPU) one image at a time by NumPy: torch would spread each op over
+        its intra-op threads, which spin waiting for cores the loader workers are using (on 2 cores that tripled
+        the main process's CPU time and cost a fifth of the throughput)."""
+        src, dst = batch.numpy(), out.numpy()
+        mean, inv_std = self.mean_255.numpy()[0], self.inv_std_255.numpy()[0]
+        for i in range(len(src)):
+            np.subtract(src[i], mean, out=dst[i])
+            np.multiply(dst[i], inv_std, out=dst[i])
+        return out
+
+
 def normalize_uint8(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [B,3,H,W] on any device -> float `(x - 255 mean) * (1 / (255 std))`: bit for bit what the loader's
-    host path (`FastTransform.normalize`) yields, for consumers of `build_train_loader(..., device_normalize=True)`."""
-    m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1) * 255
-    inv = 1.0 / (torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1) * 255)
-    return batch.float().sub_(m).mul_(inv)
+    """uint8 [B,3,H,W] on any device -> normalised float32 (`Uint8Normalizer`): bit for bit what the loader's host
+    path yields, for consumers of `build_train_loader(..., device_normalize=True)`."""
+    return Uint8Normalizer(mean, std, batch.device)(batch)
 
 
 class FastTransform:
@@ -116,9 +142,9 @@ class FastTransform:
         self.ratio = tuple(ratio)
         self.interp = _INTERP[interpolation]
         self.normalization = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.normalizer = Uint8Normalizer(mean, std)
         self._out = BufferPool()
+        self.last_size: Optional[tuple[int, int]] = None   # the last image's upright size
 
     def _box(self, w: int, h: int, rng: random.Random):
         if self.train:
@@ -130,6 +156,7 @@ class FastTransform:
         im = open_image(data)
         turn = orientation(im)
         w, h = im.size[::-1] if turn >= 5 else im.size   # the upright size (EXIF orientations 5-8 swap the sides)
+        self.last_size = (w, h)   # for the loader's count of extreme aspect ratios (vlp.data.oddities)
         x0, y0, cw, ch = self._box(w, h, rng)
         try:
             k = next((k for k in (8, 4, 2) if cw // k >= S and ch // k >= S), 1) if im.format == "JPEG" else 1
@@ -139,13 +166,14 @@ class FastTransform:
                 if k > 1:
                     im.draft("RGB", (im.size[0] // k, im.size[1] // k))
                 im.load()
-                im = upright(im)
-                im = im.convert("RGB") if im.mode != "RGB" else im
-                x = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
+                im = to_rgb(upright(im))
                 sx, sy = im.size[0] / w, im.size[1] / h
                 if (sx, sy) != (1, 1):
                     x0, y0 = int(x0 * sx), int(y0 * sy)
                     cw, ch = max(1, int(round(cw * sx))), max(1, int(round(ch * sy)))
+                # the crop copied out of PIL's read-only pixels: torch may write to what it is given
+                x = torch.from_numpy(np.asarray(im)[y0:y0 + ch, x0:x0 + cw].copy()).permute(2, 0, 1)
+                x0 = y0 = 0
         except E.SkipSample:
             raise
         except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt image
@@ -195,18 +223,9 @@ class FastTransform:
         return torch.stack(xs, out=batch)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """Receiving side: uint8 [B,3,S,S] -> normalised float (the same floats as `.float().sub(mean).mul(1/std)`).
-
-        Written into a reused buffer (`BufferPool`), one image at a time, by NumPy: torch would spread each
-        op over its intra-op threads, which spin waiting for cores the loader workers are using (on 2 cores
-        that tripled the main process's CPU time and cost a fifth of the throughput)."""
-        out = self._out.take(batch.shape)
-        src, dst = batch.numpy(), out.numpy()
-        mean, inv_std = self.mean.numpy()[0], self.inv_std.numpy()[0]
-        for i in range(len(src)):
-            np.subtract(src[i], mean, out=dst[i])
-            np.multiply(dst[i], inv_std, out=dst[i])
-        return out
+        """Receiving side: uint8 [B,3,S,S] -> normalised float (`Uint8Normalizer`), into a reused buffer
+        (`BufferPool`)."""
+        return self.normalizer.into(batch, self._out.take(batch.shape))
 
 
 class PreprocessTransform:

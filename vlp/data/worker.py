@@ -15,6 +15,7 @@ from vlp.data import errors as E
 from vlp.data.captions import CaptionPicker
 from vlp.data.errors import DataError, SkipSample
 from vlp.data.images import IMAGE_EXTS
+from vlp.data.oddities import aspect_note, cut_caption
 from vlp.data.plan import Cursor, EpochPlan, check_bad_fraction, mix, pool_slice, shuffle, slot_span, stream_seed
 from vlp.data.shards import ShardSet
 from vlp.data.tario import Sample, TarError, read_shard
@@ -187,8 +188,12 @@ class WorkerStream(IterableDataset):
         img = s.image
         if img is None:
             raise SkipSample(E.MISSING_IMAGE)
-        text = self.picker(s.files, rng)
-        return self.transform(img, rng), text
+        text, cut = cut_caption(self.picker(s.files, rng), s.key)
+        x = self.transform(img, rng)
+        for note in (cut, aspect_note(getattr(self.transform, "last_size", None), s.key)):
+            if note:
+                self._notes.append(note)
+        return x, text
 
     # ---- stage: batch -------------------------------------------------------------------------
     def __iter__(self):

@@ -19,6 +19,7 @@ import torch
 from vlp.config import ConfigError
 from vlp.data.plan import replan
 from vlp.distributed import cpu_group, gather_objects, main_work_group
+from vlp.model_drift import drift, refusal
 from vlp.runtime import checkpoint as ckpt
 from vlp.runtime import dcp_files as F
 from vlp.runtime import rng_state
@@ -114,6 +115,9 @@ class Checkpointer:
         if not isinstance(main, dict) or not (main.get("dcp") or "optimizer" in main):
             raise ConfigError(f"{path} is not a vlp training checkpoint (no training state): to start from its "
                               f"weights use --pretrained instead of --resume")
+        changes = drift(main["model_cfg"], self.identity["model_cfg"]) if "model_cfg" in main else []
+        if changes and not self.cfg.model.allow_model_change:   # same shapes load, as another model
+            raise ConfigError(refusal(str(path), changes))
         if main.get("dcp"):
             train, loaders = self._restore_dcp(path, main)
         else:  # vlp's earlier format

@@ -30,8 +30,9 @@ class PeerFault(TrainingError):
 
 
 def timed_out(error: BaseException, timeout: Optional[float]) -> Optional[str]:
-    """'collective all_reduce (vlp.train.health.agree) timed out after 30 s (--dist-timeout)' if `error` is a
-    collective's timeout, else None."""
+    """'collective all_reduce (vlp.distributed.reduce_mean) timed out after 30 s (--dist-timeout): ...' if `error` is
+    a collective's timeout, else None. Named by the torch.distributed call vlp made (or DDP's gradient all_reduce in
+    backward, or NCCL's OpType) and the innermost vlp function that waited."""
     if not isinstance(error, RuntimeError) or not _TIMEOUT.search(str(error)):
         return None
     frames = traceback.extract_tb(error.__traceback__)
@@ -40,11 +41,11 @@ def timed_out(error: BaseException, timeout: Optional[float]) -> Optional[str]:
     api = [f.name for f in after if f.filename.endswith("distributed_c10d.py")]
     nccl = _NCCL_OP.search(str(error))
     if api:
-        op = api[0]
+        op = f"collective {api[0]}"
     elif nccl:
-        op = nccl.group(1).lower()
+        op = f"collective {nccl.group(1).lower()}"
     elif any(f.name == "backward" for f in after):
-        op = "gradient all-reduce (DDP, in backward)"
+        op = "DDP's gradient all_reduce"   # launched by the reducer's hooks inside backward
     else:
         op = "a collective"
     where = ""
@@ -53,4 +54,4 @@ def timed_out(error: BaseException, timeout: Optional[float]) -> Optional[str]:
         module = ".".join(Path(f.filename).resolve().relative_to(_PACKAGE.parent).with_suffix("").parts)
         where = f" ({module}.{f.name})"
     limit = f"{timeout:g} s (--dist-timeout)" if timeout else "the process group's timeout"
-    return f"collective {op}{where} timed out after {limit}: another rank stopped answering"
+    return f"{op}{where} timed out after {limit}: another rank stopped answering"

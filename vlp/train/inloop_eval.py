@@ -49,11 +49,12 @@ def open_sets(specs: list[str]) -> list:
 
 
 class InLoopEval:
-    def __init__(self, cfg, bundle, accelerator, metrics, sets=None):
+    def __init__(self, cfg, bundle, accelerator, metrics, sets=None, precision=None):
         self.sets = open_sets(cfg.run.eval_data) if sets is None else sets
         self.bundle, self.accelerator, self.metrics = bundle, accelerator, metrics
         self.batch_size = max(cfg.data.batch_size, 64)
-        self.precision = prec.resolve(cfg.run.precision, accelerator.device)
+        # the run's resolved precision (the trainer's): one policy for training and evaluation
+        self.precision = precision or prec.resolve(cfg.run.precision, accelerator.device, fsdp=cfg.model.fsdp)
 
     def __call__(self, net, step: int) -> dict:
         if not self.sets:

@@ -1,11 +1,12 @@
-"""The training loop, readable top to bottom.
+"""The training loop, readable top to bottom: `train()` sets a run up, runs its epochs and finishes it.
 
 accelerate places the model and optimiser (CPU, one GPU, or many processes launched by
 `accelerate launch`/`torchrun`) and handles mixed precision; the data loader does its own
 split by rank and worker (so its position can be checkpointed); the loss gathers features
-across ranks itself. The loop calls small objects that each own one concern: the metrics
-sink (`run_log`), the checkpointer, the in-loop evaluator, the end-of-step check (`health`: finite
-loss and gradients, stop signals from `preemption`). A run lives in `LOGS/NAME/` (see docs/contracts.md).
+across ranks itself. The loop drives small objects that each own one concern: the `Trainer` (model,
+optimiser, one step and its end-of-step check, `health`), the metrics sink (`run_log`), the
+checkpointer, the in-loop evaluator, stop signals (`preemption`). A run lives in `LOGS/NAME/` (see
+docs/contracts.md).
 """
 from __future__ import annotations
 
@@ -13,84 +14,34 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
-import torch
 import yaml
 
 from vlp.config import Config, ConfigError
 from vlp.data.errors import DataError
-from vlp import precision as prec
-from vlp.models import create_model, export_open_clip, model_identity
+from vlp.models import export_open_clip, model_identity
 from vlp.runtime import checkpoint as ckpt
-from vlp.train import device_batch, health
-from vlp.train import sharding
+from vlp.runtime.peers import Peers
+from vlp.runtime.preemption import Preempted, StopSignals
+from vlp.train import device_batch, health, sharding
 from vlp.train.checkpointer import Checkpointer
 from vlp.train.collective_faults import PeerFault, timed_out
 from vlp.train.console import Console
+from vlp.train.cpu_default import DefaultModelOnCpu
 from vlp.train.feed import StepFeed
 from vlp.train.health import TrainingError
 from vlp.train.inloop_eval import InLoopEval, open_sets
-from vlp.runtime.peers import Peers
-from vlp.runtime.preemption import Preempted, StopSignals
 from vlp.train.launcher import LauncherWatch
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
 from vlp.train.run_state import RunFolder
-from vlp.train.step import train_step
+from vlp.train.skip_report import difference, skip_line
+from vlp.train.setup import build_model, make_accelerator, resume_point, run_precision
 from vlp.train.telemetry import Meter
 from vlp.train.threads import configure_threads
+from vlp.train.trainer import Trainer
 
-__all__ = ["TrainingError", "Preempted", "train", "RunPaths", "run_name"]
-
-
-def make_accelerator(cfg: Config, paths: RunPaths):
-    """accelerate's Accelerator for this run's precision and trackers."""
-    from datetime import timedelta
-
-    from accelerate import Accelerator, InitProcessGroupKwargs
-
-    from vlp.distributed import parent_argv, single_process_launch_error
-
-    problem = single_process_launch_error(dict(os.environ), parent_argv())
-    if problem:
-        raise ConfigError(problem)
-    precision = prec.accelerate_mixed_precision(run_precision(cfg))
-    report_to = None if cfg.run.report_to in (None, "none") else cfg.run.report_to
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # accelerate keeps process-wide state; a second run in this process (a sweep, a notebook)
-        # may ask for another precision.
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-    # cpu=True on machines without CUDA: accelerate then sets up multi-process CPU runs (gloo) under torchrun.
-    # --dist-timeout: how long a collective may wait (NCCL's default is 10 min); rank-0-only work is waited for
-    # apart (vlp.distributed.wait_for_main)
-    timeout = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.dist_timeout))] if cfg.run.dist_timeout else []
-    return Accelerator(mixed_precision=precision, log_with=report_to, project_dir=str(paths.root),
-                       cpu=not torch.cuda.is_available(), kwargs_handlers=timeout)
-
-
-def run_precision(cfg: Config) -> str:
-    """--precision with `auto` resolved for this machine."""
-    return prec.resolve(cfg.run.precision, "cuda" if torch.cuda.is_available() else "cpu")
-
-
-def build_model(cfg: Config):
-    """The model bundle as configured: towers, locks, activation checkpointing, loss-specific parameters."""
-    from vlp.losses import prepare_model_for_loss
-
-    bundle = create_model(cfg.model.model, pretrained=cfg.model.pretrained, tokenizer=cfg.model.tokenizer,
-                          aug_cfg={"scale": tuple(cfg.data.rrc_scale)})
-    model = bundle.model
-    prepare_model_for_loss(model, cfg.loss, model_cfg=bundle.model_cfg)  # records a SigLIP bias in the config
-    if cfg.model.lock_image:
-        model.lock_image_tower()
-    if cfg.model.lock_text:
-        model.lock_text_tower()
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    prec.cast_model(model, run_precision(cfg))  # open_clip's bf16/fp16/pure_*: 16-bit weights, no autocast
-    return bundle
+__all__ = ["TrainingError", "Preempted", "train", "RunPaths", "run_name", "make_accelerator", "run_precision",
+           "build_model", "Run"]
 
 
 def train(cfg: Config, show_final_eval: bool = True) -> dict:
@@ -98,10 +49,13 @@ def train(cfg: Config, show_final_eval: bool = True) -> dict:
     SIGTERM/SIGINT/SIGUSR1 end it after the current step with a checkpoint (raises Preempted).
     show_final_eval=False leaves the final figures to the caller (the demo prints them with chance levels)."""
     paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
-    with StopSignals() as signals, RunFolder(paths.root) as folder:
-        launcher = LauncherWatch(signals)   # under torchrun: its agent's death stops the ranks as a signal does
+    # under torchrun the agent's death stops the ranks as a signal does (LauncherWatch)
+    with StopSignals() as signals, RunFolder(paths.root) as folder, LauncherWatch(signals) as launcher:
         try:
-            return _train(cfg, paths, signals, folder, show_final_eval)
+            run = Run(cfg, paths, signals, folder)
+            while run.step < run.total_steps and (cfg.optim.max_steps or run.epoch < cfg.optim.epochs):
+                run.train_epoch()
+            return run.finish(show_final_eval)
         except Preempted:
             gone = launcher.stopped(paths.checkpoints)
             if gone is None:
@@ -118,183 +72,188 @@ def train(cfg: Config, show_final_eval: bool = True) -> dict:
                             "rank lost" if lost else "collective timeout") from None
 
 
-def _train(cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder, show_final_eval: bool) -> dict:
-    from accelerate.utils import set_seed
+class Run:
+    """One training run: its set-up, its epochs (`train_epoch`), its end (`finish`). Without --max-steps the run
+    is --epochs epochs: an epoch cut short (a size file's phantom samples) is not made up by extra epochs."""
 
-    from vlp.data.pipeline import build_train_loader
-    from vlp.distributed import reduce_mean, wait_for_main
-    from vlp.losses import build_loss, clamp_logit_scale
-    from vlp.train.optim import build_optimizer, build_scheduler
+    def __init__(self, cfg: Config, paths: RunPaths, signals: StopSignals, folder: RunFolder):
+        from accelerate.utils import set_seed
 
-    if not cfg.data.train_data:
-        raise ConfigError("--train-data is required")
-    eval_sets = open_sets(cfg.run.eval_data)          # a bad --eval-data set stops the run before step 1
-    accelerator = make_accelerator(cfg, paths)
-    main = accelerator.is_main_process
-    rank, world = accelerator.process_index, accelerator.num_processes
-    refused = folder.hold() if main else None   # one run per folder; every rank learns the answer
-    if health.any_rank(refused is not None, accelerator.device):
-        raise ConfigError(refused or f"run folder {paths.root} is in use by another training")
-    folder.peers = Peers(accelerator)
-    console = Console(main, cfg.run.progress)
-    threads = configure_threads(cfg.run.threads, cfg.data.workers, accelerator.device,
-                                int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        if not cfg.data.train_data:
+            raise ConfigError("--train-data is required")
+        self.cfg, self.paths, self.signals = cfg, paths, signals
+        eval_sets = open_sets(cfg.run.eval_data)          # a bad --eval-data set stops the run before step 1
+        acc = self.accelerator = make_accelerator(cfg, paths)
+        self.main, self.world = acc.is_main_process, acc.num_processes
+        refused = folder.hold() if self.main else None   # one run per folder; every rank learns the answer
+        if health.any_rank(refused is not None, acc.device):
+            raise ConfigError(refused or f"run folder {paths.root} is in use by another training")
+        folder.peers = Peers(acc)
+        self.console = Console(self.main, cfg.run.progress)
+        self.threads = configure_threads(cfg.run.threads, cfg.data.workers, acc.device,
+                                         int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
+        resume_from = resume_point(cfg, paths, self.console.print)
+        paths.create()
+        set_seed(cfg.run.seed, device_specific=True)
+        self._build()
+        self.step, self.epoch, self._loader_state = 0, 0, None
+        if resume_from is not None:
+            self.step, self.epoch, self._loader_state = self.trainer.checkpointer.restore(resume_from)
+            self.console.print(f"resumed from {resume_from} at step {self.step}")
+        folder.start(self.step)
+        self._start_logs(eval_sets)
 
-    resume_from: Optional[Path] = None
-    if cfg.run.resume:
-        resume_from = ckpt.resolve_resume(cfg.run.resume, paths.checkpoints, say=console.print)
-        if resume_from is None:
-            console.print(f"--resume latest: no checkpoint in {paths.checkpoints} yet; starting from step 0")
-    elif ckpt.list_checkpoints(paths.checkpoints):
-        raise ConfigError(f"run folder {paths.root} already has checkpoints: pass --resume latest or a new --name")
-    elif (paths.root / "config.yaml").exists():
-        raise ConfigError(f"run folder {paths.root} already holds a run (no checkpoints): pass a new --name, "
-                          f"or --resume latest to start it again")
-    paths.create()
-    set_seed(cfg.run.seed, device_specific=True)
+    def _build(self) -> None:
+        """The model, the loader and the Trainer with the run's checkpointer."""
+        from vlp.data.pipeline import build_train_loader
 
-    bundle = build_model(cfg)
-    loader = build_train_loader(cfg.data, bundle.preprocess_train, bundle.tokenizer,
-                                rank=rank, world_size=world, seed=cfg.run.seed,
-                                device_normalize=device_batch.wanted(accelerator.device))
-    to_device = device_batch.DeviceBatch(accelerator.device, loader.normalization if loader.device_normalize else None,
-                                         prec.compute_dtype(run_precision(cfg)), prec.input_dtype(run_precision(cfg)))
-    steps_per_epoch = loader.batches_per_epoch // cfg.optim.accum_freq
-    if steps_per_epoch < 1:
-        raise ConfigError(f"an epoch holds {loader.batches_per_epoch} batches per process, fewer than --accum-freq "
-                          f"{cfg.optim.accum_freq}: lower --batch-size or add data")
-    total_steps = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
+        cfg, acc = self.cfg, self.accelerator
+        self.bundle = build_model(cfg)
+        precision = run_precision(cfg)
+        self.loader = build_train_loader(cfg.data, self.bundle.preprocess_train, self.bundle.tokenizer,
+                                         rank=acc.process_index, world_size=self.world, seed=cfg.run.seed,
+                                         device_normalize=device_batch.wanted(acc.device))
+        to_device = device_batch.for_run(acc.device, self.loader, precision)
+        self.steps_per_epoch = self.loader.batches_per_epoch // cfg.optim.accum_freq
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"an epoch holds {self.loader.batches_per_epoch} batches per process, fewer than "
+                              f"--accum-freq {cfg.optim.accum_freq}: lower --batch-size or add data")
+        self.total_steps = cfg.optim.max_steps or self.steps_per_epoch * cfg.optim.epochs
+        self.trainer = Trainer(cfg, acc, self.bundle.model, total_steps=self.total_steps,
+                               steps_per_epoch=self.steps_per_epoch, precision=precision)
+        self.feed = StepFeed(self.loader, cfg.optim.accum_freq, to_device)
+        self.trainer.checkpointer = Checkpointer(
+            self.paths.checkpoints, acc, self.trainer.net, self.trainer.optimizer, self.trainer.scheduler,
+            self.feed, cfg, {**model_identity(self.bundle, cfg.model.tokenizer), "precision": precision},
+            say=self.console.print)
 
-    model = bundle.model
-    if cfg.model.fsdp:  # before the optimiser: FSDP2 turns the parameters into DTensors
-        model = sharding.shard_model(model, cfg.model.fsdp_sharding, accelerator.device, run_precision(cfg))
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    model, optimizer = sharding.prepare(accelerator, model, optimizer, compile=cfg.model.torchcompile)
-    # The plain module inside the DDP/compile wrappers (same parameters): what is saved, evaluated, clamped.
-    net = sharding.plain_module(accelerator, model)
-    loss_fn = build_loss(cfg.loss, rank=rank, world_size=world)
-    feed = StepFeed(loader, cfg.optim.accum_freq, to_device)
-    checkpointer = Checkpointer(paths.checkpoints, accelerator, net, optimizer, scheduler, feed, cfg,
-                                model_identity(bundle, cfg.model.tokenizer), say=console.print)
+    def _start_logs(self, eval_sets: list) -> None:
+        """config.yaml, trackers, metrics.jsonl, the evaluator, the meter and the banner."""
+        cfg, acc, net = self.cfg, self.accelerator, self.trainer.net
+        if self.main:
+            (self.paths.root / "config.yaml").write_text(
+                yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
+        if cfg.run.report_to not in (None, "none"):
+            acc.init_trackers("tensorboard", config=flatten("", cfg.to_dict()))  # -> RUN/tensorboard/
+        self.metrics = MetricsLog(self.paths.metrics, acc, self.main)
+        self.trainer.evaluator = InLoopEval(cfg, self.bundle, acc, self.metrics, eval_sets,
+                                            precision=self.trainer.precision)
+        self.samples_per_step = cfg.data.batch_size * cfg.optim.accum_freq * self.world
+        self.meter = Meter.for_model(net, self.samples_per_step, self.world, acc.device)
+        self.console.begin(cfg, net=net, model_name=self.bundle.model_name, loader=self.loader, device=acc.device,
+                           world=self.world, precision=self.trainer.precision, threads=self.threads,
+                           steps=(self.step, self.steps_per_epoch, self.total_steps), run_dir=self.paths.root)
+        self.cpu_note = DefaultModelOnCpu(self.bundle.model_name, acc.device, sum(p.numel() for p in net.parameters()))
+        if note := self.cpu_note.at_start():
+            self.console.print(note)
+        self.start_step, self.last, self.empty_epochs = self.step, {}, 0
+        self._clock = (time.perf_counter(), self.step)
 
-    step, epoch, loader_state = 0, 0, None
-    if resume_from is not None:
-        step, epoch, loader_state = checkpointer.restore(resume_from)
-        console.print(f"resumed from {resume_from} at step {step}")
-
-    folder.start(step)
-    if main:
-        (paths.root / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
-    if cfg.run.report_to not in (None, "none"):
-        accelerator.init_trackers("tensorboard", config=flatten("", cfg.to_dict()))  # -> RUN/tensorboard/
-    metrics = MetricsLog(paths.metrics, accelerator, main)
-    evaluate_now = InLoopEval(cfg, bundle, accelerator, metrics, eval_sets)
-
-    samples_per_step = cfg.data.batch_size * cfg.optim.accum_freq * world
-    meter = Meter.for_model(net, samples_per_step, world, accelerator.device)
-    console.begin(cfg, net=net, model_name=bundle.model_name, loader=loader, device=accelerator.device, world=world,
-                  precision=run_precision(cfg), threads=threads, steps=(step, steps_per_epoch, total_steps),
-                  run_dir=paths.root)
-    model.train()
-    start_step = step
-    last: dict = {}
-    t_last, step_last = time.perf_counter(), step
-    empty_epochs = 0
-    # Without --max-steps the run is --epochs epochs: an epoch cut short (a size file's phantom samples) is not made
-    # up by extra epochs.
-    while step < total_steps and (cfg.optim.max_steps or epoch < cfg.optim.epochs):
-        loader.set_epoch(epoch)
-        if loader_state is not None:
-            loader.load_state_dict(loader_state)
-            loader_state = None
+    def train_epoch(self) -> None:
+        """The steps of one epoch; then the checks that its data was all there."""
+        cfg, feed, trainer, meter = self.cfg, self.feed, self.trainer, self.meter
+        self.loader.set_epoch(self.epoch)
+        if self._loader_state is not None:
+            self.loader.load_state_dict(self._loader_state)
+            self._loader_state = None
         feed.start()
-        step_at_epoch_start = step
+        step_at_epoch_start = self.step
+        seen_before = self.loader.skip_counts(), self.loader.noted_counts()
         with meter.waiting():
-            more = health.all_ranks(feed.fetch(), accelerator.device)
+            more = health.all_ranks(feed.fetch(), self.accelerator.device)
+
+        def fetch_next() -> bool:   # the next step's batches, while the device still works on this one
+            with meter.waiting():
+                return self.step + 1 < self.total_steps and feed.fetch()
+
         while more:
             meter.begin()   # the step's clock: its compute, the next step's fetch, the optimiser
             feed.advance()
-            losses = train_step(model, feed.current, loss_fn, backward=accelerator.backward,
-                                autocast=accelerator.autocast,
-                                no_sync=lambda: sharding.gradient_sync_off(accelerator, model))
-            norm = health.checked_grad_norm(accelerator, model, cfg.optim.grad_clip_norm)
-            with meter.waiting():   # the next step's batches, while the device still works on this one
-                more = step + 1 < total_steps and feed.fetch()
-            # Every rank must agree, or one would raise while the others wait in a collective.
-            verdict = health.agree(losses["loss"], norm, signals.requested, more)
-            more = verdict.more
+            losses, verdict = trainer.step(feed.current, fetch_next, self.signals.requested, number=self.step + 1)
             if verdict.problem:
-                optimizer.zero_grad(set_to_none=True)
-                saved = checkpointer.save_before_failure(step, epoch)
-                raise TrainingError(f"{verdict.problem} at step {step + 1}; {saved}")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            clamp_logit_scale(net)
-            step += 1
+                where = "" if verdict.at else f" at step {self.step + 1}"
+                raise TrainingError(f"{verdict.problem}{where}; {trainer.save_before_failure(self.step, self.epoch)}")
+            self.step += 1
+            more = verdict.more
             meter.step()
-            console.step(step)
-            checkpointer.poll()   # a background save that failed: one line
+            self.console.step(self.step)
+            trainer.checkpointer.poll()   # a background save that failed: one line
+            if self.step == self.start_step + 1 and (note := self.cpu_note.after_first_step(
+                    time.perf_counter() - self._clock[0], self.total_steps - self.start_step)):
+                self.console.print(note)
+            self._after_step(losses, stop=verdict.stop)
+        if line := skip_line(f"epoch {self.epoch}", difference(self.loader.skip_counts(), seen_before[0]),
+                             difference(self.loader.noted_counts(), seen_before[1])):
+            self.console.print(line)
+        self._end_epoch(step_at_epoch_start)
 
-            if step % cfg.run.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                rate = samples_per_step * (step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
-                last = {f"train/{k}": reduce_mean(v.float()).item() for k, v in losses.items()}
-                last.update({
-                    "train/logit_scale": sharding.full_value(net.logit_scale).exp().item(),
-                    **({"train/logit_bias": sharding.full_value(net.logit_bias).item()}
-                       if getattr(net, "logit_bias", None) is not None
-                       else {}),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/samples_per_s": rate, "train/epoch": epoch,
-                    **{f"data/skipped/{k}": v for k, v in loader.skip_counts().items()},
-                    "data/retries": loader.retries(),
-                    **meter.report(),
-                })
-                metrics.log(step, last)
-                console.log(step, last)
-            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
-                last.update(results := evaluate_now(net, step))
-                console.eval(step, results)
-            if step % cfg.run.save_every == 0 and step < total_steps:
-                checkpointer.save(step, epoch, background=True)
-            if verdict.stop:
-                raise Preempted(f"{signals.name}: stopped after step {step}, state saved in "
-                                f"{checkpointer.save(step, epoch)}; continue with --resume latest")
-        if health.any_rank(feed.error is not None, accelerator.device):   # the last good state first
+    def _after_step(self, losses: dict, stop: bool) -> None:
+        """Log, evaluate, save as scheduled; stop (saved) when a signal asked for it."""
+        cfg, step, trainer = self.cfg, self.step, self.trainer
+        if step % cfg.run.log_every == 0 or step == self.total_steps:
+            self.last = self._figures(losses)
+            self.metrics.log(step, self.last)
+            self.console.log(step, self.last)
+        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < self.total_steps:
+            self.last.update(results := trainer.evaluate(step))
+            self.console.eval(step, results)
+        if step % cfg.run.save_every == 0 and step < self.total_steps:
+            trainer.save(step, self.epoch, background=True)
+        if stop:
+            raise Preempted(f"{self.signals.name}: stopped after step {step}, state saved in "
+                            f"{trainer.save(step, self.epoch)}; continue with --resume latest")
+
+    def _figures(self, losses: dict) -> dict:
+        now = time.perf_counter()
+        t_last, step_last = self._clock
+        rate = self.samples_per_step * (self.step - step_last) / max(now - t_last, 1e-9)
+        self._clock = (now, self.step)
+        return {**self.trainer.figures(losses), "train/samples_per_s": rate, "train/epoch": self.epoch,
+                **{f"data/skipped/{k}": v for k, v in self.loader.skip_counts().items()},
+                "data/retries": self.loader.retries(), **self.meter.report()}
+
+    def _end_epoch(self, step_at_epoch_start: int) -> None:
+        feed, step = self.feed, self.step
+        if health.any_rank(feed.error is not None, self.accelerator.device):   # the last good state first
             raise DataError(f"{feed.error or 'a data error on another rank'}; the state after step {step} is saved "
-                            f"in {checkpointer.save(step, epoch)}")
+                            f"in {self.trainer.save(step, self.epoch)}")
         # A resumed run may start at the very end of an epoch; two empty epochs in a row mean no data.
-        empty_epochs = empty_epochs + 1 if step == step_at_epoch_start else 0
-        if empty_epochs >= 2:
-            raise TrainingError(f"epoch {epoch} yielded no complete batch: check --train-data and the skip counts")
-        if step < total_steps:
-            trained = feed.state_dict()["batches_done"] // cfg.optim.accum_freq
-            owed = loader.batches_per_epoch // cfg.optim.accum_freq   # (a re-planned epoch's rest: fewer)
+        self.empty_epochs = self.empty_epochs + 1 if step == step_at_epoch_start else 0
+        if self.empty_epochs >= 2:
+            raise TrainingError(f"epoch {self.epoch} yielded no complete batch: check --train-data and the skip "
+                                f"counts")
+        if step < self.total_steps:
+            trained = feed.state_dict()["batches_done"] // self.cfg.optim.accum_freq
+            owed = self.loader.batches_per_epoch // self.cfg.optim.accum_freq   # (a re-planned epoch's rest: fewer)
             if trained < owed:   # a rank's data ran out early (the loader warned which shard lied)
-                console.print(f"warning: epoch {epoch} ended after {trained} of {owed} steps: shards "
-                              f"delivered fewer samples than their size files claim (see the skip counts); the run "
-                              f"still ends after --epochs")
-            epoch += 1
-    console.close()
+                self.console.print(f"warning: epoch {self.epoch} ended after {trained} of {owed} "
+                                   f"steps: shards delivered fewer samples than their size files claim (see the "
+                                   f"skip counts); the run still ends after --epochs")
+            self.epoch += 1
 
-    final = checkpointer.save(step, epoch)
-    if health.any_rank(signals.requested, accelerator.device):
-        raise Preempted(f"{signals.name}: stopped after the last step, state saved in {final}; "
-                        f"--resume latest exports and evaluates it")
-    gathered = sharding.full_state(net)[0] if sharding.is_sharded(net) else None  # every rank takes part
-    if main:
-        import open_clip
+    def finish(self, show_final_eval: bool) -> dict:
+        """The last checkpoint, the open_clip export, the final evaluation and the summary."""
+        from vlp.distributed import wait_for_main
 
-        export_open_clip(net, bundle.model_cfg, open_clip.get_model_preprocess_cfg(net), paths.export,
-                         tokenizer=cfg.model.tokenizer, state_dict=gathered)
-    wait_for_main()  # the export is rank 0's alone: the others wait apart from the collective timeout
-    last.update(results := evaluate_now(net, step))
-    console.eval(step, results, show=show_final_eval)
-    accelerator.end_training()
-    console.summary(step=step, samples_seen=(step - start_step) * samples_per_step, last=last,
-                    checkpoint=final, export=paths.export, run_dir=paths.root)
-    last["run_dir"] = str(paths.root)
-    return last
+        cfg, trainer, step, net = self.cfg, self.trainer, self.step, self.trainer.net
+        self.console.close()
+        final = trainer.save(step, self.epoch)
+        if health.any_rank(self.signals.requested, self.accelerator.device):
+            raise Preempted(f"{self.signals.name}: stopped after the last step, state saved in {final}; "
+                            f"--resume latest exports and evaluates it")
+        gathered = sharding.full_state(net)[0] if sharding.is_sharded(net) else None  # every rank takes part
+        if self.main:
+            import open_clip
+
+            export_open_clip(net, self.bundle.model_cfg, open_clip.get_model_preprocess_cfg(net), self.paths.export,
+                             tokenizer=cfg.model.tokenizer, state_dict=gathered)
+        wait_for_main()  # the export is rank 0's alone: the others wait apart from the collective timeout
+        self.last.update(results := trainer.evaluate(step))
+        self.console.eval(step, results, show=show_final_eval)
+        self.accelerator.end_training()
+        self.console.summary(step=step, samples_seen=(step - self.start_step) * self.samples_per_step,
+                             last=self.last, checkpoint=final, export=self.paths.export, run_dir=self.paths.root)
+        if line := skip_line("  in all", self.loader.skip_counts(), self.loader.noted_counts()):
+            self.console.print(line)
+        self.last["run_dir"] = str(self.paths.root)
+        return self.last

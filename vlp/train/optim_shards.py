@@ -11,21 +11,15 @@ from __future__ import annotations
 import torch
 
 
-def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=False, **kw)
-
-
 def local_state(model: torch.nn.Module, optimizer) -> dict:
     """This rank's optimiser state: {"state": {name: {key: tensor}}, "param_groups": [...], "sharded": [[name,
     key], ...] (which tensors were DTensor shards)}."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     from torch.distributed.tensor import DTensor
 
-    from vlp.train.sharding import _plain_optimizer
+    from vlp.train.sharding import _plain_optimizer, state_dict_options
 
-    full = get_optimizer_state_dict(model, _plain_optimizer(optimizer), options=_options())
+    full = get_optimizer_state_dict(model, _plain_optimizer(optimizer), options=state_dict_options(full=False))
     state, sharded = {}, []
     for name, entry in full["state"].items():
         state[name] = {}
@@ -42,7 +36,7 @@ def load_local_state(model: torch.nn.Module, optimizer, share: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     from torch.distributed.tensor import DTensor
 
-    from vlp.train.sharding import _plain_optimizer
+    from vlp.train.sharding import _plain_optimizer, state_dict_options
 
     params = dict(model.named_parameters())
     state = {name: dict(entry) for name, entry in share["state"].items()}
@@ -51,4 +45,4 @@ def load_local_state(model: torch.nn.Module, optimizer, share: dict) -> None:
         state[name][key] = DTensor.from_local(state[name][key].to(p.device), p.device_mesh, p.placements,
                                               shape=p.shape, stride=p.stride())
     set_optimizer_state_dict(model, _plain_optimizer(optimizer), {"state": state, "param_groups": share["param_groups"]},
-                             options=_options())
+                             options=state_dict_options(full=False))

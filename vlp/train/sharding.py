@@ -3,14 +3,18 @@ too large to replicate on every device.
 
 accelerate (1.15) switches its FSDP plugin on only for multi-GPU runs (its CPU branch keeps DDP),
 so vlp calls torch's FSDP2 `fully_shard` itself, the call accelerate's plugin makes: the same code
-then runs on GPUs and on CPU processes (gloo), where the tests run it. Each transformer block is
-its own shard unit (gathered for its forward and backward only), then the root holds the rest.
+then runs on GPUs and on CPU processes (gloo), where the tests run it. Each transformer block
+(open_clip's, timm's, Hugging Face's: any repeated block list) is its own shard unit (gathered for its forward and
+backward only), then the root holds the rest.
 `--fsdp-sharding full` frees a block's gathered parameters after its forward (ZeRO-3);
 `grad-op` keeps them until the backward (ZeRO-2: more memory, one all-gather less per step).
 Under `--precision amp_bf16` the blocks are gathered in bf16 and their gradients reduced in float32
 (`MixedPrecisionPolicy`, torchtitan's choice: half the all-gather bytes); the root stays float32 (its
-`logit_scale` feeds the loss, which computes in float32). With `--accum-freq k` only the last micro-step
-reduce-scatters gradients (`gradient_sync_off`; FSDP2 modules have no `no_sync`).
+`logit_scale` feeds the loss, which computes in float32). With `--accum-freq k` every micro-step reduce-scatters
+its gradients, so each rank keeps only its shard of them; `--fsdp-accum-no-sync` trades memory for communication:
+only the last micro-step reduce-scatters, and until then every rank holds every unit's whole float32 gradient
+(FSDP2's `set_requires_gradient_sync(False)`, 4 bytes per parameter per rank, as much as DDP).
+`vlp.train.parallelize` calls `shard_model` in its place among precision, compile and DDP.
 
 Checkpoints hold the optimiser and model as the ranks hold them (torch.distributed.checkpoint: each rank
 writes its DTensor shards, `vlp.train.checkpointer`), plus the model read back into one ordinary state dict
@@ -25,13 +29,14 @@ from typing import Optional
 import torch
 
 from vlp import compat
+from vlp import precision as prec
 from vlp.compat import require_fsdp2
 from vlp.config import ConfigError
 
 SHARDINGS = ("full", "grad-op")
-PRECISIONS = ("fp32", "amp_bf16", "amp_bfloat16")
 SCALARS_ATTR = "_vlp_fsdp_scalars"  # names of 0-dim parameters stored as shape [1] while sharded
 RESHARD_ATTR = "_vlp_fsdp_reshard"  # the blocks' reshard_after_forward (--fsdp-sharding full)
+NO_SYNC_ATTR = "_vlp_fsdp_accum_no_sync"  # --fsdp-accum-no-sync
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -39,25 +44,35 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from open_clip.transformer import ResidualAttentionBlock
+    """The shard units: the members of every repeated block list, outermost first found. A block list is an
+    `nn.ModuleList` (of one or more) or `nn.Sequential` (of two or more) whose members are all one class, each a
+    module with children of its own: open_clip's `resblocks`, timm's `blocks` (Sequential), Hugging Face's
+    `encoder.layer`/`encoder.layers` (ModuleList). Anything left out of a unit falls into the root, which stays
+    gathered from its forward to its backward on every rank."""
+    units: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for m in model.modules():
+        if id(m) in inside or not isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)):
+            continue
+        members = list(m.children())
+        if len(members) < (1 if isinstance(m, torch.nn.ModuleList) else 2):
+            continue
+        if len({type(b) for b in members}) == 1 and all(any(True for _ in b.children()) for b in members):
+            units.extend(members)
+            inside.update(id(x) for b in members for x in b.modules())
+    return units
 
-    block_types = (ResidualAttentionBlock,)
-    try:
-        from open_clip.transformer import CustomResidualAttentionBlock
-        block_types += (CustomResidualAttentionBlock,)
-    except ImportError:
-        pass
-    return [m for m in model.modules() if isinstance(m, block_types)]
 
-
-def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, precision: str = "fp32"
-                ) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, precision: str = "fp32",
+                accum_no_sync: bool = False) -> torch.nn.Module:
     """Shard `model` in place over every rank of the default process group; call it before building the
-    optimiser (the parameters become DTensors). `precision`: the run's resolved --precision."""
+    optimiser (the parameters become DTensors). `precision`: the run's resolved --precision. `accum_no_sync`
+    (--fsdp-accum-no-sync): accumulation micro-steps keep every unit's whole gradient, unsharded and in float32,
+    on every rank (4 bytes per parameter, as DDP) and reduce-scatter once per step; by default each micro-step
+    reduce-scatters and only this rank's shard of the gradients is kept."""
     fully_shard = require_fsdp2("--fsdp")
-    if precision not in PRECISIONS:
-        # fp16 autocast needs a grad scaler that agrees across shards; cast weights mix dtypes in a shard unit
-        raise ConfigError(f"--fsdp runs in {' or '.join(PRECISIONS[:2])} (bf16 autocast), not --precision {precision}")
+    if precision == "auto" or prec.fsdp_refusal(precision):   # config validation refuses these at parse time
+        raise ConfigError(prec.fsdp_refusal(precision) or "shard_model takes a resolved --precision, not auto")
     if not torch.distributed.is_initialized():
         raise ConfigError("--fsdp needs several processes (torchrun or accelerate launch)")
     from torch.distributed.device_mesh import init_device_mesh
@@ -93,7 +108,13 @@ def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, pre
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     setattr(model, SCALARS_ATTR, scalars)
     setattr(model, RESHARD_ATTR, reshard)
+    setattr(model, NO_SYNC_ATTR, accum_no_sync)
     return model
+
+
+def accumulates_unsharded(model: torch.nn.Module) -> bool:
+    """Whether a sharded model skips the reduce-scatter on accumulation micro-steps (--fsdp-accum-no-sync)."""
+    return bool(getattr(model, NO_SYNC_ATTR, False))
 
 
 def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -139,48 +160,6 @@ def gathered(model: torch.nn.Module):
             m.reshard()
 
 
-def prepare(accelerator, model: torch.nn.Module, optimizer, compile: bool = False):
-    """accelerate's prepare; a sharded model is left out of it (accelerate would wrap it in DDP). `compile`
-    (--torchcompile) compiles the module inside DDP, `DDP(torch.compile(m))`. Dynamo's DDPOptimizer still splits
-    the compiled graph at DDP's bucket boundaries (so each bucket's all-reduce overlaps the rest of the
-    backward): DDP marks itself active around its call of the inner module, and dynamo applies DDPOptimizer to
-    any frame compiled under an active DDP (torch/_dynamo/convert_frame.py). tests/test_train_distributed.py
-    checks the split; benchmarks/compile_ddp.py measured `torch.compile(DDP(m))`, torch's documented order, with
-    the same split and 1.2-1.75x slower steps on 2 CPU ranks."""
-    if compile:
-        model = torch.compile(model)
-    if is_sharded(model):
-        return model, accelerator.prepare(optimizer)
-    return accelerator.prepare(model, optimizer)
-
-
-def plain_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside the DDP and compile wrappers (same parameters): accelerate's `unwrap_model` leaves a
-    module compiled inside DDP compiled, whose state dict keys would carry `_orig_mod.`."""
-    net = accelerator.unwrap_model(model, keep_torch_compile=False)
-    return getattr(net, "_orig_mod", net)
-
-
-@contextmanager
-def gradient_sync_off(accelerator, model: torch.nn.Module):
-    """An accumulation micro-step: no gradient communication (DDP's `no_sync`; for a sharded model FSDP2's
-    `set_requires_gradient_sync(False)`: accelerate's `no_sync` does nothing for a model it did not wrap)."""
-    if not is_sharded(_compiled_inner(model)):
-        with accelerator.no_sync(model):
-            yield
-        return
-    inner = _compiled_inner(model)
-    inner.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        inner.set_requires_gradient_sync(True)
-
-
-def _compiled_inner(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)
-
-
 def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     path, _, attr = name.rpartition(".")
     return (model.get_submodule(path) if path else model), attr
@@ -191,10 +170,11 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _options(**kw):
+def state_dict_options(full: bool = True, **kw):
+    """torch.distributed.checkpoint's options: the full (gathered) form, or each rank's own shard (`full=False`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, **kw)
+    return StateDictOptions(full_state_dict=full, **kw)
 
 
 def _plain_optimizer(optimizer):
@@ -206,13 +186,14 @@ def full_state(model: torch.nn.Module, optimizer=None) -> tuple[dict, Optional[d
     the main process (other ranks get empty dicts). Collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    model_state = get_model_state_dict(model, options=_options(cpu_offload=True))
+    model_state = get_model_state_dict(model, options=state_dict_options(cpu_offload=True))
     for name in getattr(model, SCALARS_ATTR):
         if name in model_state:
             model_state[name] = model_state[name].reshape(())
     optim_state = None
     if optimizer is not None:
-        optim_state = get_optimizer_state_dict(model, _plain_optimizer(optimizer), options=_options(cpu_offload=True))
+        optim_state = get_optimizer_state_dict(model, _plain_optimizer(optimizer),
+                                               options=state_dict_options(cpu_offload=True))
     return model_state, optim_state
 
 
@@ -224,6 +205,6 @@ def load_full_state(model: torch.nn.Module, model_state: dict, optimizer=None, o
     for name in getattr(model, SCALARS_ATTR):
         if name in model_state:
             model_state[name] = model_state[name].reshape(1)
-    set_model_state_dict(model, model_state, options=_options())
+    set_model_state_dict(model, model_state, options=state_dict_options())
     if optimizer is not None and optim_state is not None:
-        set_optimizer_state_dict(model, _plain_optimizer(optimizer), optim_state, options=_options())
+        set_optimizer_state_dict(model, _plain_optimizer(optimizer), optim_state, options=state_dict_options())

@@ -1,0 +1,65 @@
+"""open_clip_train's flags that vlp spells differently or does not have, each with its answer: the vlp flag that
+does the job, or why vlp has none. Every flag of open_clip_train's params.py is either a vlp flag (or alias,
+see vlp/config.py) or a row here, so a command line brought from open_clip gets one line per such flag instead
+of argparse's bare "unrecognized arguments" (tests/test_open_clip_flags.py checks params.py flag by flag).
+"""
+from __future__ import annotations
+
+NOT = "not supported"
+
+# flag -> vlp's equivalent (answers starting with NOT: vlp has none, and why)
+OPEN_CLIP_ANSWERS = {
+    "--save-frequency": "--save-every N saves every N optimiser steps (an epoch is printed in the start-up banner)",
+    "--zeroshot-frequency": "--eval-every N (steps) with --eval-data 'IMAGENET_VAL?classnames=imagenet&templates=openai'",
+    "--val-frequency": "--eval-every N (steps); vlp scores zero-shot and retrieval sets, not a validation loss",
+    "--val-data": "--eval-data SPEC... (CLIP_benchmark wds roots, image folders, or CSV/JSONL image-caption files "
+                  "scored by retrieval)",
+    "--save-most-recent": "vlp always keeps RUN/checkpoints/latest naming the newest checkpoint (--resume latest)",
+    "--val-num-samples": "--eval-data sets are read whole; their size comes from the set itself",
+    "--imagenet-v2": "--eval-data 'DIR?name=imagenet-v2&classnames=imagenet&templates=openai'",
+    "--csv-separator": "vlp trains on shards: vlp data make-shards --input TABLE (CSV, TSV, parquet, JSONL) makes them",
+    "--csv-img-key": "vlp data make-shards --image-col NAME (vlp trains on shards made from the table)",
+    "--csv-caption-key": "vlp data make-shards --caption-col NAME (vlp trains on shards made from the table)",
+    "--skip-scheduler": "--lr-scheduler const",
+    "--aug-cfg": "--rrc-scale MIN MAX, --strong-views and --strong-rrc-scale MIN MAX",
+    "--image-mean": "set image_mean in a JSON model config given to --model",
+    "--image-std": "set image_std in a JSON model config given to --model",
+    "--image-interpolation": "set image_interpolation in a JSON model config given to --model",
+    "--image-resize-mode": "set image_resize_mode in a JSON model config given to --model",
+    "--force-context-length": "set text_cfg.context_length in a JSON model config given to --model",
+    "--force-image-size": "set vision_cfg.image_size in a JSON model config given to --model",
+    "--force-quick-gelu": "set quick_gelu: true in a JSON model config given to --model",
+    "--force-patch-dropout": "set vision_cfg.patch_dropout in a JSON model config given to --model",
+    "--force-custom-text": "set custom_text: true in a JSON model config given to --model",
+    "--device": "vlp uses CUDA when a GPU is visible, else the CPU (CUDA_VISIBLE_DEVICES='' forces the CPU)",
+    "--dist-url": "torchrun --rdzv-endpoint HOST:PORT (vlp takes its process group from torchrun)",
+    "--dist-backend": "vlp picks nccl on CUDA and gloo on the CPU",
+    "--no-set-device-rank": "vlp sets each process's device from torchrun's LOCAL_RANK",
+    "--log-local": "vlp logs from the main process; every process's faults go to RUN/",
+    "--torchscript": "--torchcompile (vlp does not script or trace models)",
+    "--trace": "--torchcompile (vlp does not script or trace models)",
+    "--cache-dir": f"{NOT}: vlp downloads nothing (--pretrained FILE, --tokenizer hf:DIR or spm:FILE)",
+    "--pretrained-image": f"{NOT}: vlp downloads nothing (--pretrained FILE starts from a local checkpoint)",
+    "--opt": f"{NOT}: vlp trains with AdamW (--beta1, --beta2, --eps, --wd)",
+    "--momentum": f"{NOT}: vlp trains with AdamW (--beta1, --beta2, --eps, --wd)",
+    "--use-bn-sync": f"{NOT}: vlp's towers have no batch norm",
+    "--lock-image-unlocked-groups": f"{NOT}: --lock-image freezes the whole image tower (LiT)",
+    "--lock-image-freeze-bn-stats": f"{NOT}: --lock-image freezes the whole image tower (LiT)",
+    "--lock-text-unlocked-layers": f"{NOT}: --lock-text freezes the whole text tower",
+    "--lock-text-freeze-layer-norm": f"{NOT}: --lock-text freezes the whole text tower",
+    "--wandb-notes": f"{NOT}: --report-to wandb logs scalars; notes are set in wandb itself",
+    "--wandb-project-name": f"{NOT}: --report-to wandb logs under the run name (--name)",
+    "--debug": f"{NOT}: vlp always writes RUN/metrics.jsonl and one line per fault",
+    "--copy-codebase": f"{NOT}: vlp records its version and the full config in each run folder",
+    "--horovod": f"{NOT}: launch with torchrun",
+    "--ddp-static-graph": f"{NOT}: vlp wraps the model with accelerate's DDP (or --fsdp)",
+    "--coca-caption-loss-weight": f"{NOT}: vlp trains dual encoders (--loss clip, siglip, dcl, infoloob), not CoCa",
+    "--coca-contrastive-loss-weight": f"{NOT}: vlp trains dual encoders (--loss clip, siglip, dcl, infoloob), not CoCa",
+    "--remote-sync": f"{NOT}: write --logs to a shared file system",
+    "--remote-sync-frequency": f"{NOT}: write --logs to a shared file system",
+    "--remote-sync-protocol": f"{NOT}: write --logs to a shared file system",
+    "--distill-model": f"{NOT}: vlp has no distillation",
+    "--distill-pretrained": f"{NOT}: vlp has no distillation",
+    "--use-bnb-linear": f"{NOT}: vlp's precisions are --precision amp, amp_bf16, bf16, fp16, pure_bf16, pure_fp16, fp32",
+    "--loss-dist-impl": "--local-loss and --gather-with-grad (and --loss-chunk-size for a memory-flat loss)",
+}
