@@ -83,7 +83,7 @@ def brute_force_semdedup(t: Table, alive: np.ndarray, eps: float) -> np.ndarray:
     x = t.image[order].astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     bad = np.zeros(len(t), dtype=bool)
-    bad[order[D._remove_in_cluster(x, 1 - eps, block=7)]] = True
+    bad[order[D.remove_in_cluster(x, 1 - eps, block=7)]] = True
     return bad
 
 

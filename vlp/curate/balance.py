@@ -56,24 +56,31 @@ def balance(entries: list[str], t: int, seed: int = 0) -> Rule:
 
     def rule(tab: Table, alive: np.ndarray) -> np.ndarray:
         idx = np.flatnonzero(alive)
-        matched = match(tab.caption[idx], entries)
-        by_entry: dict[int, list[int]] = defaultdict(list)
-        for row, ms in zip(idx, matched):
-            for m in ms:
-                by_entry[m].append(int(row))
-        rows_entries = dict(zip(idx.tolist(), matched))
-        kept_count = np.zeros(len(entries), dtype=np.int64)
-        decided: dict[int, bool] = {}
-        rng = np.random.default_rng(seed)
-        for e in sorted(by_entry, key=lambda e: (len(by_entry[e]), e)):
-            todo = [r for r in by_entry[e] if r not in decided]
-            for r in rng.permutation(np.array(todo, dtype=np.int64)) if todo else ():
-                ms = rows_entries[int(r)]
-                ok = all(kept_count[m] < t for m in ms)
-                decided[int(r)] = ok
-                if ok:
-                    kept_count[ms] += 1
+        kept = cap(tab.order[idx], match(tab.caption[idx], entries), len(entries), t, seed)
         bad = alive.copy()
-        bad[[r for r, ok in decided.items() if ok]] = False
+        bad[idx[np.isin(tab.order[idx], kept)]] = False
         return bad
     return rule
+
+
+def cap(rows: np.ndarray, matched: list[list[int]], n_entries: int, t: int, seed: int = 0) -> np.ndarray:
+    """The rows kept (pool positions, given in pool order with the entries each matches): entries rarest first,
+    each one's undecided rows in a seeded random order, kept while all their entries hold fewer than t.
+    Both engines call this with the same rows, so they keep the same pairs."""
+    by_entry: dict[int, list[int]] = defaultdict(list)
+    for row, ms in zip(rows.tolist(), matched):
+        for m in ms:
+            by_entry[m].append(row)
+    rows_entries = dict(zip(rows.tolist(), matched))
+    kept_count = np.zeros(n_entries, dtype=np.int64)
+    decided: dict[int, bool] = {}
+    rng = np.random.default_rng(seed)
+    for e in sorted(by_entry, key=lambda e: (len(by_entry[e]), e)):
+        todo = [r for r in by_entry[e] if r not in decided]
+        for r in rng.permutation(np.array(todo, dtype=np.int64)) if todo else ():
+            ms = rows_entries[int(r)]
+            ok = all(kept_count[m] < t for m in ms)
+            decided[int(r)] = ok
+            if ok:
+                kept_count[ms] += 1
+    return np.array(sorted(r for r, ok in decided.items() if ok), dtype=np.int64)

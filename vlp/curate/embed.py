@@ -125,18 +125,24 @@ def embed_shard(bundle, url: str, batch_size: int = 256, device="cpu", amp: bool
     return out
 
 
-def embed(data: str, out: str, bundle, *, batch_size: int = 256, device="cpu", amp: bool = False,
-          rank: int = 0, world: int = 1, log=print) -> dict:
-    """Embed this rank's shards of `data` into `out`, skipping shards whose table is already there."""
+def prepare(data: str, out: str, bundle) -> list[str]:
+    """The shard URLs of `data`; `out` recorded as (or checked to be) this model's folder."""
     from vlp.data.shards import shard_urls
     from vlp.eval.features import model_fingerprint
 
     urls = shard_urls(data)
     if not urls:
         raise CurateError(f"--data {data!r} names no shards")
+    check_model(Path(out), {"model": bundle.model_name, "fingerprint": model_fingerprint(bundle.model),
+                            "data": data, "shards": len(urls)})
+    return urls
+
+
+def embed(data: str, out: str, bundle, *, batch_size: int = 256, device="cpu", amp: bool = False,
+          rank: int = 0, world: int = 1, log=print) -> dict:
+    """Embed this rank's shards of `data` into `out`, skipping shards whose table is already there."""
+    urls = prepare(data, out, bundle)
     folder = Path(out)
-    check_model(folder, {"model": bundle.model_name, "fingerprint": model_fingerprint(bundle.model),
-                         "data": data, "shards": len(urls)})
     done = skipped = samples = 0
     t0 = time.perf_counter()
     for i in range(rank, len(urls), world):
@@ -194,7 +200,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
     p.add_argument("--threads", type=int, help="torch threads (CPU)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (or torchrun's ranks); ray: an actor pool on a Ray cluster")
+    p.add_argument("--address", help="--engine ray: the cluster (HOST:PORT or auto; default: a local Ray)")
+    p.add_argument("--actors", type=int, help="--engine ray: actors (default: one per GPU; 1 on CPU)")
     a = p.parse_args(argv)
+    if a.engine == "ray":
+        return _main_ray(a)
     from accelerate import PartialState
 
     from vlp.config import ConfigError
@@ -226,6 +238,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     if lock is not None:
         lock.release()
     print(f"rank {state.process_index}: embedded {stats['embedded']} shards ({stats['samples']} samples, "
+          f"{stats['samples'] / max(stats['seconds'], 1e-9):.1f} samples/s), {stats['resumed']} already done"
+          + ("" if complete else "; some shards are missing: run again to finish"), flush=True)
+    return 0
+
+
+def _main_ray(a) -> int:
+    from vlp.config import ConfigError
+    from vlp.data.errors import DataError
+    from vlp.eval.datasets import EvalError
+
+    lock, error = hold_folder(a.out, True)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        from vlp.curate.ray_embed import embed_on_ray
+
+        model_args = {"checkpoint": a.checkpoint, "model": a.model, "tokenizer": a.tokenizer}
+        urls = prepare(a.data, a.out, load_model(device="cpu", **model_args))
+        stats = embed_on_ray(urls, a.out, model_args, address=a.address, actors=a.actors,
+                             batch_size=a.batch_size, threads=a.threads, amp=a.amp,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+        complete = _finish(Path(a.out), len(urls))
+    except ImportError as e:
+        print(f"error: --engine ray needs Ray Data: pip install 'vlp[ray]' ({e})", file=sys.stderr)
+        return 2
+    except (CurateError, ConfigError, DataError, EvalError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    finally:
+        lock.release()
+    print(f"ray: embedded {stats['embedded']} shards ({stats['samples']} samples, "
           f"{stats['samples'] / max(stats['seconds'], 1e-9):.1f} samples/s), {stats['resumed']} already done"
           + ("" if complete else "; some shards are missing: run again to finish"), flush=True)
     return 0

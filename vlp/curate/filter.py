@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from vlp.curate.report import summarise, write_report
 from vlp.curate.store import CurateError, Table, atomic_write, load_tables
 from vlp.flags import Parser
 
@@ -107,6 +108,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--balance", metavar="ENTRIES", help="UTF-8 file, one entry per line")
     g.add_argument("--balance-t", type=int, default=20000, help="at most t pairs per entry (default 20000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: one process holds the pool (~2 GB per million samples at D=512); "
+                        "ray: Ray Data steps over a cluster (pip install 'vlp[ray]')")
+    p.add_argument("--address", help="--engine ray: the cluster (HOST:PORT or auto; default: a local Ray)")
     p.add_argument("--no-sheets", action="store_true", help="skip the contact sheets of removed samples")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -114,17 +119,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         if (out / "decisions.tsv").is_file() and not a.overwrite:
             raise CurateError(f"{out} already holds decisions.tsv (use --overwrite or another --out)")
         rules = build_rules(a)
-        t = load_tables(a.embeddings)
-        reason, counts = run_rules(t, rules)
+        if a.engine == "ray":
+            summary = _on_ray(a, out, rules)
+        else:
+            t = load_tables(a.embeddings)
+            reason, counts = run_rules(t, rules)
+            write_decisions(out / "decisions.tsv", t, reason)
+            summary = summarise(t, reason, counts, seed=a.seed)
     except CurateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from vlp.curate.report import write_report
-
-    write_decisions(out / "decisions.tsv", t, reason)
-    summary = write_report(out, t, reason, counts, sheets=not a.no_sheets, seed=a.seed)
-    print(summary)
+    print(write_report(out, summary, sheets=not a.no_sheets))
     return 0
+
+
+def _on_ray(a, out: Path, rules):
+    try:
+        from vlp.curate.ray_filter import filter_on_ray
+    except ImportError as e:
+        raise CurateError(f"--engine ray needs Ray Data: pip install 'vlp[ray]' ({e})") from None
+    return filter_on_ray(a.embeddings, out, rules, address=a.address, seed=a.seed,
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":

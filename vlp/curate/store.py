@@ -114,13 +114,23 @@ class Table:
     image: np.ndarray       # [N, D] float16
     text: np.ndarray        # [N, D] float16
     score: np.ndarray       # [N] float32
+    order: Optional[np.ndarray] = None   # [N] int64 pool position: table index << 32 | row (both engines' ties)
+
+    def __post_init__(self):
+        if self.order is None:
+            self.order = np.arange(len(self.key), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.key)
 
 
-def load_tables(folder: str) -> Table:
-    """All shard tables of an embed folder (it must be complete: `done.json` written by the last rank)."""
+def order_key(table_index, row) -> np.ndarray:
+    """A sample's place in the pool as one int64: which shard table, then which row in it."""
+    return (np.asarray(table_index, dtype=np.int64) << 32) | np.asarray(row, dtype=np.int64)
+
+
+def complete_tables(folder: str) -> list[Path]:
+    """The shard tables of a finished embed folder (`done.json` written by the last rank), in shard order."""
     folder = Path(folder)
     if not (folder / MODEL_FILE).is_file():
         raise CurateError(f"{folder} is not a `vlp data embed` output (no {MODEL_FILE})")
@@ -128,6 +138,13 @@ def load_tables(folder: str) -> Table:
     if not (folder / DONE_FILE).is_file():
         raise CurateError(f"{folder} is incomplete ({len(files)} shard tables, no {DONE_FILE}): "
                           f"run `vlp data embed` again with the same arguments to finish it")
+    return files
+
+
+def load_tables(folder: str) -> Table:
+    """All shard tables of an embed folder, concatenated in one process's memory."""
+    folder = Path(folder)
+    files = complete_tables(folder)
     parts = [read_table(p) for p in files]
     bad = [p.name for p, t in zip(files, parts) if t is None]
     if bad:
@@ -135,6 +152,8 @@ def load_tables(folder: str) -> Table:
     cols = {}
     for name in ("key", "caption", "width", "height", "image_hash", "valid", "image", "text", "score"):
         cols[name] = np.concatenate([t[name] for t in parts])
+    cols["order"] = np.concatenate([order_key(int(p.stem), np.arange(len(t["key"]))) for p, t in zip(files, parts)]) \
+        if parts else np.zeros(0, np.int64)
     cols["shard"] = np.concatenate([np.full(len(t["key"]), str(t["shard"]), dtype=object) for t in parts]) \
         if parts else np.array([], dtype=object)
     return Table(**cols)

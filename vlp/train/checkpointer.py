@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from vlp.config import ConfigError
+from vlp.data.plan import replan
 from vlp.model_drift import drift, refusal
 from vlp.runtime import checkpoint as ckpt
 from vlp.train.health import TrainingError, all_finite
@@ -170,4 +171,6 @@ class Checkpointer:
         rng_state.restore(state["rng"][acc.process_index])
         if Path(path).resolve().parent == self.dir.resolve():  # already saved: a stop right away rewrites nothing
             self.saved = (state["step"], Path(path))
-        return state["step"], state["epoch"], state["loader"][acc.process_index]
+        # another --workers: the epoch's unconsumed samples re-planned over the new workers (exactly once)
+        return state["step"], state["epoch"], replan(state["loader"], rank, acc.num_processes,
+                                                     max(1, self.cfg.data.workers))

@@ -25,11 +25,13 @@ from vlp.runtime.peers import Peers
 from vlp.runtime.preemption import Preempted, StopSignals
 from vlp.train import device_batch, health, sharding
 from vlp.train.checkpointer import Checkpointer
+from vlp.train.collective_faults import PeerFault, timed_out
 from vlp.train.console import Console
 from vlp.train.cpu_default import DefaultModelOnCpu
 from vlp.train.feed import StepFeed
 from vlp.train.health import TrainingError
 from vlp.train.inloop_eval import InLoopEval, open_sets
+from vlp.train.launcher import LauncherWatch
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
 from vlp.train.run_state import RunFolder
 from vlp.train.skip_report import difference, skip_line
@@ -47,19 +49,27 @@ def train(cfg: Config, show_final_eval: bool = True) -> dict:
     SIGTERM/SIGINT/SIGUSR1 end it after the current step with a checkpoint (raises Preempted).
     show_final_eval=False leaves the final figures to the caller (the demo prints them with chance levels)."""
     paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
-    with StopSignals() as signals, RunFolder(paths.root) as folder:
+    # under torchrun the agent's death stops the ranks as a signal does (LauncherWatch)
+    with StopSignals() as signals, RunFolder(paths.root) as folder, LauncherWatch(signals) as launcher:
         try:
             run = Run(cfg, paths, signals, folder)
             while run.step < run.total_steps and (cfg.optim.max_steps or run.epoch < cfg.optim.epochs):
                 run.train_epoch()
             return run.finish(show_final_eval)
-        except RuntimeError as e:   # a collective that failed because a rank died: one line naming it
+        except Preempted:
+            gone = launcher.stopped(paths.checkpoints)
+            if gone is None:
+                raise
+            raise gone from None
+        except RuntimeError as e:   # a collective that failed because a rank died or stalled: one line naming it
             lost = folder.peers.lost(e) if folder.peers is not None else None
-            if lost is None:
+            stalled = None if lost else timed_out(e, cfg.run.dist_timeout)
+            if lost is None and stalled is None:
                 raise
             found = ckpt.list_checkpoints(paths.checkpoints)
-            raise TrainingError(f"{lost}; the last checkpoint is {found[-1][1] if found else 'none yet'}: "
-                                f"start the run again with --resume latest") from None
+            last = f"the last checkpoint is {found[-1][1]} (step {found[-1][0]})" if found else "no checkpoint yet"
+            raise PeerFault(f"{lost or stalled}; {last}: start the run again with --resume latest",
+                            "rank lost" if lost else "collective timeout") from None
 
 
 class Run:
@@ -114,7 +124,7 @@ class Run:
         self.feed = StepFeed(self.loader, cfg.optim.accum_freq, to_device)
         self.trainer.checkpointer = Checkpointer(
             self.paths.checkpoints, acc, self.trainer.net, self.trainer.optimizer, self.trainer.scheduler,
-            self.feed, cfg, model_identity(self.bundle, cfg.model.tokenizer))
+            self.feed, cfg, {**model_identity(self.bundle, cfg.model.tokenizer), "precision": precision})
 
     def _start_logs(self, eval_sets: list) -> None:
         """config.yaml, trackers, metrics.jsonl, the evaluator, the meter and the banner."""
@@ -158,10 +168,10 @@ class Run:
         while more:
             meter.begin()   # the step's clock: its compute, the next step's fetch, the optimiser
             feed.advance()
-            losses, verdict = trainer.step(feed.current, fetch_next, self.signals.requested)
+            losses, verdict = trainer.step(feed.current, fetch_next, self.signals.requested, number=self.step + 1)
             if verdict.problem:
-                raise TrainingError(f"{verdict.problem} at step {self.step + 1}; "
-                                    f"{trainer.save_before_failure(self.step, self.epoch)}")
+                where = "" if verdict.at else f" at step {self.step + 1}"
+                raise TrainingError(f"{verdict.problem}{where}; {trainer.save_before_failure(self.step, self.epoch)}")
             self.step += 1
             more = verdict.more
             meter.step()
@@ -212,8 +222,9 @@ class Run:
                                 f"counts")
         if step < self.total_steps:
             trained = feed.state_dict()["batches_done"] // self.cfg.optim.accum_freq
-            if trained < self.steps_per_epoch:   # a rank's data ran out early (the loader warned which shard lied)
-                self.console.print(f"warning: epoch {self.epoch} ended after {trained} of {self.steps_per_epoch} "
+            owed = self.loader.batches_per_epoch // self.cfg.optim.accum_freq   # (a re-planned epoch's rest: fewer)
+            if trained < owed:   # a rank's data ran out early (the loader warned which shard lied)
+                self.console.print(f"warning: epoch {self.epoch} ended after {trained} of {owed} "
                                    f"steps: shards delivered fewer samples than their size files claim (see the "
                                    f"skip counts); the run still ends after --epochs")
             self.epoch += 1
