@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="open_clip's names (see train.py --help): amp = fp16 autocast (bf16 on CPU), amp_bf16 = bf16 "
-                        "autocast, bf16/fp16/pure_* = 16-bit weights; auto = amp on CUDA, fp32 on CPU")
+                        "autocast, bf16/fp16/pure_* = 16-bit weights; auto = a vlp checkpoint's training precision, "
+                        "else amp on CUDA, fp32 on CPU")
     p.add_argument("--no_amp", dest="precision", action="store_const", const="fp32",
                    help="CLIP_benchmark's: same as --precision fp32")
     p.add_argument("--amp", dest="precision", action="store_const", const="amp",
@@ -189,11 +190,6 @@ def run(a: argparse.Namespace) -> int:
         a.workers = min(4, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
     from vlp import precision as prec
 
-    # auto/amp/fp32 use the evaluator's own autocast switch; the other names score under their dtype's autocast
-    amp = {"auto": None, "fp32": False, "amp": True}.get(a.precision, False)
-    own = a.precision in ("auto", "amp", "fp32")
-    score_ctx = lambda: prec.eval_autocast("fp32" if own else a.precision, device)  # noqa: E731
-
     # Everything that can be checked without scoring is checked first.
     data = clip_benchmark_specs(a.data, a.dataset_root, a.task, a.split, skip=is_suite)
     entries = [e for arg in data for e in (load_suite(arg) if is_suite(arg) else [SuiteEntry(arg)])]
@@ -257,10 +253,14 @@ def run(a: argparse.Namespace) -> int:
             pretrained = "" if bundle.model_name.startswith("local-dir:") else path
         if step is None and path is not None:
             step = (read_checkpoint_meta(path) or {}).get("step")
-        prec.cast_model(bundle.model, a.precision)
+        # one precision policy: a vlp checkpoint is scored in its training precision unless --precision says otherwise
+        name = prec.for_eval(a.precision, (read_checkpoint_meta(path) or {}).get("precision") if path else None)
+        prec.cast_model(bundle.model, name)
         if len(jobs) > 1 and not a.quiet:
             print(f"[{i + 1}/{len(jobs)}] {path}", file=sys.stderr)
-        with score_ctx():
+        # auto/amp/fp32 use the evaluator's own autocast switch; the other names score under their dtype's autocast
+        amp = {"auto": None, "fp32": False, "amp": True}.get(name, False)
+        with prec.eval_autocast("fp32" if name in ("auto", "amp", "fp32") else name, device):
             results += evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_val, sets, device=device,
                                 batch_size=a.batch_size, model_name=bundle.model_name, pretrained=pretrained,
                                 amp=amp, num_workers=a.workers, recall_k=a.recall_k, geometry=not a.no_geometry,

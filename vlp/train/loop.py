@@ -124,7 +124,8 @@ class Run:
         self.feed = StepFeed(self.loader, cfg.optim.accum_freq, to_device)
         self.trainer.checkpointer = Checkpointer(
             self.paths.checkpoints, acc, self.trainer.net, self.trainer.optimizer, self.trainer.scheduler,
-            self.feed, cfg, model_identity(self.bundle, cfg.model.tokenizer))
+            self.feed, cfg, {**model_identity(self.bundle, cfg.model.tokenizer), "precision": precision},
+            say=self.console.print)
 
     def _start_logs(self, eval_sets: list) -> None:
         """config.yaml, trackers, metrics.jsonl, the evaluator, the meter and the banner."""
@@ -168,14 +169,15 @@ class Run:
         while more:
             meter.begin()   # the step's clock: its compute, the next step's fetch, the optimiser
             feed.advance()
-            losses, verdict = trainer.step(feed.current, fetch_next, self.signals.requested)
+            losses, verdict = trainer.step(feed.current, fetch_next, self.signals.requested, number=self.step + 1)
             if verdict.problem:
-                raise TrainingError(f"{verdict.problem} at step {self.step + 1}; "
-                                    f"{trainer.save_before_failure(self.step, self.epoch)}")
+                where = "" if verdict.at else f" at step {self.step + 1}"
+                raise TrainingError(f"{verdict.problem}{where}; {trainer.save_before_failure(self.step, self.epoch)}")
             self.step += 1
             more = verdict.more
             meter.step()
             self.console.step(self.step)
+            trainer.checkpointer.poll()   # a background save that failed: one line
             if self.step == self.start_step + 1 and (note := self.cpu_note.after_first_step(
                     time.perf_counter() - self._clock[0], self.total_steps - self.start_step)):
                 self.console.print(note)
@@ -196,7 +198,7 @@ class Run:
             self.last.update(results := trainer.evaluate(step))
             self.console.eval(step, results)
         if step % cfg.run.save_every == 0 and step < self.total_steps:
-            trainer.save(step, self.epoch)
+            trainer.save(step, self.epoch, background=True)
         if stop:
             raise Preempted(f"{self.signals.name}: stopped after step {step}, state saved in "
                             f"{trainer.save(step, self.epoch)}; continue with --resume latest")
