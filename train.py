@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _training_error() as e:  # evaluated only when an exception gets here
         print(f"error: {e}", file=sys.stderr)
+        if getattr(e, "reason", None):   # a peer stalled or died: the process group is broken, and a background
+            sys.stderr.flush()           # save waiting on that peer (a long-timeout group) would hold the exit
+            os._exit(2)                  # for hours; the run folder already says how it ended
         return 2
     except Preempted as e:  # SIGTERM/SIGINT/SIGUSR1: the state is saved; the same command + --resume latest goes on
         ignore_stop_signals()

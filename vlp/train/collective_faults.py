@@ -46,6 +46,8 @@ def timed_out(error: BaseException, timeout: Optional[float]) -> Optional[str]:
         op = f"collective {nccl.group(1).lower()}"
     elif any(f.name == "backward" for f in after):
         op = "DDP's gradient all_reduce"   # launched by the reducer's hooks inside backward
+    elif ddp := [f.name for f in after if f.filename.replace("\\", "/").endswith("nn/parallel/distributed.py")]:
+        op = f"DDP's forward collective ({ddp[-1]})"   # buffers broadcast / bucket rebuild before a forward
     else:
         op = "a collective"
     where = ""
