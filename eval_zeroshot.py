@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="open_clip's names (see train.py --help): amp = fp16 autocast (bf16 on CPU), amp_bf16 = bf16 "
-                        "autocast, bf16/fp16/pure_* = 16-bit weights; auto = amp on CUDA, fp32 on CPU")
+                        "autocast, bf16/fp16/pure_* = 16-bit weights; auto = a vlp checkpoint's training precision, "
+                        "else amp on CUDA, fp32 on CPU")
     p.add_argument("--no_amp", dest="precision", action="store_const", const="fp32",
                    help="CLIP_benchmark's: same as --precision fp32")
     p.add_argument("--amp", dest="precision", action="store_const", const="amp",
@@ -91,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="linear probe / k-NN: folder of cached float16 features (default: $VLP_FEATURE_CACHE or "
                         "~/.cache/vlp/features; 'none' to keep nothing)")
     p.add_argument("--clip-benchmark-commands", action="store_true",
-                   help="print the clip_benchmark commands of the suite's `dataset:` sets and exit")
+                   help="print the clip_benchmark eval command of each set (however named) and exit: runnable as "
+                        "printed (--num_workers within the set's shards, an --output per set)")
     p.add_argument("--no-geometry", action="store_true", help="skip the geometry figures")
     p.add_argument("--steps", default=None,
                    help="run folder only: evaluate only these steps (epochs for open_clip_train runs), e.g. '1000,2000'")
@@ -177,7 +179,8 @@ def run(a: argparse.Namespace) -> int:
     from vlp.eval import evaluate
     from vlp.eval.datasets import EvalError, open_eval_set
     from vlp.eval.report import summary_table, write_results
-    from vlp.eval.suite import SuiteEntry, aggregate, clip_benchmark_commands, is_suite, load_suite, table_files
+    from vlp.eval.cb_commands import clip_benchmark_commands
+    from vlp.eval.suite import SuiteEntry, aggregate, is_suite, load_suite, table_files
     from vlp.models import create_model, load_checkpoint, read_checkpoint_meta
 
     if a.batch_size < 1:
@@ -186,11 +189,6 @@ def run(a: argparse.Namespace) -> int:
     if a.workers is None:
         a.workers = min(4, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
     from vlp import precision as prec
-
-    # auto/amp/fp32 use the evaluator's own autocast switch; the other names score under their dtype's autocast
-    amp = {"auto": None, "fp32": False, "amp": True}.get(a.precision, False)
-    own = a.precision in ("auto", "amp", "fp32")
-    score_ctx = lambda: prec.eval_autocast("fp32" if own else a.precision, device)  # noqa: E731
 
     # Everything that can be checked without scoring is checked first.
     data = clip_benchmark_specs(a.data, a.dataset_root, a.task, a.split, skip=is_suite)
@@ -251,13 +249,18 @@ def run(a: argparse.Namespace) -> int:
             pretrained = "random"
         else:
             bundle = load_checkpoint(path, model_name=a.model, tokenizer=a.tokenizer, device=device)
-            pretrained = path
+            # CLIP_benchmark's fields: an export folder is the model `local-dir:EXPORT` with pretrained ''
+            pretrained = "" if bundle.model_name.startswith("local-dir:") else path
         if step is None and path is not None:
             step = (read_checkpoint_meta(path) or {}).get("step")
-        prec.cast_model(bundle.model, a.precision)
+        # one precision policy: a vlp checkpoint is scored in its training precision unless --precision says otherwise
+        name = prec.for_eval(a.precision, (read_checkpoint_meta(path) or {}).get("precision") if path else None)
+        prec.cast_model(bundle.model, name)
         if len(jobs) > 1 and not a.quiet:
             print(f"[{i + 1}/{len(jobs)}] {path}", file=sys.stderr)
-        with score_ctx():
+        # auto/amp/fp32 use the evaluator's own autocast switch; the other names score under their dtype's autocast
+        amp = {"auto": None, "fp32": False, "amp": True}.get(name, False)
+        with prec.eval_autocast("fp32" if name in ("auto", "amp", "fp32") else name, device):
             results += evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_val, sets, device=device,
                                 batch_size=a.batch_size, model_name=bundle.model_name, pretrained=pretrained,
                                 amp=amp, num_workers=a.workers, recall_k=a.recall_k, geometry=not a.no_geometry,

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:  # SIGTERM/SIGINT/SIGUSR1: the state is saved; the same command + --resume latest goes on
         ignore_stop_signals()
         if os.environ.get("RANK", "0") == "0":
-            print(f"preempted: {e}", file=sys.stderr)
+            print(f"{getattr(e, 'label', 'preempted')}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     if os.environ.get("RANK", "0") == "0":  # one summary, not one per process
         print(json.dumps(result, indent=1, sort_keys=True))

@@ -24,6 +24,8 @@
    train, then the refit) and one L-BFGS fit alone are timed; k-NN (`vlp.eval.knn`, k = 1/10/20). CLIP_benchmark's
    linear probe calls .cuda() unconditionally: with CUDA it runs on the same features (its train = vlp's fit
    part, its val = vlp's held-out part) and both times and lp_acc1 are printed; on CPU vlp's time alone.
+5. Whole process (what a user waits for, imports included): `--whole-process` runs benchmarks/eval_process.py,
+   `vlp eval` against `clip_benchmark eval` as fresh processes with the same thread count, on 1,500 classes.
 4. In-loop evaluation split across ranks: the demo's eval sets (colours 800, retrieval 400 x 3 captions,
    compositional) scored by `vlp.eval.evaluate(distributed=True)` in 2 gloo processes vs 1, one thread each,
    real processes; timed on the second call (decoded pixels cached, as in a training run's repeated evals).
@@ -53,7 +55,11 @@ def make_wds_set(root: Path, n_images: int, n_classes: int, n_templates: int, im
     from vlp.data import demo_world as W
 
     (root / "test").mkdir(parents=True, exist_ok=True)
-    (root / "classnames.txt").write_text("\n".join(IMAGENET_CLASSNAMES[:n_classes]) + "\n")
+    names: list[str] = []
+    for i in range(n_classes):   # past ImageNet's 1,000: "tench 2", ...; its two "missile"s told apart likewise
+        name = IMAGENET_CLASSNAMES[i % 1000] + (f" {i // 1000 + 1}" if i >= 1000 else "")
+        names.append(name if name not in names else f"{name} {i}")
+    (root / "classnames.txt").write_text("\n".join(names) + "\n")
     temps = [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES[:n_templates]]
     (root / "zeroshot_classification_templates.txt").write_text("\n".join(temps) + "\n")
     (root / "dataset_type.txt").write_text("zeroshot_classification\n")
@@ -291,7 +297,15 @@ def main(argv=None) -> int:
     p.add_argument("--inloop-samples", type=int, default=800, help="demo eval-set size for the in-loop scaling row")
     p.add_argument("--skip-inloop", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures here")
-    a = p.parse_args(argv)
+    p.add_argument("--whole-process", action="store_true", help="only the whole-process comparison "
+                   "(benchmarks/eval_process.py; its own flags after --)")
+    a, rest = p.parse_known_args(argv)
+    if a.whole_process:
+        from benchmarks.eval_process import main as whole_process
+
+        return whole_process([r for r in rest if r != "--"])
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.manual_seed(0)
     out: dict = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
 

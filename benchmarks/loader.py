@@ -36,30 +36,48 @@ from pathlib import Path
 import numpy as np
 
 
-def write_bench_shards(out: Path, n: int, per_shard: int, width: int, height: int, seed: int = 0) -> str:
+def write_bench_shards(out: Path, n: int, per_shard: int, width: int, height: int, seed: int = 0,
+                       procs: int = 1) -> str:
+    """`n` photo-like JPEGs (a smooth random scene plus noise, quality 90) with 5-15 word captions in shards of
+    `per_shard`, plus sizes.json; `procs` processes write the shards in parallel (about 6 CPU-ms per 224 px image:
+    61,440 images take 6 minutes in one process, under 30 s in 16)."""
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(out), k, min(per_shard, n - k * per_shard), width, height, seed) for k in range(-(-n // per_shard))]
+    if procs > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(procs, len(jobs))) as pool:
+            done = pool.map(_write_one_shard, jobs)
+    else:
+        done = [_write_one_shard(j) for j in jobs]
+    sizes = dict(done)
+    (out / "sizes.json").write_text(json.dumps(sizes))
+    return str(out / f"{{00000..{len(sizes) - 1:05d}}}.tar")
+
+
+def _write_one_shard(job) -> tuple[str, int]:
+    import io
+
     from PIL import Image
 
     from vlp.data.tario import ShardWriter
 
-    rng = np.random.default_rng(seed)
+    out, k, count, width, height, seed = job
+    rng, pyrng = np.random.default_rng([seed, k]), random.Random(seed * 100003 + k)
     words = "a photo of the red blue small large dog cat car tree house street people beach sky on in with".split()
-    pyrng = random.Random(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    with ShardWriter(str(out / "%05d.tar"), per_shard) as w:
-        for i in range(n):
+    with ShardWriter(str(Path(out) / "%05d.tar"), count, start_index=k) as w:
+        for j in range(count):
             low = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
             im = Image.fromarray(low).resize((width, height), Image.BICUBIC)
             noise = rng.normal(0, 12, (height, width, 3))
             arr = np.clip(np.asarray(im, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
-            import io
-
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="JPEG", quality=90)
             cap = " ".join(pyrng.choice(words) for _ in range(pyrng.randint(5, 15)))
-            w.write(f"{i:09d}", {"jpg": buf.getvalue(), "txt": cap.encode(), "json": json.dumps({"caption": cap}).encode()})
+            w.write(f"{k:05d}{j:06d}", {"jpg": buf.getvalue(), "txt": cap.encode(),
+                                        "json": json.dumps({"caption": cap}).encode()})
         sizes = w.sizes
-    (out / "sizes.json").write_text(json.dumps(sizes))
-    return str(out / f"{{00000..{len(sizes) - 1:05d}}}.tar")
+    return next(iter(sizes.items()))
 
 
 def run_vlp(spec, preprocess, tokenizer, workers, batch_size):

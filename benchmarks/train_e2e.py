@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -144,14 +145,16 @@ OC_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Data \(t\): ([\d.]+) B
 
 
 def steady_open_clip(run_dir: Path, batch: int) -> dict:
-    """Steady figures from open_clip_train's out.log lines (window averages of data and batch time)."""
+    """Steady figures from open_clip_train's out.log lines (window averages of data and batch time), and the steps
+    it really ran (its loader can yield fewer batches than --train-num-samples asks: 24 of 30 at ViT-B/32, batch
+    2048, 8 workers), from its last line's sample count."""
     windows, prev = [], 0
     for m in OC_LINE.finditer((run_dir / "out.log").read_text()):
         step = int(m.group(1)) // batch
         n = step - prev
         prev = step
         windows.append((n, n * float(m.group(3)), n * float(m.group(2))))
-    return _steady(windows[1:], batch)
+    return {**_steady(windows[1:], batch), "steps": prev}
 
 
 def _steady(windows: list[tuple[int, float, float]], batch: int) -> dict:
@@ -161,7 +164,10 @@ def _steady(windows: list[tuple[int, float, float]], batch: int) -> dict:
     return {"steady_samples_per_s": steps * batch / busy, "data_wait_frac": wait / busy}
 
 
-def run_one(name: str, a, spec: str, logs: Path, run: str) -> dict:
+def run_one(name: str, a, spec: str, logs: Path, run: str, timeout: Optional[float] = None,
+            errors_as_rows: bool = False) -> dict:
+    """One trainer's run in its own process. `errors_as_rows`: a failure (out of memory, a timeout) is returned as
+    {"error": ...} instead of stopping the benchmark."""
     result_file = logs / f"{run}.result.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(
@@ -169,16 +175,33 @@ def run_one(name: str, a, spec: str, logs: Path, run: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--child-result", str(result_file),
            "--threads", str(a.threads), "--", *trainer_args(name, a, spec, logs, run)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if errors_as_rows:
+            return {"error": f"stopped after {timeout:.0f} s (time budget)"}
+        raise
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not result_file.exists():
+        if errors_as_rows:
+            return {"error": failure_line(proc.stderr)}
         raise SystemExit(f"error: {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(result_file.read_text())
-    out.update(wall_s=wall, e2e_samples_per_s=a.steps * a.batch_size / wall,
-               samples_per_cpu_s=a.steps * a.batch_size / out["cpu_s"])
     steady = steady_vlp if name == "vlp" else steady_open_clip
     out.update(steady(logs / run, a.batch_size))
+    steps = out.pop("steps", None) or a.steps   # the steps it really ran (open_clip_train's from its log)
+    out.update(wall_s=wall, steps=steps, e2e_samples_per_s=steps * a.batch_size / wall,
+               samples_per_cpu_s=steps * a.batch_size / out["cpu_s"])
     return out
+
+
+def failure_line(stderr: str) -> str:
+    """The line that says why a trainer process failed: out of memory above all."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    oom = next((line for line in reversed(lines)
+                if "out of memory" in line.lower() or "can't allocate memory" in line.lower()), None)
+    return "out of memory" + (f" ({oom[:120]})" if oom else "") if oom else (lines[-1][:200] if lines else "failed")
 
 
 def _fmt(x, spec=".1f") -> str:

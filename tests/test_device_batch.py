@@ -95,3 +95,90 @@ def test_training_on_the_device_path_matches_host_path_and_logs_perf(demo_data, 
     flops = telemetry.flops_per_sample(create_model(micro_model_json).model)
     for r in _perf_rows(Path(dev["run_dir"])):
         assert r["perf/mfu"] == pytest.approx(3 * flops * r["perf/samples_per_s_per_device"] / 1e12)
+
+
+class _Streams:
+    """CUDA's stream API on CPU (the `CudaStreams` methods): records which stream is current, which events are
+    recorded where and waited for by whom, and which tensors are recorded on which stream."""
+
+    def __init__(self):
+        self.log, self.compute, self.current = [], "compute", "compute"
+
+    def Stream(self, device):
+        return "side"
+
+    def Event(self):
+        streams = self
+
+        class Event:
+            def record(self, stream):
+                streams.log.append(("event", stream, self))
+        return Event()
+
+    def stream(self, s):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def on():
+            before, self.current = self.current, s
+            try:
+                yield
+            finally:
+                self.current = before
+        return on()
+
+    def current_stream(self, device):
+        streams = self
+
+        class Current:
+            def wait_event(self, event):
+                streams.log.append(("wait", streams.current, event))
+        return Current()
+
+    def record(self, tensor, stream):
+        self.log.append(("record_stream", "compute", tensor))
+
+
+def test_copies_run_on_a_side_stream_and_are_handed_over(tmp_path):
+    """The next step's copy and normalisation are enqueued on the side stream; the compute stream waits for each
+    batch's event when the step becomes current, and every tensor is recorded as used by the compute stream."""
+    from torch.overrides import TorchFunctionMode
+
+    from vlp.train.device_batch import CopyStream
+    from vlp.train.feed import StepFeed
+
+    _, raw, norm = _pair_of_loaders(tmp_path)
+    streams = _Streams()
+
+    class Ops(TorchFunctionMode):   # on which stream each tensor op of the copy was enqueued
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            streams.log.append(("op", streams.current, getattr(func, "__name__", "")))
+            return func(*args, **(kwargs or {}))
+
+    side = DeviceBatch("cpu", norm, torch.bfloat16, copy_stream=CopyStream("cpu", streams=streams))
+
+    class Loader:   # two micro-batches per step from the uint8 batches
+        def __iter__(self):
+            return iter(raw)
+
+        def state_dict(self):
+            return {}
+    feed = StepFeed(Loader(), 2, side)
+    feed.start()
+    with Ops():
+        assert feed.fetch()
+    ops = [e for e in streams.log if e[0] == "op"]
+    assert ops and all(stream == "side" for _, stream, _ in ops)                  # nothing on the compute stream
+    events = [e[2] for e in streams.log if e[0] == "event"]
+    assert len(events) == 2 and all(e[1] == "side" for e in streams.log if e[0] == "event")
+    assert not [e for e in streams.log if e[0] in ("wait", "record_stream")]      # not handed over before needed
+    streams.log.clear()
+    feed.advance()
+    assert [e[2] for e in streams.log if e[0] == "wait"] == events                # compute waits for each copy
+    assert all(e[1] == "compute" for e in streams.log if e[0] == "wait")
+    recorded = [e[2] for e in streams.log if e[0] == "record_stream"]
+    assert len(recorded) == 4 and all(any(r is t for r in recorded) for batch in feed.current for t in batch)
+    plain = DeviceBatch("cpu", norm, torch.bfloat16)
+    for (x, t), (xu, tu) in zip(feed.current, raw):                               # the same batches as without
+        px, pt = plain(xu, tu)
+        assert torch.equal(x, px) and torch.equal(t, pt)

@@ -39,7 +39,9 @@ def test_local_dir_model_and_output_template(export, demo_data, tmp_path, capsys
         (f,) = out.parent.iterdir()                  # CLIP_benchmark's template names the file itself
         assert f.name == "wds_demo_colors_zeroshot_classification.json"
         results.append(json.loads(f.read_text()))
-    assert all(r["pretrained"] == export for r in results)        # not 'random', not '.'
+    # CLIP_benchmark's fields for a local-dir model (pretrained ''); the folder itself is vlp.checkpoint
+    assert all((r["model"], r["pretrained"], r["vlp"]["checkpoint"]) == (f"local-dir:{export}", "", export)
+               for r in results), [(r["model"], r["pretrained"], r["vlp"]["checkpoint"]) for r in results]
     assert results[0]["metrics"] == results[1]["metrics"] == results[2]["metrics"]
     rc, err = _run(["--checkpoint", export, "--data", colors, "--output", str(tmp_path / "{nope}.json")], capsys)
     assert rc == 2 and err.startswith("error: --output template") and "\n" not in err

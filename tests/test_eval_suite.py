@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from vlp.eval import EvalError
-from vlp.eval.suite import aggregate, clip_benchmark_commands, load_suite, table_files
+from vlp.eval.cb_commands import clip_benchmark_commands
+from vlp.eval.suite import aggregate, load_suite, table_files
 
 
 def _suite(tmp_path, demo_data, extra=""):
@@ -90,16 +91,25 @@ def test_clip_benchmark_mapping(tmp_path, demo_data):
     fewshot_k: 5
 """)))
     cmds = clip_benchmark_commands(entries, "ViT-B-32", "laion2b_s34b_b79k", amp=False)
+    name = "laion2b_s34b_b79k_ViT-B-32_en"
     assert cmds == [
         f"clip_benchmark eval --dataset wds/demo_colors --dataset_root {demo_data['eval_data'][0]} --model ViT-B-32 "
-        f"--pretrained laion2b_s34b_b79k --task zeroshot_classification --no_amp",
+        f"--pretrained laion2b_s34b_b79k --task zeroshot_classification --no_amp --num_workers 1 "
+        f"--output wds_demo_colors_{name}_zeroshot_classification.json",
+        # a `path:` entry that is a wds root is CLIP_benchmark's too; a SugarCrepe set is not
+        f"clip_benchmark eval --dataset wds/demo_retrieval --dataset_root {demo_data['eval_data'][2]} --model ViT-B-32 "
+        f"--pretrained laion2b_s34b_b79k --task zeroshot_retrieval --recall_k 1 5 10 --no_amp --num_workers 1 "
+        f"--output wds_demo_retrieval_{name}_zeroshot_retrieval.json",
+        f"# {demo_data['eval_data'][3]}: CLIP_benchmark reads only webdataset roots (wds/NAME); "
+        "vlp eval scores this set",
         f"clip_benchmark eval --dataset wds/demo_shapes --dataset_root {demo_data['eval_data'][1]} --model ViT-B-32 "
-        f"--pretrained laion2b_s34b_b79k --task linear_probe --fewshot_k 5 --val_proportion 0.2 --no_amp"]
+        f"--pretrained laion2b_s34b_b79k --task linear_probe --fewshot_k 5 --val_proportion 0.2 --no_amp "
+        f"--num_workers 1 --output wds_demo_shapes_{name}_linear_probe.json"]
     # no task given: the one vlp scores the set with (CLIP_benchmark would take classification for this name)
     retrieval = load_suite(str(_suite(tmp_path, demo_data, extra=f"""  - dataset: wds/demo_retrieval
     root: {demo_data['eval_data'][2]}
 """)))[-1]
-    assert clip_benchmark_commands([retrieval])[0].endswith("--task zeroshot_retrieval --recall_k 1 5 10")
+    assert "--task zeroshot_retrieval --recall_k 1 5 10 " in clip_benchmark_commands([retrieval])[0]
     # a relative root is read against the suite's folder; one that is not there is one line, not a command
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "s.yaml").write_text("- {dataset: wds/x, root: nowhere/x}\n")
@@ -109,8 +119,8 @@ def test_clip_benchmark_mapping(tmp_path, demo_data):
     (export := tmp_path / "run" / "export").mkdir(parents=True)
     (export / "open_clip_config.json").write_text("{}")
     for given in (export, export.parent):
-        assert clip_benchmark_commands(entries[:1], "vlp-tiny", str(given))[0].endswith(
-            f"--model local-dir:{export} --pretrained '' --task zeroshot_classification")
+        assert f"--model local-dir:{export} --pretrained '' --task zeroshot_classification " in \
+            clip_benchmark_commands(entries[:1], "vlp-tiny", str(given))[0]
     # relative paths as given on the command line: the commands name absolute roots, runnable from anywhere
     import os
 

@@ -32,3 +32,32 @@ def test_fsdp_refuses_impossible_precisions_when_parsing(name):
     with pytest.raises(ConfigError, match="--fsdp runs in fp32 or amp_bf16") as e:
         _cfg("--fsdp", "--precision", name)
     assert "\n" not in str(e.value)
+
+
+def test_eval_follows_the_training_precision(demo_data, micro_model_json, tmp_path):
+    """A checkpoint trained under bf16 autocast is scored under bf16 autocast by `vlp eval --precision auto`
+    (on CUDA the evaluator's own choice would be fp16, where a bf16-trained model can overflow), unless told."""
+    import eval_zeroshot
+    from tests.test_train_loop import _flags
+    from vlp import precision as prec
+    from vlp.train.loop import train
+
+    assert prec.autocast_dtype(prec.for_eval("auto", "amp_bf16")) == torch.bfloat16   # what CUDA would get
+    assert prec.for_eval("fp32", "amp_bf16") == "fp32" and prec.for_eval("auto", None) == "auto"
+    train(parse_config(_flags(demo_data, micro_model_json, tmp_path, "bf16", "--precision", "amp_bf16",
+                              "--max-steps", "1", "--workers", "0")), show_final_eval=False)
+    ckpt = next((tmp_path / "bf16" / "checkpoints").glob("step_*.pt"))
+    seen = set()
+
+    def hook(module, args, out):
+        seen.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        for asked, expect in (("auto", {torch.bfloat16}), ("fp32", {torch.float32})):
+            seen.clear()
+            assert eval_zeroshot.main(["--checkpoint", str(ckpt), "--data", demo_data["eval_data"][0], "--quiet",
+                                       "--workers", "0", "--device", "cpu", "--precision", asked,
+                                       "--output", str(tmp_path / f"eval-{asked}")]) == 0
+            assert seen == expect, (asked, seen)
+    finally:
+        handle.remove()

@@ -138,8 +138,9 @@ def _fsdp_worker(rank: int, world: int, port: int, model_json: str, sets: list, 
                                     amp=False, feature_cache=False)[0]["metrics"]
 
     # --- FSDP2 communication: bf16 all-gathers, float32 reductions, one reduce-scatter per step under --accum-freq
+    # with --fsdp-accum-no-sync (the default reduce-scatters every micro-step: tests/test_fsdp_memory.py)
     torch.manual_seed(0)
-    model = sharding.shard_model(create_model(model_json).model, "full", acc.device, "amp_bf16")
+    model = sharding.shard_model(create_model(model_json).model, "full", acc.device, "amp_bf16", accum_no_sync=True)
     dtypes = []
     sharding._blocks(model)[0].mlp.c_fc.register_forward_pre_hook(lambda m, a: dtypes.append(m.weight.dtype))
     g = torch.Generator().manual_seed(rank)

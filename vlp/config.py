@@ -56,6 +56,7 @@ class ModelConfig:
     fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard parameters, gradients and optimiser state over the processes (towers too large to replicate)"})
     allow_model_change: bool = field(default=False, metadata={"help": "--resume with a model config that differs from the checkpoint's (refused otherwise, naming the fields)"})
     fsdp_sharding: str = field(default="full", metadata={"help": "--fsdp: 'full' frees each block's gathered weights after its forward (ZeRO-3), 'grad-op' keeps them for the backward (ZeRO-2)"})
+    fsdp_accum_no_sync: bool = field(default=False, metadata={"help": "--fsdp with --accum-freq: reduce-scatter gradients once per step instead of every micro-step, at the cost of every rank holding the whole model's float32 gradients between micro-steps (4 bytes per parameter per rank, as much as DDP)"})
 
 
 @dataclass
@@ -107,7 +108,10 @@ class RunConfig:
     dist_timeout: Optional[float] = field(default=None, metadata={"help": "seconds a collective may wait before the job aborts (NCCL: 600 unless set)"})
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N optimiser steps"})
     keep_checkpoints: int = field(default=3, metadata={"help": "keep the last K step checkpoints"})
+    async_save: bool = field(default=True, metadata={"help": "write the periodic checkpoints in the background (DCP "
+                                                             "async_save); --no-async-save: the loop waits for each"})
     resume: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint path"})
+    check_every: Optional[int] = field(default=None, metadata={"help": "read the end-of-step check (finite loss and gradients) on the host every N steps instead of every step, so the device is never waited for in between; a non-finite step is then found up to N-1 steps late, and every save reads the pending check first (nothing non-finite is saved). Default: every step off CUDA, --log-every on CUDA", "default_text": "auto"})
     log_every: int = field(default=10, metadata={"help": "log scalars every N steps", "aliases": ["--log-every-n-steps"]})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "eval sets (CLIP_benchmark webdataset roots) for in-loop evaluation"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
@@ -340,6 +344,8 @@ def validate(cfg: Config) -> Config:
 
     if cfg.model.fsdp and fsdp_refusal(r.precision):
         raise ConfigError(fsdp_refusal(r.precision))
+    if r.check_every is not None and r.check_every < 1:
+        raise ConfigError("--check-every must be at least 1")
     if r.threads is not None and r.threads < 1:
         raise ConfigError("--threads must be at least 1")
     if d.text_aug not in (None, "stopwords", "eda", "stopwords+eda"):

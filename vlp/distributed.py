@@ -96,6 +96,15 @@ def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / torch.distributed.get_world_size()
 
 
+def gather_objects(obj) -> list:
+    """`obj` (picklable) from every rank, in rank order; `[obj]` when not distributed."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_initialized():
         torch.distributed.barrier()
@@ -113,12 +122,53 @@ def wait_for_main(timeout: timedelta = MAIN_WORK_TIMEOUT) -> None:
     does not abort the job. Every rank must call it at the same points (the group is made on first use)."""
     if not is_initialized() or torch.distributed.get_world_size() == 1:
         return
+    torch.distributed.barrier(group=main_work_group(timeout))
+
+
+def main_work_group(timeout: timedelta = MAIN_WORK_TIMEOUT):
+    """The CPU (gloo) group of every rank that waits on the main process's own work (see `wait_for_main`); made
+    on first use (every rank must call it at the same point); None without a process group."""
+    if not is_initialized():
+        return None
     default = torch.distributed.distributed_c10d._get_default_group()
     group = _main_work_group.get(default)
     if group is None:
         _main_work_group.clear()
         group = _main_work_group[default] = torch.distributed.new_group(backend="gloo", timeout=timeout)
-    torch.distributed.barrier(group=group)
+    return group
+
+
+def cpu_group(timeout: timedelta = MAIN_WORK_TIMEOUT):
+    """A new CPU (gloo) group of every rank with its own timeout (collective: every rank calls it), for work
+    that runs beside the training's collectives (background checkpoint writes); None without a process group."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=timeout)
+
+
+def init_restarted_group(timeout: Optional[timedelta], env: Optional[dict] = None) -> bool:
+    """Under a torchrun restart (`--max-restarts`), open the default process group on keys of this attempt only.
+
+    torchrun's static rendezvous (its default, single-node `--nproc_per_node N`) keeps one agent store for every
+    attempt and the ranks' `env://` rendezvous adds no attempt prefix, so a restarted rank could read the address
+    a rank of the previous, dead group left there and time out connecting to it (gloo `connectFullMesh ...
+    Connection refused`; about half the restarts on a loaded 2-core machine). On one node every rank of an
+    attempt has the same TORCHELASTIC_RESTART_COUNT, so it prefixes the keys; accelerate then uses this group.
+    Multi-node restarts should use `--rdzv-backend c10d` (docs/reliability.md). True when it opened the group."""
+    env = os.environ if env is None else env
+    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if (is_initialized() or not attempt or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            or env.get("LOCAL_WORLD_SIZE") != env.get("WORLD_SIZE")):
+        return False
+    dist = torch.distributed
+    timeout = timeout or timedelta(minutes=10)
+    world = int(env["WORLD_SIZE"])
+    store = dist.PrefixStore(f"vlp/attempt_{attempt}",
+                             dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                                           timeout=timeout))
+    dist.init_process_group(None if torch.cuda.is_available() else "gloo", store=store, rank=int(env["RANK"]),
+                            world_size=world, timeout=timeout)
+    return True
 
 
 def single_process_launch_error(env: dict, launcher_argv: list[str]) -> Optional[str]:
@@ -214,3 +264,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
+
+
+_HOST_GROUP = None
+
+
+def host_group():
+    """A process group for small host-side agreements that must not wait for the device (stop signals, whether
+    every rank has more data): the default group when it is gloo already (CPU runs), else a gloo group made once.
+    Collective the first time: every rank calls it at the same point. None without a process group."""
+    global _HOST_GROUP
+    if not is_initialized():
+        return None
+    if torch.distributed.get_backend() == "gloo":
+        return torch.distributed.group.WORLD
+    if _HOST_GROUP is None:
+        _HOST_GROUP = torch.distributed.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+def any_on_host(flags: list[bool]) -> list[bool]:
+    """Each flag true on every rank when true on any, agreed over `host_group()`: no device work is waited for."""
+    group = host_group()
+    if group is None:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return [v > 0 for v in t.tolist()]

@@ -227,7 +227,7 @@ def read_checkpoint_meta(path: str) -> Optional[dict]:
     if isinstance(ckpt, dict) and "model_cfg" in ckpt and "model_name" in ckpt:
         step = ckpt.get("step")
         return {"model_name": ckpt["model_name"], "model_cfg": json.loads(ckpt["model_cfg"]),
-                "tokenizer": ckpt.get("tokenizer"),
+                "tokenizer": ckpt.get("tokenizer"), "precision": ckpt.get("precision"),
                 "step": int(step) if isinstance(step, (int, float)) or hasattr(step, "item") else None}
     return None
 

@@ -96,6 +96,16 @@ def cpu_warning(name: str, device) -> Optional[str]:
             "matrix units; --precision fp32 (or auto) is the faster choice there")
 
 
+def for_eval(asked: str, trained: Optional[str]) -> str:
+    """The precision a checkpoint is scored in: the asked one, or under `auto` the precision it was trained in (as
+    the checkpoint records it, resolved on the training machine): a model trained in bf16 is not scored under fp16
+    autocast, where its activations can overflow. `auto` stays when the training precision is unknown (open_clip
+    checkpoints, random weights): the evaluator's own choice, fp16 autocast on CUDA as CLIP_benchmark's --amp."""
+    if asked != "auto" or trained not in NAMES or trained == "auto":
+        return asked
+    return trained
+
+
 def eval_autocast(name: str, device):
     """The autocast context scoring runs under: the amp dtype, or for cast weights their dtype (so fp32
     inputs meet 16-bit weights); a null context for fp32."""

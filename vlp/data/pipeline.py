@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader
 from vlp.config import DataConfig
 from vlp.data.captions import CaptionPicker
 from vlp.data.errors import DataError
-from vlp.data.plan import Cursor, EpochPlan, check_bad_fraction, mix
+from vlp.data.oddities import counted_kind
+from vlp.data.plan import Cursor, EpochPlan, check_bad_fraction, mix, quotas_for
 from vlp.data.preflight import preflight
 from vlp.data.shards import ShardSet, load_shards, shard_list_hash
 from vlp.data.transforms import build_transform
@@ -82,11 +83,14 @@ class TrainLoader:
         # uint8 batches for the consumer to normalise on its device (see `normalization`), pinned when CUDA is there
         self.device_normalize = device_normalize and self.normalization is not None
         self._plans: dict[int, EpochPlan] = {}
+        self._replanned: Optional[tuple] = None   # (epoch, pool, gen) of a resume on other ranks/workers
+        self._inexact = False
         self._epoch = 0
         self._batches_done = 0
         self._cursors: dict[int, Cursor] = {}
         self._prev_counts: Counter = Counter()
         self._prev_retries = 0
+        self._noted: Counter = Counter()   # counted notes by kind (vlp.data.oddities)
         # the shards pre-flight already named are not warned about again when a worker meets them
         self._warned: set[str] = {f"{u} missing" for u in self.shards.missing} | {
             f"{u} {kind}" for u in self.shards.unreadable for kind in ("bad_header", "unreadable")}
@@ -98,19 +102,21 @@ class TrainLoader:
         if epoch in self._plans:
             return self._plans[epoch]
         B, R, W = self.cfg.batch_size, self.world_size, self.n_workers
-        if self.cfg.dataset_resampled:
-            order, n = None, int(self._resampled_n)
+        _, pool, gen = self._replanned if self._replanned and self._replanned[0] == epoch else (epoch, None, 0)
+        order = None if self.cfg.dataset_resampled else self.shards.epoch_order(self.seed, epoch)
+        if pool is not None:   # the rest of an epoch begun on other ranks/workers (vlp.data.plan.replan)
+            n = sum(b - a for a, b in pool)
+        elif order is None:
+            n = int(self._resampled_n)
         else:
-            order = self.shards.epoch_order(self.seed, epoch)
             n = sum(self.shards.sizes[i] for i in order)
             if self.cfg.train_num_samples:
                 n = min(n, int(self.cfg.train_num_samples))
         nb = n // (B * R)
-        if nb < 1:
+        if nb < 1 and pool is None:
             raise DataError(f"epoch {epoch} has {n} samples, fewer than one global batch "
                             f"({B} x {R} ranks): lower --batch-size or add data")
-        quotas = [(nb - w + W - 1) // W if nb > w else 0 for w in range(W)]
-        p = EpochPlan(order, n, nb, quotas)
+        p = EpochPlan(order, n, nb, quotas_for(nb, W), pool, gen)
         self._plans = {epoch: p}
         return p
 
@@ -150,6 +156,8 @@ class TrainLoader:
             self._epoch = epoch
             self._batches_done = 0
             self._cursors = {}
+            if self._replanned and self._replanned[0] != epoch:
+                self._replanned, self._plans = None, {}
 
     # ---- counters -----------------------------------------------------------------------------
     def _current_counts(self) -> Counter:
@@ -161,6 +169,10 @@ class TrainLoader:
     def retries(self) -> int:
         """Remote reads reopened after a transport error since the loader was built (or as restored)."""
         return self._prev_retries + sum(c.retries for c in self._cursors.values())
+
+    def noted_counts(self) -> dict[str, int]:
+        """Samples trained on but changed (`vlp.data.oddities`: captions cut, extreme aspect ratios), by kind."""
+        return dict(sorted(self._noted.items()))
 
     def skip_counts(self) -> dict[str, int]:
         """Samples skipped by reason since the loader was built (or as restored from a checkpoint)."""
@@ -214,7 +226,12 @@ class TrainLoader:
         """One stderr line per shard and fault (per loader): a size file that differs from what its shard holds, a
         shard given up as missing, unreadable (after `--shard-retries`), truncated or corrupt."""
         for key, line in notes:
-            if key not in self._warned:
+            kind = counted_kind(key)
+            if kind is not None:   # a sample trained on but changed: the first of its kind shown, all counted
+                self._noted[kind] += 1
+                if self._noted[kind] == 1:
+                    print(line, file=sys.stderr, flush=True)
+            elif key not in self._warned:
                 self._warned.add(key)
                 print(line, file=sys.stderr, flush=True)
 
@@ -231,6 +248,10 @@ class TrainLoader:
             "prev_counts": {str(k): int(v) for k, v in self._prev_counts.items()},
             "prev_retries": int(self._prev_retries),
             "shards": self._shards_hash,
+            # what vlp.data.plan.replan needs to continue this epoch exactly once on other ranks/workers
+            "epoch_batches": self.plan(self._epoch).batches, "shuffle_buffer": int(self.cfg.shuffle_buffer),
+            **({"pool": [list(x) for x in self._replanned[1]], "gen": self._replanned[2], "inexact": self._inexact}
+               if self._replanned and self._replanned[0] == self._epoch else {}),
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -241,12 +262,23 @@ class TrainLoader:
                           ("rank", self.rank)):
             if d.get(key) != mine:
                 raise DataError(f"cannot resume the data loader exactly: saved with {key}={d.get(key)}, now {mine}")
+        if "shuffle_buffer" in d and int(d["shuffle_buffer"]) != int(self.cfg.shuffle_buffer):
+            raise DataError(f"cannot resume the data loader exactly: saved with --shuffle-buffer {d['shuffle_buffer']}"
+                            f", now {self.cfg.shuffle_buffer}")
         saved, now = d.get("shards"), self._shards_hash
         if saved is not None and saved != now:
             raise DataError(f"cannot resume the data loader exactly: the shard list changed since the checkpoint "
                             f"(saved {saved}, now {now}: shard names, sizes or weights differ), so its epoch plan "
                             f"would repeat some samples and skip others; resume with the saved --train-data")
         self._epoch = int(d["epoch"])
+        self._plans = {}
+        self._replanned = (self._epoch, [tuple(x) for x in d["pool"]], int(d.get("gen", 0))) \
+            if d.get("pool") is not None else None
+        self._inexact = bool(d.get("inexact"))
+        if self._inexact and self.rank == 0 and not d.get("batches_done"):
+            print(f"warning: epoch {self._epoch} lost samples to unreadable shards before the change of ranks or "
+                  f"workers; the rest of it is re-planned by position and may repeat or skip a few samples",
+                  file=sys.stderr, flush=True)
         self._batches_done = int(d["batches_done"])
         cursors = [Cursor.from_list(x) for x in d.get("worker_state", [])]
         self._cursors = {c.worker: c for c in cursors}

@@ -144,6 +144,7 @@ class FastTransform:
         self.normalization = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
         self.normalizer = Uint8Normalizer(mean, std)
         self._out = BufferPool()
+        self.last_size: Optional[tuple[int, int]] = None   # the last image's upright size
 
     def _box(self, w: int, h: int, rng: random.Random):
         if self.train:
@@ -155,6 +156,7 @@ class FastTransform:
         im = open_image(data)
         turn = orientation(im)
         w, h = im.size[::-1] if turn >= 5 else im.size   # the upright size (EXIF orientations 5-8 swap the sides)
+        self.last_size = (w, h)   # for the loader's count of extreme aspect ratios (vlp.data.oddities)
         x0, y0, cw, ch = self._box(w, h, rng)
         try:
             k = next((k for k in (8, 4, 2) if cw // k >= S and ch // k >= S), 1) if im.format == "JPEG" else 1

@@ -15,7 +15,8 @@ from vlp.data import errors as E
 from vlp.data.captions import CaptionPicker
 from vlp.data.errors import DataError, SkipSample
 from vlp.data.images import IMAGE_EXTS
-from vlp.data.plan import Cursor, EpochPlan, check_bad_fraction, mix, shuffle
+from vlp.data.oddities import aspect_note, cut_caption
+from vlp.data.plan import Cursor, EpochPlan, check_bad_fraction, mix, pool_slice, shuffle, slot_span, stream_seed
 from vlp.data.shards import ShardSet
 from vlp.data.tario import Sample, TarError, read_shard
 
@@ -66,21 +67,24 @@ class WorkerStream(IterableDataset):
         self._produced = -1    # batches made so far (-1 while replaying to a saved position: every pass is read)
 
     # ---- stage: read a range of the epoch's concatenated shards -------------------------------
-    def _read(self, si: int, a: int, b: int, count: bool) -> Iterator[Sample]:
-        """Samples [a, b) of shard `si`; losses counted when `count`. A range that reaches the shard's recorded end
-        reads on to the real end, so that a size file that lies (either way) is noticed and counted."""
+    def _read(self, si: int, pieces: list[tuple[int, int]], count: bool) -> Iterator[Sample]:
+        """Samples of shard `si` in the sorted ranges `pieces` (one open for them all; one range but for a
+        re-planned epoch); losses counted when `count`. A range that reaches the shard's recorded end reads on to
+        the real end, so that a size file that lies (either way) is noticed and counted."""
         url, n = self.shards.urls[si], self.shards.sizes[si]
+        a, b = pieces[0][0], pieces[-1][1]
         to_end = b >= n
         reader = self._reader(url, a, None if to_end else b)
+        wanted = (lambda i: i < b) if len(pieces) == 1 else _member(pieces)
         delivered = 0
         try:
             for s in reader:
-                if s.index < b:
+                if wanted(s.index):
                     delivered += 1
                     yield s
         except TarError as e:
             if e.next_index < b:   # lost, not made up by repeating others (read the same way on a replay)
-                lost = b - max(e.next_index, a)
+                lost = _from(pieces, e.next_index)
                 self._lost += lost
                 if count:
                     reason = E.TAR_REASONS.get(e.kind, E.BAD_TAR)
@@ -91,22 +95,30 @@ class WorkerStream(IterableDataset):
             self._retries += reader.retried
         held = reader.count or 0
         if held < b:   # the shard ended before the range did: the rest are phantoms (read the same way on a replay)
-            self._lost += b - max(held, a)
+            self._lost += _from(pieces, held)
         if count:
-            off = (b - a - delivered) + (held - b if to_end and held > b else 0)
+            off = (_from(pieces, 0) - delivered) + (held - b if to_end and held > b else 0)
             if off:
                 self._counts[E.SIZE_MISMATCH] += off
                 self._notes.append(self._size_note(url, n, held))
 
     def _range(self, plan: EpochPlan, start: int, end: int, count: bool) -> Iterator[Sample]:
-        cum = 0
+        """The samples at pool positions [start, end) of the epoch's concatenated shards, in stream order."""
+        spans = pool_slice(plan.pool, start, end)
+        cum, k = 0, 0
         for si in plan.order:
             n = self.shards.sizes[si]
-            a, b = max(start - cum, 0), min(end - cum, n)
-            if a < b:
-                yield from self._read(si, a, b, count)
+            pieces = []
+            while k < len(spans) and spans[k][0] < cum + n:
+                a, b = spans[k]
+                pieces.append((max(a - cum, 0), min(b - cum, n)))
+                if b > cum + n:
+                    break   # the span goes on into the next shard
+                k += 1
+            if pieces:
+                yield from self._read(si, pieces, count)
             cum += n
-            if cum >= end:
+            if k >= len(spans):
                 break
 
     def _resampled(self, rng: random.Random) -> Iterator[Sample]:
@@ -136,20 +148,19 @@ class WorkerStream(IterableDataset):
 
     def _stream(self, plan: EpochPlan, w: int) -> Iterator[tuple[Sample, int]]:
         """The worker's raw samples (with their pass number) in post-shuffle order: the positions a Cursor counts."""
-        base = (self.seed, self.epoch, self.rank, w)
+        base = (self.seed, self.epoch, self.rank, w, plan.gen)
         if plan.order is None:
-            rng = random.Random(mix(*base, 1))
+            rng = random.Random(stream_seed(*base, 1))
             items = ((s, 0) for s in self._resampled(rng))
-            yield from shuffle(items, self.cfg.shuffle_buffer, random.Random(mix(*base, 2)))
+            yield from shuffle(items, self.cfg.shuffle_buffer, random.Random(stream_seed(*base, 2)))
             return
         B = self.batch
-        lo = (self.rank * plan.batches + sum(plan.quotas[:w])) * B
-        hi = lo + plan.quotas[w] * B
+        lo, hi = slot_span(plan, self.rank, w, B)
         pass_no = 0
         while True:
             self._pass_good, self._lost = 0, 0
             items = ((s, pass_no) for s in self._range(plan, lo, hi, count=pass_no == 0))
-            yield from shuffle(items, self.cfg.shuffle_buffer, random.Random(mix(*base, 3, pass_no)))
+            yield from shuffle(items, self.cfg.shuffle_buffer, random.Random(stream_seed(*base, 3, pass_no)))
             if pass_no == 0 and self._lost:   # owe only what the range really delivers: a lost sample is not
                 # made up by repeating others (issue 22.11: a truncated shard had 50 of 592 samples trained twice)
                 self._quota = max(0, min(self._quota, (plan.quotas[w] * B - self._lost) // B))
@@ -177,8 +188,12 @@ class WorkerStream(IterableDataset):
         img = s.image
         if img is None:
             raise SkipSample(E.MISSING_IMAGE)
-        text = self.picker(s.files, rng)
-        return self.transform(img, rng), text
+        text, cut = cut_caption(self.picker(s.files, rng), s.key)
+        x = self.transform(img, rng)
+        for note in (cut, aspect_note(getattr(self.transform, "last_size", None), s.key)):
+            if note:
+                self._notes.append(note)
+        return x, text
 
     # ---- stage: batch -------------------------------------------------------------------------
     def __iter__(self):
@@ -237,3 +252,21 @@ class WorkerStream(IterableDataset):
         if produced < plan.quotas[w]:   # ended early (lost samples): an empty marker brings its Cursor (counts) home
             yield None, None, Cursor(w, pos, produced, good, dict(self._counts), self._retries), self._notes
 
+
+
+def _from(pieces: list[tuple[int, int]], i: int) -> int:
+    """How many of the indices in `pieces` are >= i (the samples a shard that stops at i loses)."""
+    return sum(b - max(a, i) for a, b in pieces if b > i)
+
+
+def _member(pieces: list[tuple[int, int]]) -> Callable[[int], bool]:
+    """Whether an index lies in the sorted ranges `pieces` (the reader yields indices in increasing order)."""
+    state = {"k": 0}
+
+    def inside(i: int) -> bool:
+        k = state["k"]
+        while k < len(pieces) and pieces[k][1] <= i:
+            k += 1
+        state["k"] = k
+        return k < len(pieces) and pieces[k][0] <= i
+    return inside

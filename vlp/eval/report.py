@@ -41,7 +41,8 @@ def make_result(dataset: str, task: str, metrics: dict, *, model: str = "", pret
 
 
 def _slug(s: str) -> str:
-    return str(s).replace("/", "_").replace(os.sep, "_") or "none"
+    """A name part safe in a file name anywhere: no '/', no ':' (`local-dir:EXPORT`, Windows drive letters)."""
+    return str(s).replace("/", "_").replace(os.sep, "_").replace(":", "_") or "none"
 
 
 DEFAULT_NAME = "{dataset}_{pretrained}_{model}_{language}_{task}.json"     # CLIP_benchmark's --output default

@@ -57,8 +57,11 @@ class StepFeed:
         return self._next is not None
 
     def advance(self) -> None:
-        """Make the fetched step the current one."""
+        """Make the fetched step the current one (its batches handed to the compute stream, see DeviceBatch)."""
         self.current, self._position, self._next = self._next, self._next_position, None
+        ready = getattr(self.to_device, "ready", None)
+        if ready is not None:
+            ready()
 
     def state_dict(self) -> dict:
         """The loader position after the current step's batches (what a checkpoint of this step records)."""

@@ -25,13 +25,16 @@ from vlp.runtime.peers import Peers
 from vlp.runtime.preemption import Preempted, StopSignals
 from vlp.train import device_batch, health, sharding
 from vlp.train.checkpointer import Checkpointer
+from vlp.train.collective_faults import PeerFault, timed_out
 from vlp.train.console import Console
 from vlp.train.cpu_default import DefaultModelOnCpu
 from vlp.train.feed import StepFeed
 from vlp.train.health import TrainingError
 from vlp.train.inloop_eval import InLoopEval, open_sets
+from vlp.train.launcher import LauncherWatch
 from vlp.train.run_log import MetricsLog, RunPaths, flatten, run_name
 from vlp.train.run_state import RunFolder
+from vlp.train.skip_report import difference, skip_line
 from vlp.train.setup import build_model, make_accelerator, resume_point, run_precision
 from vlp.train.telemetry import Meter
 from vlp.train.threads import configure_threads
@@ -46,19 +49,27 @@ def train(cfg: Config, show_final_eval: bool = True) -> dict:
     SIGTERM/SIGINT/SIGUSR1 end it after the current step with a checkpoint (raises Preempted).
     show_final_eval=False leaves the final figures to the caller (the demo prints them with chance levels)."""
     paths = RunPaths(Path(cfg.run.logs) / run_name(cfg))
-    with StopSignals() as signals, RunFolder(paths.root) as folder:
+    # under torchrun the agent's death stops the ranks as a signal does (LauncherWatch)
+    with StopSignals() as signals, RunFolder(paths.root) as folder, LauncherWatch(signals) as launcher:
         try:
             run = Run(cfg, paths, signals, folder)
             while run.step < run.total_steps and (cfg.optim.max_steps or run.epoch < cfg.optim.epochs):
                 run.train_epoch()
             return run.finish(show_final_eval)
-        except RuntimeError as e:   # a collective that failed because a rank died: one line naming it
+        except Preempted:
+            gone = launcher.stopped(paths.checkpoints)
+            if gone is None:
+                raise
+            raise gone from None
+        except RuntimeError as e:   # a collective that failed because a rank died or stalled: one line naming it
             lost = folder.peers.lost(e) if folder.peers is not None else None
-            if lost is None:
+            stalled = None if lost else timed_out(e, cfg.run.dist_timeout)
+            if lost is None and stalled is None:
                 raise
             found = ckpt.list_checkpoints(paths.checkpoints)
-            raise TrainingError(f"{lost}; the last checkpoint is {found[-1][1] if found else 'none yet'}: "
-                                f"start the run again with --resume latest") from None
+            last = f"the last checkpoint is {found[-1][1]} (step {found[-1][0]})" if found else "no checkpoint yet"
+            raise PeerFault(f"{lost or stalled}; {last}: start the run again with --resume latest",
+                            "rank lost" if lost else "collective timeout") from None
 
 
 class Run:
@@ -113,7 +124,8 @@ class Run:
         self.feed = StepFeed(self.loader, cfg.optim.accum_freq, to_device)
         self.trainer.checkpointer = Checkpointer(
             self.paths.checkpoints, acc, self.trainer.net, self.trainer.optimizer, self.trainer.scheduler,
-            self.feed, cfg, model_identity(self.bundle, cfg.model.tokenizer))
+            self.feed, cfg, {**model_identity(self.bundle, cfg.model.tokenizer), "precision": precision},
+            say=self.console.print)
 
     def _start_logs(self, eval_sets: list) -> None:
         """config.yaml, trackers, metrics.jsonl, the evaluator, the meter and the banner."""
@@ -146,6 +158,7 @@ class Run:
             self._loader_state = None
         feed.start()
         step_at_epoch_start = self.step
+        seen_before = self.loader.skip_counts(), self.loader.noted_counts()
         with meter.waiting():
             more = health.all_ranks(feed.fetch(), self.accelerator.device)
 
@@ -156,18 +169,22 @@ class Run:
         while more:
             meter.begin()   # the step's clock: its compute, the next step's fetch, the optimiser
             feed.advance()
-            losses, verdict = trainer.step(feed.current, fetch_next, self.signals.requested)
+            losses, verdict = trainer.step(feed.current, fetch_next, self.signals.requested, number=self.step + 1)
             if verdict.problem:
-                raise TrainingError(f"{verdict.problem} at step {self.step + 1}; "
-                                    f"{trainer.save_before_failure(self.step, self.epoch)}")
+                where = "" if verdict.at else f" at step {self.step + 1}"
+                raise TrainingError(f"{verdict.problem}{where}; {trainer.save_before_failure(self.step, self.epoch)}")
             self.step += 1
             more = verdict.more
             meter.step()
             self.console.step(self.step)
+            trainer.checkpointer.poll()   # a background save that failed: one line
             if self.step == self.start_step + 1 and (note := self.cpu_note.after_first_step(
                     time.perf_counter() - self._clock[0], self.total_steps - self.start_step)):
                 self.console.print(note)
             self._after_step(losses, stop=verdict.stop)
+        if line := skip_line(f"epoch {self.epoch}", difference(self.loader.skip_counts(), seen_before[0]),
+                             difference(self.loader.noted_counts(), seen_before[1])):
+            self.console.print(line)
         self._end_epoch(step_at_epoch_start)
 
     def _after_step(self, losses: dict, stop: bool) -> None:
@@ -181,7 +198,7 @@ class Run:
             self.last.update(results := trainer.evaluate(step))
             self.console.eval(step, results)
         if step % cfg.run.save_every == 0 and step < self.total_steps:
-            trainer.save(step, self.epoch)
+            trainer.save(step, self.epoch, background=True)
         if stop:
             raise Preempted(f"{self.signals.name}: stopped after step {step}, state saved in "
                             f"{trainer.save(step, self.epoch)}; continue with --resume latest")
@@ -207,8 +224,9 @@ class Run:
                                 f"counts")
         if step < self.total_steps:
             trained = feed.state_dict()["batches_done"] // self.cfg.optim.accum_freq
-            if trained < self.steps_per_epoch:   # a rank's data ran out early (the loader warned which shard lied)
-                self.console.print(f"warning: epoch {self.epoch} ended after {trained} of {self.steps_per_epoch} "
+            owed = self.loader.batches_per_epoch // self.cfg.optim.accum_freq   # (a re-planned epoch's rest: fewer)
+            if trained < owed:   # a rank's data ran out early (the loader warned which shard lied)
+                self.console.print(f"warning: epoch {self.epoch} ended after {trained} of {owed} "
                                    f"steps: shards delivered fewer samples than their size files claim (see the "
                                    f"skip counts); the run still ends after --epochs")
             self.epoch += 1
@@ -235,5 +253,7 @@ class Run:
         self.accelerator.end_training()
         self.console.summary(step=step, samples_seen=(step - self.start_step) * self.samples_per_step,
                              last=self.last, checkpoint=final, export=self.paths.export, run_dir=self.paths.root)
+        if line := skip_line("  in all", self.loader.skip_counts(), self.loader.noted_counts()):
+            self.console.print(line)
         self.last["run_dir"] = str(self.paths.root)
         return self.last

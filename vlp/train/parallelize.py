@@ -28,7 +28,8 @@ def parallelize(model: torch.nn.Module, cfg, accelerator, precision: str) -> tor
     optimiser on `unwrap(result)` afterwards."""
     prec.cast_model(model, precision)  # open_clip's bf16/fp16/pure_*: 16-bit weights, no autocast
     if cfg.model.fsdp:
-        model = sharding.shard_model(model, cfg.model.fsdp_sharding, accelerator.device, precision)
+        model = sharding.shard_model(model, cfg.model.fsdp_sharding, accelerator.device, precision,
+                                     accum_no_sync=cfg.model.fsdp_accum_no_sync)
     if cfg.model.torchcompile:
         model = torch.compile(model)
     if sharding.is_sharded(unwrap(model)):
@@ -38,12 +39,16 @@ def parallelize(model: torch.nn.Module, cfg, accelerator, precision: str) -> tor
 
 @contextmanager
 def gradient_sync_off(accelerator, model: torch.nn.Module):
-    """An accumulation micro-step: no gradient communication (DDP's `no_sync`; for a sharded model FSDP2's
-    `set_requires_gradient_sync(False)`: accelerate's `no_sync` does nothing for a model it did not wrap)."""
+    """An accumulation micro-step: no gradient communication under DDP (`no_sync`). A sharded model reduce-scatters
+    anyway (its gradients stay sharded), unless --fsdp-accum-no-sync: then FSDP2's
+    `set_requires_gradient_sync(False)` (accelerate's `no_sync` does nothing for a model it did not wrap)."""
     inner = unwrap(model)
     if not sharding.is_sharded(inner):
         with accelerator.no_sync(model):
             yield
+        return
+    if not sharding.accumulates_unsharded(inner):
+        yield
         return
     inner.set_requires_gradient_sync(False)
     try:

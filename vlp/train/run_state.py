@@ -69,12 +69,13 @@ class RunFolder:
                 self._write("preempted", EXIT_PREEMPTED, str(exc))
             elif isinstance(exc, Exception):   # train.py's exit code: 2 for an error it words, 1 for a crash
                 self._write("failed", 2 if isinstance(exc, (ConfigError, TrainingError)) else 1,
-                            ckpt.first_line(exc, limit=1000))
+                            ckpt.first_line(exc, limit=1000), reason=getattr(exc, "reason", None))
         if self._lock is not None:
             self._lock.release()
             self._lock = None
 
-    def _write(self, state: str, code: Optional[int], message: str, step: Optional[int] = None) -> None:
+    def _write(self, state: str, code: Optional[int], message: str, step: Optional[int] = None,
+               reason: Optional[str] = None) -> None:
         if not self._started:
             return
         found = ckpt.list_checkpoints(self.root / "checkpoints")
@@ -84,6 +85,8 @@ class RunFolder:
                   "checkpoint_step": found[-1][0] if found else None}
         if step is not None:
             record["step"] = step
+        if reason is not None:   # a failure a restart may cure: "collective timeout", "rank lost"
+            record["reason"] = reason
         try:
             ckpt.atomic_write_bytes(self.root / STATUS, (json.dumps(record, indent=1) + "\n").encode())
         except ckpt.CheckpointWriteError:

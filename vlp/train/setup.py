@@ -21,7 +21,7 @@ def make_accelerator(cfg: Config, paths: RunPaths):
 
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    from vlp.distributed import parent_argv, single_process_launch_error
+    from vlp.distributed import init_restarted_group, parent_argv, single_process_launch_error
 
     problem = single_process_launch_error(dict(os.environ), parent_argv())
     if problem:
@@ -38,6 +38,7 @@ def make_accelerator(cfg: Config, paths: RunPaths):
     # --dist-timeout: how long a collective may wait (NCCL's default is 10 min); rank-0-only work is waited for
     # apart (vlp.distributed.wait_for_main)
     timeout = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.dist_timeout))] if cfg.run.dist_timeout else []
+    init_restarted_group(timeout[0].timeout if timeout else None)   # torchrun --max-restarts: this attempt's keys
     return Accelerator(mixed_precision=precision, log_with=report_to, project_dir=str(paths.root),
                        cpu=not torch.cuda.is_available(), kwargs_handlers=timeout)
 

@@ -3,20 +3,23 @@ too large to replicate on every device.
 
 accelerate (1.15) switches its FSDP plugin on only for multi-GPU runs (its CPU branch keeps DDP),
 so vlp calls torch's FSDP2 `fully_shard` itself, the call accelerate's plugin makes: the same code
-then runs on GPUs and on CPU processes (gloo), where the tests run it. Each transformer block is
-its own shard unit (gathered for its forward and backward only), then the root holds the rest.
+then runs on GPUs and on CPU processes (gloo), where the tests run it. Each transformer block
+(open_clip's, timm's, Hugging Face's: any repeated block list) is its own shard unit (gathered for its forward and
+backward only), then the root holds the rest.
 `--fsdp-sharding full` frees a block's gathered parameters after its forward (ZeRO-3);
 `grad-op` keeps them until the backward (ZeRO-2: more memory, one all-gather less per step).
 Under `--precision amp_bf16` the blocks are gathered in bf16 and their gradients reduced in float32
 (`MixedPrecisionPolicy`, torchtitan's choice: half the all-gather bytes); the root stays float32 (its
-`logit_scale` feeds the loss, which computes in float32). With `--accum-freq k` only the last micro-step
-reduce-scatters gradients (`vlp.train.parallelize.gradient_sync_off`; FSDP2 modules have no `no_sync`).
+`logit_scale` feeds the loss, which computes in float32). With `--accum-freq k` every micro-step reduce-scatters
+its gradients, so each rank keeps only its shard of them; `--fsdp-accum-no-sync` trades memory for communication:
+only the last micro-step reduce-scatters, and until then every rank holds every unit's whole float32 gradient
+(FSDP2's `set_requires_gradient_sync(False)`, 4 bytes per parameter per rank, as much as DDP).
 `vlp.train.parallelize` calls `shard_model` in its place among precision, compile and DDP.
 
-Checkpoints hold the full (gathered) model and optimiser state, written by the main process: the
-model part is an ordinary state dict (export, eval_zeroshot and open_clip read it as from any other
-run); the optimiser part is keyed by parameter name (torch.distributed.checkpoint's full form), so
-an `--fsdp` checkpoint resumes an `--fsdp` run.
+Checkpoints hold the optimiser and model as the ranks hold them (torch.distributed.checkpoint: each rank
+writes its DTensor shards, `vlp.train.checkpointer`), plus the model read back into one ordinary state dict
+(export, eval_zeroshot and open_clip read it as from any other run); DCP reshards on load, so an `--fsdp`
+checkpoint resumes an `--fsdp` run on any number of ranks.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from vlp.config import ConfigError
 SHARDINGS = ("full", "grad-op")
 SCALARS_ATTR = "_vlp_fsdp_scalars"  # names of 0-dim parameters stored as shape [1] while sharded
 RESHARD_ATTR = "_vlp_fsdp_reshard"  # the blocks' reshard_after_forward (--fsdp-sharding full)
+NO_SYNC_ATTR = "_vlp_fsdp_accum_no_sync"  # --fsdp-accum-no-sync
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -40,21 +44,32 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from open_clip.transformer import ResidualAttentionBlock
+    """The shard units: the members of every repeated block list, outermost first found. A block list is an
+    `nn.ModuleList` (of one or more) or `nn.Sequential` (of two or more) whose members are all one class, each a
+    module with children of its own: open_clip's `resblocks`, timm's `blocks` (Sequential), Hugging Face's
+    `encoder.layer`/`encoder.layers` (ModuleList). Anything left out of a unit falls into the root, which stays
+    gathered from its forward to its backward on every rank."""
+    units: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for m in model.modules():
+        if id(m) in inside or not isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)):
+            continue
+        members = list(m.children())
+        if len(members) < (1 if isinstance(m, torch.nn.ModuleList) else 2):
+            continue
+        if len({type(b) for b in members}) == 1 and all(any(True for _ in b.children()) for b in members):
+            units.extend(members)
+            inside.update(id(x) for b in members for x in b.modules())
+    return units
 
-    block_types = (ResidualAttentionBlock,)
-    try:
-        from open_clip.transformer import CustomResidualAttentionBlock
-        block_types += (CustomResidualAttentionBlock,)
-    except ImportError:
-        pass
-    return [m for m in model.modules() if isinstance(m, block_types)]
 
-
-def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, precision: str = "fp32"
-                ) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, precision: str = "fp32",
+                accum_no_sync: bool = False) -> torch.nn.Module:
     """Shard `model` in place over every rank of the default process group; call it before building the
-    optimiser (the parameters become DTensors). `precision`: the run's resolved --precision."""
+    optimiser (the parameters become DTensors). `precision`: the run's resolved --precision. `accum_no_sync`
+    (--fsdp-accum-no-sync): accumulation micro-steps keep every unit's whole gradient, unsharded and in float32,
+    on every rank (4 bytes per parameter, as DDP) and reduce-scatter once per step; by default each micro-step
+    reduce-scatters and only this rank's shard of the gradients is kept."""
     fully_shard = require_fsdp2("--fsdp")
     if precision == "auto" or prec.fsdp_refusal(precision):   # config validation refuses these at parse time
         raise ConfigError(prec.fsdp_refusal(precision) or "shard_model takes a resolved --precision, not auto")
@@ -93,7 +108,13 @@ def shard_model(model: torch.nn.Module, sharding: str, device: torch.device, pre
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     setattr(model, SCALARS_ATTR, scalars)
     setattr(model, RESHARD_ATTR, reshard)
+    setattr(model, NO_SYNC_ATTR, accum_no_sync)
     return model
+
+
+def accumulates_unsharded(model: torch.nn.Module) -> bool:
+    """Whether a sharded model skips the reduce-scatter on accumulation micro-steps (--fsdp-accum-no-sync)."""
+    return bool(getattr(model, NO_SYNC_ATTR, False))
 
 
 def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
