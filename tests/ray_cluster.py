@@ -1,5 +1,5 @@
 """A real two-node Ray cluster on 127.0.0.1, started as users start one (`ray start --head`, then
-`ray start --address` for the second node), each node with 1 CPU and a bounded object store.
+`ray start --address` for the second node), each node with 1 CPU (by default) and a bounded object store.
 
 Each node runs `ray start --block` in a process group of its own, so a test can kill one node (its raylet,
 object store and workers) with one signal to that group, and teardown ends exactly the processes it started
@@ -44,8 +44,9 @@ def ray_command() -> list[str]:
 
 
 class LocalCluster:
-    def __init__(self, temp_dir: Path):
+    def __init__(self, temp_dir: Path, cpus: int = 1, object_store: int = OBJECT_STORE):
         self.temp_dir = Path(temp_dir)
+        self.cpus, self.object_store = cpus, object_store
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[subprocess.Popen] = []
@@ -56,8 +57,8 @@ class LocalCluster:
     def _start(self, *args, log: str) -> subprocess.Popen:
         ports = [free_port() for _ in range(6)]
         base = 20000 + (self.port * 7 + 400 * len(self.nodes)) % 12000   # below the kernel's ephemeral ports
-        cmd = [*ray_command(), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-               "--object-store-memory", str(OBJECT_STORE), "--disable-usage-stats",
+        cmd = [*ray_command(), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus),
+               "--object-store-memory", str(self.object_store), "--disable-usage-stats",
                "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
                "--metrics-export-port", str(ports[2]), "--dashboard-agent-listen-port", str(ports[3]),
                "--dashboard-agent-grpc-port", str(ports[4]), "--runtime-env-agent-port", str(ports[5]),

@@ -233,6 +233,6 @@ def test_a_sigkilled_rank_is_named_in_one_line(demo_data, micro_model_json, tmp_
     assert not re.search(r"^\[rank\d\]:.*Traceback", err, re.M), err[-3000:]
     assert survivor_s < 30, survivor_s
     status = read_status(tmp_path / "kill")
-    assert status["state"] == "failed" and "rank 1" in status["message"]
+    assert status["state"] == "failed" and "rank 1" in status["message"] and status["reason"] == "rank lost"
     for _, path in ckpt.list_checkpoints(tmp_path / "kill" / "checkpoints"):
         assert ckpt.load_state(path)["step"] > 0

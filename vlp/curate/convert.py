@@ -8,11 +8,11 @@ to finish. `--engine ray` reads Parquet only.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
 
+from vlp.flags import Parser
 from vlp.curate.store import LEGACY, PARQUET, CurateError, read_table, write_table
 
 
@@ -30,7 +30,7 @@ def convert(folder: str, log=print) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--embeddings", required=True, help="the --out folder of `vlp data embed`")
     a = p.parse_args(argv)
     try:

@@ -154,19 +154,21 @@ def replan(old_states: list, rank: int, world: int, workers: int) -> dict:
                         f"resume it on {R} ranks with --workers {W}")
     old = EpochPlan(None, 0, int(s0["epoch_batches"]), quotas_for(int(s0["epoch_batches"]), W),
                     [tuple(x) for x in s0["pool"]] if s0.get("pool") is not None else None, gen)
-    left: list[int] = []
+    left: list[tuple[int, int]] = []   # stream positions no old worker took, as intervals
     done = 0
     for r, st in enumerate(old_states):
         cursors = {int(c[0]): int(c[1]) for c in st.get("worker_state", [])}
         done += int(st["batches_done"])
         for w in range(W):
-            idx = [i for a, b in pool_slice(old.pool, *slot_span(old, r, w, B)) for i in range(a, b)]
-            taken = set(_first_out(len(idx), cursors.get(w, 0), int(s0["shuffle_buffer"]),
-                                   stream_seed(seed, epoch, r, w, gen, 3, 0)))
-            left.extend(i for j, i in enumerate(idx) if j not in taken)
+            lo, hi = slot_span(old, r, w, B)
+            taken = _first_out(hi - lo, cursors.get(w, 0), int(s0["shuffle_buffer"]),
+                               stream_seed(seed, epoch, r, w, gen, 3, 0))
+            for a, b in _gaps(sorted(taken), hi - lo):   # memory as consumed samples, not as the epoch
+                left += pool_slice(old.pool, lo + a, lo + b)
     if s0.get("resampled"):   # drawn with replacement: only the number of samples still owed carries over
-        left = list(range(max(0, (old.batches * R - done) * B)))
-    pool = _intervals(sorted(left))
+        left = [(0, max(0, (old.batches * R - done) * B))]
+    pool = _merged(sorted(left))
+    n_left = sum(b - a for a, b in pool)
     mine = [st for r, st in enumerate(old_states) if r % world == rank]
     counts: dict = {}
     for st in mine:
@@ -178,7 +180,7 @@ def replan(old_states: list, rank: int, world: int, workers: int) -> dict:
     return {**{k: s0[k] for k in ("version", "seed", "batch_size", "resampled", "shards", "shuffle_buffer")},
             "epoch": epoch, "batches_done": 0, "rank": rank, "world_size": world, "workers": workers,
             "worker_state": [], "prev_counts": counts, "prev_retries": retries,
-            "epoch_batches": len(left) // (B * world), "pool": [list(x) for x in pool], "gen": gen + 1,
+            "epoch_batches": n_left // (B * world), "pool": [list(x) for x in pool], "gen": gen + 1,
             "inexact": any(st.get("inexact") or _lost_any(st) for st in old_states)}
 
 
@@ -212,11 +214,22 @@ def _first_out(n: int, pos: int, bufsize: int, seed: int) -> list[int]:
     return out
 
 
-def _intervals(xs: list[int]) -> list[tuple[int, int]]:
+def _gaps(taken: list[int], n: int) -> list[tuple[int, int]]:
+    """The intervals of [0, n) outside the sorted positions `taken`."""
+    out, at = [], 0
+    for t in taken + [n]:
+        if t > at:
+            out.append((at, t))
+        at = t + 1
+    return out
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted intervals with the touching ones joined."""
     out: list = []
-    for x in xs:
-        if out and out[-1][1] == x:
-            out[-1] = (out[-1][0], x + 1)
-        else:
-            out.append((x, x + 1))
+    for a, b in spans:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        elif a < b:
+            out.append((a, b))
     return out

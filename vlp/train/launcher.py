@@ -38,13 +38,20 @@ class LauncherWatch:
         self.signals = signals
         self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in env else None
         self.noticed_at: Optional[float] = None
-        self._gone = threading.Event()
+        self._gone, self._closed = threading.Event(), threading.Event()
         if self.parent is not None:
             threading.Thread(target=self._watch, daemon=True, name="vlp-launcher-watch").start()
 
+    def __enter__(self) -> "LauncherWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._closed.set()   # the run is over: a sweep of runs in one process leaves no watchers behind
+
     def _watch(self) -> None:
         while os.getppid() == self.parent:
-            time.sleep(POLL_S)
+            if self._closed.wait(POLL_S):
+                return
         self.noticed_at = time.monotonic()
         self._gone.set()
         if self.signals.received is None:
