@@ -132,17 +132,23 @@ def test_shares_written_beside_the_main_file_commit_with_it_and_a_missing_one_is
 
 
 def test_two_ranks_save_their_shares_one_verifies_and_both_restore_exactly(tmp_path):
-    """#22.5, #23.9 with 2 gloo processes (the benchmark's own code, vlp-tiny): rank 1 writes its optimiser
-    share beside rank 0's file; on resume rank 0 alone reads the files through (verification: /proc rchar)
-    and both map them; every parameter and optimiser state comes back bit for bit."""
+    """#22.5, #23.9 with 2 gloo processes (the benchmark's own code, vlp-tiny), each writer in the same run: the
+    earlier writer's rank 1 writes its optimiser share beside rank 0's file, DCP's each rank its own file; on resume
+    rank 0 alone reads the files through to verify them (/proc rchar); every parameter and optimiser state comes
+    back bit for bit."""
     from benchmarks.checkpoint_io import measure
 
-    ranks = measure("vlp-tiny", 2, fsdp=False, root=str(tmp_path))
-    files, total = ranks[0]["files"], ranks[0]["bytes"]
+    ranks = measure("vlp-tiny", 2, fsdp=False, root=str(tmp_path), writers=("v1", "dcp"))
+    v1, dcp = ranks[0]["v1"], ranks[0]["dcp"]
+    files, total = v1["files"], v1["bytes"]
     assert sorted(files)[0] == "step_00000001.pt" and len(files) == 2 and ".part1-" in sorted(files)[1], files
-    assert all(r["exact"] for r in ranks)
-    assert total <= ranks[0]["read_bytes"] < 1.5 * total  # verified once (was: verified, then read again)
-    assert ranks[1]["read_bytes"] < 0.05 * total  # mapped, not read (was: the whole checkpoint, twice)
+    assert all(r["v1"]["exact"] and r["dcp"]["exact"] for r in ranks)
+    assert total <= v1["read_bytes"] < 1.5 * total  # verified once (was: verified, then read again)
+    assert ranks[1]["v1"]["read_bytes"] < 0.05 * total  # mapped, not read (was: the whole checkpoint, twice)
+    names = set(dcp["files"])
+    assert {"step_00000002.pt", "step_00000002.dcp/.metadata", "step_00000002.dcp/manifest.json",
+            "step_00000002.dcp/__0_0.distcp", "step_00000002.dcp/__1_0.distcp"} == names, names
+    assert dcp["bytes"] <= dcp["read_bytes"]   # rank 0 verified every file
 
 
 def test_the_finite_check_before_a_save_is_exact():

@@ -1,6 +1,6 @@
 """The layers of vlp, read from the source's import statements (every import, at any depth, TYPE_CHECKING ones
 too): vlp.runtime is the lowest; vlp/data, vlp/eval, vlp/models.py, vlp/runtime and data_tools never import
-vlp.train; no two modules import each other, directly or round a longer circle."""
+vlp.train (at any depth); no two modules import each other, directly or round a longer circle."""
 from __future__ import annotations
 
 import ast
@@ -66,8 +66,11 @@ def test_runtime_is_the_lowest_layer():
 
 
 def test_no_import_cycles():
+    """No circle of modules importing each other, at import time or inside functions (a deferred import that
+    closes a circle is still a circle: the two modules cannot be read or moved apart)."""
     modules = project_modules()
-    graph = {name: sorted(m for m in imports(path) if m in modules and m != name) for name, path in modules.items()}
+    graph = {name: sorted(m for m in imports(path) if m in modules and m != name)
+             for name, path in modules.items()}
     cycles, state = [], {}
 
     def visit(node: str, trail: list[str]) -> None:

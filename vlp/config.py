@@ -108,6 +108,8 @@ class RunConfig:
     dist_timeout: Optional[float] = field(default=None, metadata={"help": "seconds a collective may wait before the job aborts (NCCL: 600 unless set)"})
     save_every: int = field(default=1000, metadata={"help": "checkpoint every N optimiser steps"})
     keep_checkpoints: int = field(default=3, metadata={"help": "keep the last K step checkpoints"})
+    async_save: bool = field(default=True, metadata={"help": "write the periodic checkpoints in the background (DCP "
+                                                             "async_save); --no-async-save: the loop waits for each"})
     resume: Optional[str] = field(default=None, metadata={"help": "'latest' or a checkpoint path"})
     check_every: Optional[int] = field(default=None, metadata={"help": "read the end-of-step check (finite loss and gradients) on the host every N steps instead of every step, so the device is never waited for in between; a non-finite step is then found up to N-1 steps late, and every save reads the pending check first (nothing non-finite is saved). Default: every step off CUDA, --log-every on CUDA", "default_text": "auto"})
     log_every: int = field(default=10, metadata={"help": "log scalars every N steps", "aliases": ["--log-every-n-steps"]})

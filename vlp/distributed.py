@@ -96,6 +96,15 @@ def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / torch.distributed.get_world_size()
 
 
+def gather_objects(obj) -> list:
+    """`obj` (picklable) from every rank, in rank order; `[obj]` when not distributed."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_initialized():
         torch.distributed.barrier()
@@ -113,12 +122,28 @@ def wait_for_main(timeout: timedelta = MAIN_WORK_TIMEOUT) -> None:
     does not abort the job. Every rank must call it at the same points (the group is made on first use)."""
     if not is_initialized() or torch.distributed.get_world_size() == 1:
         return
+    torch.distributed.barrier(group=main_work_group(timeout))
+
+
+def main_work_group(timeout: timedelta = MAIN_WORK_TIMEOUT):
+    """The CPU (gloo) group of every rank that waits on the main process's own work (see `wait_for_main`); made
+    on first use (every rank must call it at the same point); None without a process group."""
+    if not is_initialized():
+        return None
     default = torch.distributed.distributed_c10d._get_default_group()
     group = _main_work_group.get(default)
     if group is None:
         _main_work_group.clear()
         group = _main_work_group[default] = torch.distributed.new_group(backend="gloo", timeout=timeout)
-    torch.distributed.barrier(group=group)
+    return group
+
+
+def cpu_group(timeout: timedelta = MAIN_WORK_TIMEOUT):
+    """A new CPU (gloo) group of every rank with its own timeout (collective: every rank calls it), for work
+    that runs beside the training's collectives (background checkpoint writes); None without a process group."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=timeout)
 
 
 def init_restarted_group(timeout: Optional[timedelta], env: Optional[dict] = None) -> bool:

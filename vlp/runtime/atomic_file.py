@@ -205,6 +205,7 @@ def state_bytes(obj: Any) -> int:
 
     def walk(x) -> None:
         if isinstance(x, torch.Tensor):
+            x = x.to_local() if hasattr(x, "to_local") else x   # a DTensor: the shard this process holds
             st = x.untyped_storage()
             seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
         elif isinstance(x, dict):

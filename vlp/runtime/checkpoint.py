@@ -1,18 +1,19 @@
-"""Checkpoints of a run: written atomically, verified before use, restored exactly.
+"""Checkpoint files of a run: written atomically, verified before use, found again (`--resume latest`).
 
-A checkpoint is `step_NNNNNNNN.pt`, one torch.save dict holding only weights_only-safe types (tensors,
-numbers, strings, lists, dicts), so loading never executes pickled code; open_clip loads it as
-`pretrained=` (its `state_dict`). It is written by `vlp.runtime.atomic_file`'s single atomic writer and
-carries its SHA-256; `latest` names the newest. Under several processes the optimiser state is split by
-parameter between the ranks and each rank writes its own share beside it (`step_NNNNNNNN.pt.partR-TOKEN`,
-also checksummed; TOKEN names the save) while rank 0 writes the main file that lists them: its rename,
-once every share is written, commits the set. A run resumes from the newest checkpoint that verifies; rank 0 alone verifies, every rank
-maps the files (`mmap`: the processes of a machine share the pages).
+A checkpoint's main file is `step_NNNNNNNN.pt`, one torch.save dict holding only weights_only-safe types
+(tensors, numbers, strings, lists, dicts), so loading it never executes pickled code; open_clip loads it as
+`pretrained=` (its `state_dict`: the model alone). It is written by `vlp.runtime.atomic_file`'s single atomic
+writer and carries its SHA-256; `latest` names the newest. The training state beside it is a DCP folder
+(`"dcp"`: `step_NNNNNNNN.dcp/`, see `vlp.runtime.dcp_checkpoint`) whose manifest's digest the main file records;
+the earlier format listed each rank's optimiser share instead (`"parts"`: `step_NNNNNNNN.pt.partR-TOKEN`). The
+main file's rename commits the set. A run resumes from the newest checkpoint that verifies; rank 0 alone
+verifies while the other ranks wait through the long-timeout CPU group.
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -20,6 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from vlp.config import ConfigError
+from vlp.distributed import main_work_group
 from vlp.runtime import peers
 from vlp.runtime.atomic_file import (  # noqa: F401 - the writer's names, used through this module too
     CheckpointWriteError, atomic_torch_save, atomic_write_bytes, first_line, folder_write_error, state_bytes,
@@ -40,6 +42,10 @@ def check(path: Path, parts: bool = True) -> bool:
     try:
         if verify(path):
             state = _load(path) if parts else None
+            if isinstance(state, dict) and state.get("dcp"):   # the rest of the state: a DCP folder beside it
+                from vlp.runtime.dcp_files import verify_folder
+
+                verify_folder(path.with_name(state["dcp"]), state.get("manifest_sha256", ""), str(path))
             listed = state.get("parts") if isinstance(state, dict) else None
             for name in listed or ():
                 if not path.with_name(name).is_file():
@@ -64,7 +70,8 @@ def check(path: Path, parts: bool = True) -> bool:
 
 def on_main(fn: Callable[[], Any]) -> Any:
     """fn() on rank 0 of the default process group only (a plain call without one); its result, or its
-    ConfigError as one line, on every rank. For reads one rank does for all (verifying a checkpoint)."""
+    ConfigError as one line, on every rank. For reads one rank does for all (verifying a checkpoint): the others
+    wait through `vlp.distributed.main_work_group` (CPU, long timeout), not a collective of --dist-timeout."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -78,7 +85,7 @@ def on_main(fn: Callable[[], Any]) -> Any:
             box = [("error", str(e))]
         except Exception as e:  # noqa: BLE001 - raised here after the others learn of it
             failure, box = e, [("error", f"rank 0: {type(e).__name__}: {first_line(e)}")]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=main_work_group())   # waits apart from --dist-timeout
     if failure is not None:
         raise failure
     kind, value = box[0]
@@ -119,9 +126,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int,
     `state["parts"]`: names of files other ranks write beside it; `ready()` says (before the rename that
     commits the checkpoint) whether they were all written, or why not."""
     _folder(ckpt_dir)
-    for stale in ckpt_dir.glob(".step_*.pt.tmp-*"):  # left by a writer that was killed; a live writer's stays
-        if not writer_alive(stale):
-            stale.unlink(missing_ok=True)
+    sweep(ckpt_dir, committing=state.get("dcp"))
     path = ckpt_dir / checkpoint_name(step)
     atomic_torch_save(state, path, ready=ready)
     atomic_write_bytes(ckpt_dir / LATEST, path.name.encode())
@@ -133,12 +138,27 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep: int,
         dead_tmp = ".tmp-" in part.name and not writer_alive(part)
         if dead_tmp or main not in kept or (main == path.name and part.name not in listed):
             part.unlink(missing_ok=True)
+    for folder in ckpt_dir.glob("step_*.dcp"):  # the DCP folders of deleted checkpoints
+        if folder.name.removesuffix(".dcp") + ".pt" not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
     return path
 
 
+def sweep(ckpt_dir: Path, committing: Optional[str] = None) -> None:
+    """Remove what writers that were killed left: temporary files and DCP folders (`.NAME.tmp-PID[-TOKEN]`) whose
+    process has ended, and DCP folders renamed but never committed by their main file."""
+    for stale in ckpt_dir.glob(".step_*.tmp-*"):   # a live writer's stays
+        if not writer_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    for folder in ckpt_dir.glob("step_*.dcp"):
+        if folder.name != committing and not (ckpt_dir / (folder.name.removesuffix(".dcp") + ".pt")).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def writer_alive(tmp: Path) -> bool:
-    """Whether the process named in a temporary file's name (`.NAME.tmp-PID`) still runs (not this one)."""
-    pid = tmp.name.rsplit("-", 1)[-1]
+    """Whether the process named in a temporary file's name (`.NAME.tmp-PID` or `.NAME.tmp-PID-TOKEN`) still runs
+    (not this one)."""
+    pid = tmp.name.rsplit(".tmp-", 1)[-1].split("-")[0]
     return pid.isdigit() and int(pid) != os.getpid() and peers.alive(int(pid))
 
 

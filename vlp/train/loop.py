@@ -124,7 +124,8 @@ class Run:
         self.feed = StepFeed(self.loader, cfg.optim.accum_freq, to_device)
         self.trainer.checkpointer = Checkpointer(
             self.paths.checkpoints, acc, self.trainer.net, self.trainer.optimizer, self.trainer.scheduler,
-            self.feed, cfg, {**model_identity(self.bundle, cfg.model.tokenizer), "precision": precision})
+            self.feed, cfg, {**model_identity(self.bundle, cfg.model.tokenizer), "precision": precision},
+            say=self.console.print)
 
     def _start_logs(self, eval_sets: list) -> None:
         """config.yaml, trackers, metrics.jsonl, the evaluator, the meter and the banner."""
@@ -176,6 +177,7 @@ class Run:
             more = verdict.more
             meter.step()
             self.console.step(self.step)
+            trainer.checkpointer.poll()   # a background save that failed: one line
             if self.step == self.start_step + 1 and (note := self.cpu_note.after_first_step(
                     time.perf_counter() - self._clock[0], self.total_steps - self.start_step)):
                 self.console.print(note)
@@ -196,7 +198,7 @@ class Run:
             self.last.update(results := trainer.evaluate(step))
             self.console.eval(step, results)
         if step % cfg.run.save_every == 0 and step < self.total_steps:
-            trainer.save(step, self.epoch)
+            trainer.save(step, self.epoch, background=True)
         if stop:
             raise Preempted(f"{self.signals.name}: stopped after step {step}, state saved in "
                             f"{trainer.save(step, self.epoch)}; continue with --resume latest")

@@ -16,10 +16,10 @@ only the last micro-step reduce-scatters, and until then every rank holds every 
 (FSDP2's `set_requires_gradient_sync(False)`, 4 bytes per parameter per rank, as much as DDP).
 `vlp.train.parallelize` calls `shard_model` in its place among precision, compile and DDP.
 
-Checkpoints hold the full (gathered) model and optimiser state, written by the main process: the
-model part is an ordinary state dict (export, eval_zeroshot and open_clip read it as from any other
-run); the optimiser part is keyed by parameter name (torch.distributed.checkpoint's full form), so
-an `--fsdp` checkpoint resumes an `--fsdp` run.
+Checkpoints hold the optimiser and model as the ranks hold them (torch.distributed.checkpoint: each rank
+writes its DTensor shards, `vlp.train.checkpointer`), plus the model read back into one ordinary state dict
+(export, eval_zeroshot and open_clip read it as from any other run); DCP reshards on load, so an `--fsdp`
+checkpoint resumes an `--fsdp` run on any number of ranks.
 """
 from __future__ import annotations
 

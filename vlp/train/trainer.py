@@ -105,13 +105,14 @@ class Trainer:
         """The in-loop evaluation of the model as it is (every rank calls it); {} without an evaluator."""
         return self.evaluator(self.net, step) if self.evaluator is not None else {}
 
-    def save(self, step: int, epoch: int):
-        """A checkpoint of `step` (every rank calls it); its path on the main process. The steps not yet checked
-        (--check-every) are checked first: a non-finite one stops the run with nothing saved."""
+    def save(self, step: int, epoch: int, background: bool = False):
+        """A checkpoint of `step` (every rank calls it); its path on the main process (`background`: written while
+        training goes on, see `Checkpointer.save`). The steps not yet checked (--check-every) are checked first:
+        a non-finite one stops the run with nothing saved."""
         late = self.read_pending(step)
         if late is not None:
             raise TrainingError(f"{late.problem}; nothing saved. {self.checkpointer.last_finite()}")
-        return self.checkpointer.save(step, epoch)
+        return self.checkpointer.save(step, epoch, background=background)
 
     def save_before_failure(self, step: int, epoch: int) -> str:
         return self.checkpointer.save_before_failure(step, epoch)
