@@ -10,8 +10,9 @@ vectors (zstd keeps the files small; no rule here reads them: SemDeDup is left o
 benchmarks/curate.py --steps faiss). Rules: caption words, caption repeats, image size, exact duplicates,
 CLIP-score top half: every kind of Ray step but SemDeDup's.
 ray: a one-node cluster (`ray start --head --num-cpus C --object-store-memory B`, spilling to disk when full),
-then `vlp data filter --engine ray --address`. Memory is sampled every 0.2 s (RSS of each process: the driver,
-each Ray worker and the node's daemons; a worker's RSS counts the object-store pages it maps).
+then `vlp data filter --engine ray --address`. Memory is sampled every 0.2 s for each process (the driver, each
+Ray worker, the node's daemons): peak RSS, which counts the object-store pages a worker maps (shared, bounded
+by --object-store-gb), and peak USS, the process's own memory.
 """
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ class Sampler:
 
     def __init__(self, roots: list[int], sessions: list[int] = (), period: float = 0.2):
         self.roots, self.sessions, self.period = roots, list(sessions), period
-        self.peak: dict[str, float] = {}
+        self.peak: dict[str, float] = {}       # RSS: counts the object-store pages a worker maps
+        self.peak_uss: dict[str, float] = {}   # USS: the process's own memory only
         self.peak_total = 0.0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -98,12 +100,13 @@ class Sampler:
             total = 0.0
             for q in self._procs():
                 try:
-                    mb = q.memory_info().rss / 2**20
+                    m = q.memory_full_info()
                     name = f"{q.pid} {' '.join(q.cmdline())[:60]}"
                 except Exception:  # noqa: BLE001 - a process that just ended
                     continue
-                total += mb
-                self.peak[name] = max(self.peak.get(name, 0.0), mb)
+                total += m.uss / 2**20
+                self.peak[name] = max(self.peak.get(name, 0.0), m.rss / 2**20)
+                self.peak_uss[name] = max(self.peak_uss.get(name, 0.0), m.uss / 2**20)
             self.peak_total = max(self.peak_total, total)
             self._stop.wait(self.period)
 
@@ -127,14 +130,15 @@ def run_filter(pool: Path, out: Path, engine: str, env: dict, address=None, sess
     wall = time.perf_counter() - t
     if p.returncode:
         raise SystemExit(f"filter failed: {stderr[-3000:]}")
-    driver = max(v for k, v in s.peak.items() if k.startswith(f"{p.pid} "))
-    others = {k: v for k, v in s.peak.items() if not k.startswith(f"{p.pid} ")}
-    workers = [v for k, v in others.items() if "ray::" in k]
-    return {"wall_s": round(wall, 1), "driver_peak_rss_mb": round(driver),
-            "max_worker_peak_rss_mb": round(max(workers)) if workers else None,
-            "max_other_process_peak_rss_mb": round(max(others.values())) if others else None,
-            "all_processes_peak_rss_mb": round(s.peak_total), "steps": [x for x in stderr.splitlines()
-                                                                      if x.startswith("[ray]")]}
+    mine = f"{p.pid} "
+    out = {"wall_s": round(wall, 1)}
+    for kind, peaks in (("rss", s.peak), ("uss", s.peak_uss)):
+        others = [v for k, v in peaks.items() if not k.startswith(mine)]
+        out[f"driver_peak_{kind}_mb"] = round(max(v for k, v in peaks.items() if k.startswith(mine)))
+        out[f"max_worker_peak_{kind}_mb"] = round(max(others)) if others else None
+    out["all_processes_peak_uss_mb"] = round(s.peak_total)
+    out["steps"] = [x for x in stderr.splitlines() if x.startswith("[ray]")]
+    return out
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ from vlp.curate import balance as B
 from vlp.curate import dedup as D
 from vlp.curate.rules import normalise_caption
 
-ROWS_PER_PARTITION = 500_000   # rows one group holds at most (small columns: ~200 B each)
+ROWS_PER_PARTITION = 100_000   # rows one group task holds at most: its memory (~4 KB a row as Python objects)
 
 
 class BatchTable:
