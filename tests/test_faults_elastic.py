@@ -189,7 +189,7 @@ def test_resume_with_more_loader_workers_finishes_the_epoch_exactly(demo_data, m
     proc = _start([*flags, "--workers", "3", "--resume", "latest"])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    loader = ckpt.load_state(tmp_path / "workers" / "checkpoints" / ckpt.checkpoint_name(37))["loader"][0]
+    loader = ckpt.loader_states(tmp_path / "workers" / "checkpoints" / ckpt.checkpoint_name(37))[0]
     left = 600 // 16 * 16 - stopped * 16
     assert loader["workers"] == 3 and loader["epoch"] == 0
     assert sum(b - a for a, b in loader["pool"]) == left
