@@ -5,7 +5,7 @@
     python -m benchmarks.curate --steps peer --peer-python cr_env/bin/python --peer-data 'pool/{00000..00001}.tar' \
         --peer-checkpoint run/export       # the same shards, model and batch through clip-retrieval's inference
 
-embed: samples/s of `vlp.curate.embed.embed_shard` (the code `vlp data embed` runs) on CPU with random weights,
+embed: samples/s of `vlp.curate.shard_encoder.embed_shard` (the code `vlp data embed` runs) on CPU with random weights,
 on a shard of demo images, one thread unless --threads. faiss: on --n synthetic 512-d unit embeddings (clustered,
 with 10 % planted near-copies), seconds and peak memory of faiss's spherical k-means (trained as SemDeDup trains
 it: at most 256 points per centroid), of assigning every row (a flat index search), and of the whole SemDeDup
@@ -38,7 +38,7 @@ def bench_embed(models: list[str], n: int, threads: int) -> list[dict]:
     import torch
 
     from data_tools.make_demo_data import make_demo_data
-    from vlp.curate.embed import embed_shard, load_model
+    from vlp.curate.shard_encoder import embed_shard, load_model
     from vlp.data.shards import shard_urls
 
     torch.set_num_threads(threads)

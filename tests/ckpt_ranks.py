@@ -24,25 +24,20 @@ def build(model_json: str, shards: str, fsdp: bool, run_dir: Path, workers: int 
     from vlp.config import Config
     from vlp.data.pipeline import build_train_loader
     from vlp.models import create_model
-    from vlp.train import sharding
     from vlp.train.checkpointer import Checkpointer
     from vlp.train.loop import make_accelerator
-    from vlp.train.optim import build_optimizer, build_scheduler
     from vlp.train.run_log import RunPaths
+    from vlp.train.trainer import Trainer
 
     cfg = Config()
     cfg.model.model, cfg.run.precision, cfg.data.batch_size = model_json, "fp32", 4
     cfg.data.train_data, cfg.data.workers, cfg.run.keep_checkpoints = shards, workers, 5
+    cfg.model.fsdp = fsdp
     acc = make_accelerator(cfg, RunPaths(run_dir))
     torch.manual_seed(0)
     bundle = create_model(model_json)
-    model = bundle.model
-    if fsdp:
-        model = sharding.shard_model(model, "full", acc.device, "fp32")
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=100, steps_per_epoch=10)
-    model, optimizer = sharding.prepare(acc, model, optimizer)
-    net = sharding.plain_module(acc, model)
+    trainer = Trainer(cfg, acc, bundle.model, total_steps=100, steps_per_epoch=10, precision="fp32")
+    model, net, optimizer, scheduler = trainer.model, trainer.net, trainer.optimizer, trainer.scheduler
     loader = build_train_loader(cfg.data, bundle.preprocess_train, bundle.tokenizer, rank=acc.process_index,
                                 world_size=acc.num_processes, seed=0)
     cp = Checkpointer(run_dir / "checkpoints", acc, net, optimizer, scheduler, loader, cfg,

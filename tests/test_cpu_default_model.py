@@ -22,7 +22,7 @@ def _flags(demo_data, logs, *extra):
 def _check_notes(err: str, model: str, steps: int):
     start = f"note: no --model given, so this trains {model} ("
     assert start in err and "on the CPU" in err and "--model vlp-tiny for a try-out" in err, err
-    first = re.search(rf"first step of {model} on the CPU took (\d+\.\d) s; the {steps} step\(s\) of this run", err)
+    first = re.search(rf"first step of {model} on the CPU took (\d+\.\d+) s; the {steps} step\(s\) of this run", err)
     assert first and float(first.group(1)) > 0, err
     assert err.index(start) < err.index(first.group(0)), "the start note comes first"
 

@@ -183,18 +183,21 @@ def test_torchrun_restarts_resume_a_sigkilled_rank_from_the_newest_checkpoint(de
 def test_resume_with_more_loader_workers_finishes_the_epoch_exactly(demo_data, micro_model_json, tmp_path):
     """Stopped with --workers 2, resumed with --workers 3 (refused before: `saved with workers=2, now 3`): the
     rest of the epoch is re-planned over 3 workers and trained once, so the epoch ends exactly at its last
-    step (600 samples, 16 a batch: 37 steps; step 38 is the next epoch's first; which samples: test_data_elastic)."""
+    step (600 samples, 16 a batch: 37 steps) with the re-planned pool used up (which samples: test_data_elastic)."""
     from tests.test_faults_run import _start, _stop
 
-    flags = _flags(demo_data, micro_model_json, tmp_path, "workers", "--workers", "2", "--max-steps", "38",
+    flags = _flags(demo_data, micro_model_json, tmp_path, "workers", "--workers", "2", "--max-steps", "37",
                    "--save-every", "100")
-    _stop(_start(flags, start_new_session=True), tmp_path / "workers", 6, signal.SIGTERM, group=False)
+    stopped = _stop(_start(flags, start_new_session=True), tmp_path / "workers", 6, signal.SIGTERM, group=False)
     proc = _start([*flags, "--workers", "3", "--resume", "latest"])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    rows = [json.loads(ln) for ln in (tmp_path / "workers" / "metrics.jsonl").read_text().splitlines()]
-    epoch = {r["step"]: r["train/epoch"] for r in rows if "train/epoch" in r}
-    assert sorted(epoch) == list(range(1, 39)) and (epoch[37], epoch[38]) == (0, 1)   # 37 steps: the epoch exactly
+    loader = ckpt.loader_states(tmp_path / "workers" / "checkpoints" / ckpt.checkpoint_name(37))[0]
+    left = 600 // 16 * 16 - stopped * 16
+    assert loader["workers"] == 3 and loader["epoch"] == 0
+    assert sum(b - a for a, b in loader["pool"]) == left
+    assert loader["batches_done"] == loader["epoch_batches"] == left // 16
+    assert sorted(_losses(tmp_path / "workers")) == list(range(1, 38))
 
 
 _WATCHED = """

@@ -1,6 +1,6 @@
 """The layers of vlp, read from the source's import statements (every import, at any depth, TYPE_CHECKING ones
 too): vlp.runtime is the lowest; vlp/data, vlp/eval, vlp/models.py, vlp/runtime and data_tools never import
-vlp.train (at any depth); no two modules import each other when imported, directly or round a longer circle."""
+vlp.train (at any depth); no two modules import each other, directly or round a longer circle."""
 from __future__ import annotations
 
 import ast
@@ -16,22 +16,11 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _nodes(tree: ast.AST, in_functions: bool):
-    """Every node of `tree`; without `in_functions`, not those inside a function body (imported when called)."""
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        yield node
-        if in_functions or not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            todo.extend(ast.iter_child_nodes(node))
-
-
-def imports(path: Path, in_functions: bool = True) -> set[str]:
-    """Every module `path` imports (absolute names; `from a import b` is a.b when a.b is a module, else a);
-    without `in_functions`, those imported when the module is (TYPE_CHECKING ones included)."""
+def imports(path: Path) -> set[str]:
+    """Every module `path` imports (absolute names; `from a import b` is a.b when a.b is a module, else a)."""
     found: set[str] = set()
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
-    for node in _nodes(ast.parse(path.read_text(), str(path)), in_functions):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -77,10 +66,10 @@ def test_runtime_is_the_lowest_layer():
 
 
 def test_no_import_cycles():
-    """No circle of modules importing each other when imported (imports inside functions, made when called, may
-    close a circle: the layering tests above see them)."""
+    """No circle of modules importing each other, at import time or inside functions (a deferred import that
+    closes a circle is still a circle: the two modules cannot be read or moved apart)."""
     modules = project_modules()
-    graph = {name: sorted(m for m in imports(path, in_functions=False) if m in modules and m != name)
+    graph = {name: sorted(m for m in imports(path) if m in modules and m != name)
              for name, path in modules.items()}
     cycles, state = [], {}
 

@@ -16,7 +16,7 @@ VECTORS = ("image", "text")
 
 
 def to_arrow(shard: str, arrays: dict):
-    """The Arrow table of one shard's arrays (as `vlp.curate.embed.embed_shard` returns them)."""
+    """The Arrow table of one shard's arrays (as `vlp.curate.shard_encoder.embed_shard` returns them)."""
     import pyarrow as pa
 
     n = len(arrays["key"])

@@ -4,7 +4,7 @@ embed writes it.
     vlp data embed --engine ray --address HEAD:6379 --data 'pool/{00000..09999}.tar' --checkpoint ckpt.pt \
         --out /shared/pool_emb            # one actor per GPU of the cluster; --actors N on CPU
 
-Each actor loads the model once and embeds whole shards with `vlp.curate.embed.embed_shard` (vlp's own sample
+Each actor loads the model once and embeds whole shards with `vlp.curate.shard_encoder.embed_shard` (vlp's own sample
 reader: every transport, skip rule and count as in one process), writing the shard's table atomically into
 --out, which every node must reach (a shared file system). The driver only lists the shards still to do
 (a missing or damaged table, resumable per shard as today), reports progress and writes done.json.
@@ -23,7 +23,7 @@ class ShardEncoder:
     def __init__(self, out: str, urls: list[str], model_args: dict, batch_size: int, threads: int, amp: bool):
         import torch
 
-        from vlp.curate.embed import load_model
+        from vlp.curate.shard_encoder import load_model
 
         if threads:
             torch.set_num_threads(threads)
@@ -34,7 +34,7 @@ class ShardEncoder:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from vlp.curate.embed import embed_shard
+        from vlp.curate.shard_encoder import embed_shard
 
         from vlp.curate.store import CurateError
         from vlp.data.errors import DataError

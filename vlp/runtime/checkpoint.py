@@ -231,3 +231,14 @@ def _load(path: Path) -> Any:
         raise ConfigError(f"cannot read checkpoint {path}: {e.strerror}") from None
     except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing error
         raise ConfigError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+
+
+def loader_states(path: Path) -> list:
+    """Every rank's loader position saved in checkpoint `path`, in rank order (either format)."""
+    main = load_state(Path(path), parts=False)
+    if not main.get("dcp"):
+        return main["loader"]
+    from vlp.runtime.dcp_files import from_bytes_tensor, read_entries
+
+    found = read_entries(Path(path).with_name(main["dcp"]), lambda k: k.startswith("loader/rank"))
+    return [from_bytes_tensor(found[f"loader/rank{r}"]) for r in range(len(found))]

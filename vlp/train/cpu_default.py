@@ -29,8 +29,8 @@ class DefaultModelOnCpu:
     def after_first_step(self, seconds: float, steps_left: int) -> Optional[str]:
         if not self.active:
             return None
-        return (f"note: the first step of {self.model} on the CPU took {seconds:.1f} s; the {steps_left} step(s) of "
-                f"this run would take about {_duration(seconds * steps_left)}; {TRY_OUT}")
+        return (f"note: the first step of {self.model} on the CPU took {seconds:.{1 if seconds >= 1 else 3}f} s; the "
+                f"{steps_left} step(s) of this run would take about {_duration(seconds * steps_left)}; {TRY_OUT}")
 
 
 def _duration(seconds: float) -> str:

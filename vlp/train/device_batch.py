@@ -109,4 +109,4 @@ def for_run(device, loader, precision: str) -> DeviceBatch:
     """The DeviceBatch for a training loader and a run's resolved --precision (copies on a side stream on CUDA)."""
     return DeviceBatch(device, loader.normalization if loader.device_normalize else None,
                        prec.compute_dtype(precision), prec.input_dtype(precision),
-                       copy_stream=CopyStream(device) if wanted(device) else None)
+                       copy_stream=CopyStream(device) if torch.device(device).type == "cuda" else None)
