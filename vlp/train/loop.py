@@ -100,6 +100,7 @@ class Run:
         if resume_from is not None:
             self.step, self.epoch, self._loader_state = self.trainer.checkpointer.restore(resume_from)
             self.console.print(f"resumed from {resume_from} at step {self.step}")
+            self._aim_at_rest_of_run()
         folder.start(self.step)
         self._start_logs(eval_sets)
 
@@ -126,6 +127,22 @@ class Run:
             self.paths.checkpoints, acc, self.trainer.net, self.trainer.optimizer, self.trainer.scheduler,
             self.feed, cfg, {**model_identity(self.bundle, cfg.model.tokenizer), "precision": precision},
             say=self.console.print)
+
+    def _aim_at_rest_of_run(self) -> None:
+        """Without --max-steps a resumed run ends after its epochs on *these* ranks and workers: the restored step,
+        the steps left in the (maybe re-planned) current epoch, then each remaining epoch at this run's
+        steps_per_epoch. `--epochs x steps_per_epoch` is only that total when every epoch ran at today's world
+        size (a run saved on fewer ranks would stop at once, one saved on more would stop mid-epoch). The lr
+        schedule is aimed at the new total from the restored step on (docs/reliability.md, Elastic runs)."""
+        cfg, state = self.cfg, self._loader_state
+        if cfg.optim.max_steps or not isinstance(state, dict) or "epoch_batches" not in state:
+            return   # (a loader state of before re-planning: saved on this world size, the old total holds)
+        accum = cfg.optim.accum_freq
+        in_epoch = max(int(state["epoch_batches"]) // accum - int(state["batches_done"]) // accum, 0)
+        total = self.step + in_epoch + max(cfg.optim.epochs - self.epoch - 1, 0) * self.steps_per_epoch
+        if total != self.total_steps and total > 0:
+            self.total_steps = total
+            self.trainer.aim_schedule(total, self.steps_per_epoch)
 
     def _start_logs(self, eval_sets: list) -> None:
         """config.yaml, trackers, metrics.jsonl, the evaluator, the meter and the banner."""

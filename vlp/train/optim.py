@@ -173,3 +173,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     """LambdaLR over `lr_multiplier` (each group's lr is `cfg.lr` times the multiplier). Sets the
     first step's lr at once; call `scheduler.step()` after every `optimizer.step()`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps, steps_per_epoch))
+
+
+def aim_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, multiplier: Callable[[int], float]) -> None:
+    """Give a (restored) LambdaLR a new multiplier: the lr of the next step is at once `multiplier` at the steps
+    already taken (`last_epoch`), as if the scheduler had been built with it."""
+    scheduler.lr_lambdas = [multiplier] * len(scheduler.optimizer.param_groups)
+    scheduler._last_lr = [base * multiplier(scheduler.last_epoch) for base in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr

@@ -48,6 +48,13 @@ class Trainer:
         self.steps_done = 0
         self.model.train()
 
+    def aim_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Re-aim the restored lr schedule at a run of `total_steps` (a resume on another number of ranks or
+        workers): from the restored step on, lr is the schedule of a `total_steps` run at that step."""
+        from vlp.train.optim import aim_scheduler, lr_multiplier
+
+        aim_scheduler(self.scheduler, lr_multiplier(self.cfg.optim, total_steps, steps_per_epoch))
+
     def step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
              fetch_next: Callable[[], bool] = lambda: True, stop: bool = False,
              number: Optional[int] = None) -> tuple[dict, Verdict]:
