@@ -277,6 +277,44 @@ def _same_metrics(a: list, b: list) -> bool:
     return len(a) == len(b)
 
 
+def classification_row(a) -> dict:
+    """In-process zero-shot scoring: CLIP_benchmark's code and vlp's on one model and set, alternating order."""
+    from vlp.models import create_model, load_checkpoint
+
+    bundle = load_checkpoint(a.checkpoint) if a.checkpoint else create_model(a.model)
+    bundle.model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "bench_cls"
+        make_wds_set(root, a.images, a.classes, a.templates, a.image_size)
+        with torch.no_grad():  # warm-up: first-call allocations should not count against either side
+            bundle.model.encode_text(bundle.tokenizer(["warm up"] * 8))
+        walls = {"cb": [], "vlp": []}
+        cpus = {"cb": [], "vlp": []}
+        for rep in range(a.repeat):          # alternate the order; keep each side's best (least disturbed) run
+            for side in (("cb", "vlp") if rep % 2 == 0 else ("vlp", "cb")):
+                c0 = time.process_time()
+                if side == "cb":
+                    t, m_cb = time_clip_benchmark(bundle, root, a.batch_size)
+                else:
+                    t, m_vlp = time_vlp(bundle, root, a.batch_size)
+                walls[side].append(t)
+                cpus[side].append(time.process_time() - c0)
+    t_cb, t_vlp = min(walls["cb"]), min(walls["vlp"])
+    c = {
+        "model": a.checkpoint or a.model, "classes": a.classes, "templates": a.templates, "images": a.images,
+        "prompts": a.classes * a.templates, "repeats": a.repeat,
+        "clip_benchmark_s": round(t_cb, 2), "vlp_s": round(t_vlp, 2), "speedup": round(t_cb / t_vlp, 2),
+        "clip_benchmark_cpu_s": round(min(cpus["cb"]), 2), "vlp_cpu_s": round(min(cpus["vlp"]), 2),
+        "all_wall_s": {k: [round(x, 2) for x in v] for k, v in walls.items()},
+        "acc1_vlp": m_vlp["acc1"], "acc1_clip_benchmark": m_cb["acc1"],
+        "acc5_vlp": m_vlp["acc5"], "acc5_clip_benchmark": m_cb["acc5"],
+        "same_acc": m_vlp["acc1"] == m_cb["acc1"] and m_vlp["acc5"] == m_cb["acc5"]}
+    print(f"zero-shot classification ({c['classes']} classes x {c['templates']} templates, {c['images']} images): "
+          f"CLIP_benchmark {c['clip_benchmark_s']:.2f} s, vlp {c['vlp_s']:.2f} s, speed-up {c['speedup']:.2f}x "
+          f"(target >= 3x; CPU s {c['clip_benchmark_cpu_s']} vs {c['vlp_cpu_s']}); acc1 {c['acc1_vlp']:.4f} vs {c['acc1_clip_benchmark']:.4f}, same: {c['same_acc']}")
+    return c
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vlp-tiny")
@@ -310,40 +348,7 @@ def main(argv=None) -> int:
     out: dict = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
 
     if not a.skip_classification:
-        from vlp.models import create_model, load_checkpoint
-
-        bundle = load_checkpoint(a.checkpoint) if a.checkpoint else create_model(a.model)
-        bundle.model.eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp) / "bench_cls"
-            make_wds_set(root, a.images, a.classes, a.templates, a.image_size)
-            with torch.no_grad():  # warm-up: first-call allocations should not count against either side
-                bundle.model.encode_text(bundle.tokenizer(["warm up"] * 8))
-            walls = {"cb": [], "vlp": []}
-            cpus = {"cb": [], "vlp": []}
-            for rep in range(a.repeat):          # alternate the order; keep each side's best (least disturbed) run
-                for side in (("cb", "vlp") if rep % 2 == 0 else ("vlp", "cb")):
-                    c0 = time.process_time()
-                    if side == "cb":
-                        t, m_cb = time_clip_benchmark(bundle, root, a.batch_size)
-                    else:
-                        t, m_vlp = time_vlp(bundle, root, a.batch_size)
-                    walls[side].append(t)
-                    cpus[side].append(time.process_time() - c0)
-        t_cb, t_vlp = min(walls["cb"]), min(walls["vlp"])
-        out["classification"] = {
-            "model": a.checkpoint or a.model, "classes": a.classes, "templates": a.templates, "images": a.images,
-            "prompts": a.classes * a.templates, "repeats": a.repeat,
-            "clip_benchmark_s": round(t_cb, 2), "vlp_s": round(t_vlp, 2), "speedup": round(t_cb / t_vlp, 2),
-            "clip_benchmark_cpu_s": round(min(cpus["cb"]), 2), "vlp_cpu_s": round(min(cpus["vlp"]), 2),
-            "all_wall_s": {k: [round(x, 2) for x in v] for k, v in walls.items()},
-            "acc1_vlp": m_vlp["acc1"], "acc1_clip_benchmark": m_cb["acc1"],
-            "acc5_vlp": m_vlp["acc5"], "acc5_clip_benchmark": m_cb["acc5"],
-            "same_acc": m_vlp["acc1"] == m_cb["acc1"] and m_vlp["acc5"] == m_cb["acc5"]}
-        c = out["classification"]
-        print(f"zero-shot classification ({c['classes']} classes x {c['templates']} templates, {c['images']} images): "
-              f"CLIP_benchmark {c['clip_benchmark_s']:.2f} s, vlp {c['vlp_s']:.2f} s, speed-up {c['speedup']:.2f}x "
-              f"(target >= 3x; CPU s {c['clip_benchmark_cpu_s']} vs {c['vlp_cpu_s']}); acc1 {c['acc1_vlp']:.4f} vs {c['acc1_clip_benchmark']:.4f}, same: {c['same_acc']}")
+        out["classification"] = classification_row(a)
 
     r = retrieval_memory(a.captions, 5, a.dim)
     out["retrieval"] = r
