@@ -174,3 +174,29 @@ def test_schedule_that_does_not_fit_is_a_config_error():
     with pytest.raises(ConfigError):
         build_scheduler(opt, OptimConfig(warmup=10, lr_scheduler="const-cooldown", epochs_cooldown=5),
                         total_steps=50, steps_per_epoch=10)
+
+
+def test_a_restored_scheduler_aimed_at_another_total_follows_the_new_schedule_from_its_step():
+    """A run saved at step 30 of a 50-step cosine, resumed where it holds 40 steps (another world size): the next
+    step's lr, and every later one, is the 40-step schedule's at that step, ending at 0 on step 40 (without the
+    re-aim the restored scheduler keeps the 50-step lambda it was built with)."""
+    from vlp.train.optim import aim_scheduler, lr_multiplier
+
+    cfg = OptimConfig(lr=1e-3, warmup=4, lr_scheduler="cosine")
+    saved = build_scheduler(build_optimizer(torch.nn.Linear(3, 3), cfg), cfg, total_steps=50)
+    for _ in range(30):
+        saved.optimizer.step()
+        saved.step()
+    sched = build_scheduler(build_optimizer(torch.nn.Linear(3, 3), cfg), cfg, total_steps=50)
+    sched.load_state_dict(saved.state_dict())
+    sched.optimizer.load_state_dict(saved.optimizer.state_dict())
+    aim_scheduler(sched, lr_multiplier(cfg, 40, 1))
+    new = lr_multiplier(cfg, 40, 1)
+    seen = []
+    for k in range(30, 40):
+        seen.append(sched.optimizer.param_groups[0]["lr"])
+        assert sched.get_last_lr()[0] == seen[-1]
+        sched.optimizer.step()
+        sched.step()
+    assert seen == pytest.approx([1e-3 * new(k) for k in range(30, 40)])
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
