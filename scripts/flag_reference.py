@@ -68,7 +68,9 @@ def _cell(text: str) -> str:
 def _default(action: argparse.Action) -> str:
     if action.nargs == 0 or action.default in (None, argparse.SUPPRESS, [], ""):
         return ""
-    return f"`{action.default}`"
+    home = str(Path.home())
+    text = str(action.default)   # a default under the home folder reads as ~/..., the same on every machine
+    return f"`{'~' + text[len(home):] if home != '/' and text.startswith(home + '/') else text}`"
 
 
 def table(parser: argparse.ArgumentParser) -> str:
