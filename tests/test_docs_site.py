@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests import docs_blocks
 from tests.conftest import repo_root
 
@@ -38,30 +40,18 @@ def test_site_builds_strict(tmp_path):
         assert (tmp_path / "site" / ("" if page == "index" else page) / "index.html").exists(), page
 
 
-def test_strict_build_fails_on_a_broken_link(tmp_path):
+@pytest.mark.parametrize("page, link, named", [
+    ("docs/training.md", "[the page that is gone](no_such_page.md)", "no_such_page.md"),          # a broken link
+    ("README.md", "[gone](docs/gone.md)", "gone.md"),                                          # in the tutorial
+    ("docs/data.md", "[a section](evaluation.md#no-such-section)", "no-such-section"),         # a broken anchor
+])
+def test_strict_build_fails_on_a_broken_link(tmp_path, page, link, named):
     site = copy_site(tmp_path)
-    page = site / "docs" / "training.md"
-    page.write_text(page.read_text() + "\nSee [the page that is gone](no_such_page.md).\n")
+    path = site / page
+    path.write_text(path.read_text() + f"\nSee {link}.\n")
     out = build(site, tmp_path / "site")
     assert out.returncode != 0
-    assert "no_such_page.md" in out.stdout + out.stderr
-
-
-def test_strict_build_checks_the_readme_tutorials_links(tmp_path):
-    site = copy_site(tmp_path)
-    (site / "README.md").write_text((site / "README.md").read_text() + "\nSee [gone](docs/gone.md).\n")
-    out = build(site, tmp_path / "site")
-    assert out.returncode != 0
-    assert "gone.md" in out.stdout + out.stderr
-
-
-def test_strict_build_fails_on_a_broken_anchor(tmp_path):
-    site = copy_site(tmp_path)
-    page = site / "docs" / "data.md"
-    page.write_text(page.read_text() + "\nSee [a section](evaluation.md#no-such-section).\n")
-    out = build(site, tmp_path / "site")
-    assert out.returncode != 0
-    assert "no-such-section" in out.stdout + out.stderr
+    assert named in out.stdout + out.stderr
 
 
 def test_flag_reference_matches_the_parsers():
