@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,7 @@ import open_clip_train.data as ocd
 _orig = ocd.tar_file_expander
 ocd.tar_file_expander = lambda *a, **k: (r for r in _orig(*a, **k) if r and "fname" in r)
 from open_clip_train.main import main
-main(sys.argv[1:])
+sys.exit(1 if main(sys.argv[1:]) == -1 else 0)  # its errors ("Experiment already exists") return -1
 """
 # vlp's train.py; with VLP_BENCH_DECAY_EMBEDDINGS=1 token/positional embeddings get weight decay (open_clip's rule)
 _VLP_MAIN = """
@@ -181,6 +182,7 @@ def train_run(label, recipe, extra, seed, bench, work, budget, threads) -> dict:
     rec = {"contender": label, "recipe": recipe, "extra": extra, "seed": seed, "budget": budget, "name": name}
     if done.is_file() and json.loads(done.read_text())["cmd"] == cmd:  # trained earlier, not yet scored
         return {**rec, "train_s": json.loads(done.read_text())["train_s"]}
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # a killed run's leftovers: never score those
     t0 = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode

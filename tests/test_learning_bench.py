@@ -63,3 +63,20 @@ def test_decay_embeddings_ablation_decays_what_open_clip_decays(monkeypatch):
     expect = {n for n, p in model.named_parameters()
               if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n}
     assert set(spared) == expect and "token_embedding.weight" in decayed
+
+
+def test_open_clip_train_refusing_a_run_folder_is_a_failed_run(tmp_path):
+    """open_clip_train returns -1 (exit 0) when --name exists; the benchmark once scored the stale
+    checkpoint a killed run had left there as if it were the finished model."""
+    import subprocess
+    import sys
+
+    from benchmarks.learning import _OPEN_CLIP_MAIN, ROOT
+
+    (tmp_path / "x" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "x" / "checkpoints" / "epoch_1.pt").write_bytes(b"stale")
+    (tmp_path / "x" / "out.log").write_text("Start epoch 1\n")        # what open_clip_train checks
+    p = subprocess.run([sys.executable, "-c", _OPEN_CLIP_MAIN, "--logs", str(tmp_path), "--name", "x",
+                        "--model", "vlp-icon", "--report-to", ""], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 1, p.stdout[-500:] + p.stderr[-500:]
+    assert "already exists" in p.stdout + p.stderr
