@@ -98,6 +98,21 @@ def split(glyphs: list[Glyph], sizes: dict, rng: random.Random) -> dict:
             "pool": pool}
 
 
+def sample_train(pool: list[Glyph], n: int, rng: random.Random) -> list[Glyph]:
+    """n glyphs of the pool: one of each character first (so every trainable character, and every word of the
+    held-out characters' names, is trained on when n allows), then a seeded sample of the rest."""
+    by_char = defaultdict(list)
+    for g in pool:
+        by_char[g[0]].append(g)
+    first = [rng.choice(by_char[c]) for c in sorted(by_char)]
+    rng.shuffle(first)
+    taken = {(ch, face.family, face.variant) for ch, face in first}
+    rest = [g for g in pool if (g[0], g[1].family, g[1].variant) not in taken]
+    out = first[:n] + rng.sample(rest, max(0, min(n - len(first), len(rest))))
+    rng.shuffle(out)
+    return out
+
+
 def _row(ch: str, face, size: int) -> dict:
     return {"png": G.render_png(face, ch, size), "caption": G.name(ch), "rewrites": G.rewrites_of(ch),
             "concept": ch, "style": face.family, "variant": face.variant, "genre": face.genre,
@@ -158,7 +173,7 @@ def build(output: str | Path, cache: str | Path, *, train_size: int, heldout_con
     faces = G.load_faces(Path(cache), families)
     glyphs = [(ch, face) for face in faces for ch in G.characters() if face.draws(ch)]
     s = split(glyphs, sizes, rng)
-    train = rng.sample(s["pool"], min(train_size, len(s["pool"])))
+    train = sample_train(s["pool"], train_size, rng)
     t0 = time.time()
     if progress:
         print(f"rendering {len(train)} training glyphs of {len(faces)} faces", file=sys.stderr, flush=True)
