@@ -3,6 +3,7 @@ pool of embed tables (Parquet, D = 512 float16 image and text embeddings, as `vl
 
     python -m benchmarks.curate_engines --rows 10000000 --engine ray --object-store-gb 2
     python -m benchmarks.curate_engines --rows 1000000 --engine local
+    python -m benchmarks.curate_engines --rows 10000000 --engine local --rss-limit-gb 18   # how far it gets
 
 The pool (--pool, made once and reused): tables of --per-table rows; captions from a small vocabulary with 5 %
 boilerplate, 1 % planted exact image copies, random sizes and scores. Embeddings cycle through 32 random
@@ -67,8 +68,9 @@ def make_pool(folder: Path, rows: int, per_table: int, dim: int) -> Path:
 class Sampler:
     """Peak RSS per process of the given process trees (and sessions), sampled every `period` s."""
 
-    def __init__(self, roots: list[int], sessions: list[int] = (), period: float = 0.2):
+    def __init__(self, roots: list[int], sessions: list[int] = (), period: float = 0.2, limit_mb: float = 0.0):
         self.roots, self.sessions, self.period = roots, list(sessions), period
+        self.limit_mb, self.killed_at_mb = limit_mb, 0.0   # SIGKILL the first root above limit_mb of RSS
         self.peak: dict[str, float] = {}       # RSS: counts the object-store pages a worker maps
         self.peak_uss: dict[str, float] = {}   # USS: the process's own memory only
         self.peak_total = 0.0
@@ -107,6 +109,9 @@ class Sampler:
                 total += m.uss / 2**20
                 self.peak[name] = max(self.peak.get(name, 0.0), m.rss / 2**20)
                 self.peak_uss[name] = max(self.peak_uss.get(name, 0.0), m.uss / 2**20)
+                if self.limit_mb and q.pid == self.roots[0] and m.rss / 2**20 > self.limit_mb:
+                    self.killed_at_mb = m.rss / 2**20
+                    q.kill()
             self.peak_total = max(self.peak_total, total)
             self._stop.wait(self.period)
 
@@ -119,15 +124,17 @@ class Sampler:
         self._t.join()
 
 
-def run_filter(pool: Path, out: Path, engine: str, env: dict, address=None, sessions=()) -> dict:
+def run_filter(pool: Path, out: Path, engine: str, env: dict, address=None, sessions=(), limit_gb=0.0) -> dict:
     cmd = [sys.executable, "-m", "vlp", "data", "filter", "--embeddings", str(pool), "--out", str(out), *FLAGS]
     if engine == "ray":
         cmd += ["--engine", "ray", "--address", address]
     t = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with Sampler([p.pid], sessions) as s:
+    with Sampler([p.pid], sessions, limit_mb=limit_gb * 1024) as s:
         stdout, stderr = p.communicate()
     wall = time.perf_counter() - t
+    if s.killed_at_mb:
+        return {"wall_s": round(wall, 1), "killed_at_rss_mb": round(s.killed_at_mb), "finished": False}
     if p.returncode:
         raise SystemExit(f"filter failed: {stderr[-3000:]}")
     mine = f"{p.pid} "
@@ -150,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--pool", help="folder of the synthetic pool (default: a temp folder per size)")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--object-store-gb", type=float, default=2.0)
+    p.add_argument("--rss-limit-gb", type=float, default=0.0,
+                   help="local: stop the filter (SIGKILL) once its RSS passes this, and report how far it got")
     a = p.parse_args(argv)
     import tempfile
 
@@ -160,7 +169,7 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     row = {"engine": a.engine, "rows": a.rows, "dim": a.dim, "tables": len(list(pool.glob("*.parquet")))}
     if a.engine == "local":
-        row.update(run_filter(pool, out / "f", "local", env))
+        row.update(run_filter(pool, out / "f", "local", env, limit_gb=a.rss_limit_gb))
     else:
         c = LocalCluster(out, cpus=a.cpus, object_store=int(a.object_store_gb * 2**30))
         c.start(workers=0, timeout=300)
@@ -170,6 +179,9 @@ def main(argv=None) -> int:
             c.stop()
         row["object_store_gb"] = a.object_store_gb
         row["cpus"] = a.cpus
+    if row.get("finished") is False:
+        print(json.dumps(row, indent=1))
+        return 0
     row["decisions_kept"] = sum(1 for x in (out / "f" / "decisions.tsv").open() if x.endswith("\t\n"))
     print(json.dumps(row, indent=1))
     return 0
