@@ -98,10 +98,6 @@ class Face:
     files: list[tuple[bytes, frozenset]] = field(default_factory=list)   # (font file, code points it maps)
     _fonts: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def style(self) -> str:
-        return self.family
-
     def file_of(self, ch: str) -> bytes | None:
         for data, cps in self.files:
             if ord(ch) in cps:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +63,6 @@ def read_members(tgz: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
             for info in tf:
                 if info.isfile() and wanted(info.name):
                     out[info.name] = tf.extractfile(info).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise SourceError(f"{tgz.name}: cannot read the tarball ({type(e).__name__})") from None
     return out

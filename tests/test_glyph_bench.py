@@ -74,11 +74,16 @@ def _fake_cache(cache: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("glyphbench")
-    _fake_cache(tmp / "cache")
-    summary = B.build(tmp / "out", tmp / "cache", image_size=32, families=list(FAKES), progress=False, **SIZES)
-    return tmp / "out", summary
+def cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fontsource") / "cache"
+    _fake_cache(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("glyphbench") / "out"
+    return out, B.build(out, cache, image_size=32, families=list(FAKES), progress=False, **SIZES)
 
 
 def _records(out: Path) -> list[dict]:
@@ -123,11 +128,10 @@ def test_captions_are_unicode_names_and_no_tofu_is_drawn(bench):
     assert names == [G.name(c) for c in summary["heldout_concepts"]]
 
 
-def test_rendered_glyphs_are_not_the_missing_glyph_box(tmp_path):
+def test_rendered_glyphs_are_not_the_missing_glyph_box(cache):
     from PIL import Image
 
-    _fake_cache(tmp_path / "c")
-    faces = G.load_faces(tmp_path / "c", ["roboto-mono", "lora"])
+    faces = G.load_faces(cache, ["roboto-mono", "lora"])
     mono = next(f for f in faces if f.family == "roboto-mono")
     assert not mono.draws("ß") and mono.draws("ä")
 
@@ -136,7 +140,6 @@ def test_rendered_glyphs_are_not_the_missing_glyph_box(tmp_path):
 
     for face in faces:
         latin = face.files[0][0]
-        tofu = face.files[0]
         tofu = type(face)(face.family, face.genre, face.variant, [(latin, frozenset({0xE000}))])
         box = pixels(tofu, "\ue000")        # a code point the font lacks: the .notdef drawing
         for ch in "aßĂΩж7&":
@@ -174,3 +177,24 @@ def test_eval_sets_open_in_vlp_and_clip_benchmark(bench):
     got = [(img.shape, int(t)) for img, t in ds]
     assert len(got) == summary["eval"]["glyphs_unseen_styles"]["samples"]
     assert all(shape == (32, 32, 3) and 0 <= t < len(ds.classes) for shape, t in got)
+
+
+def test_damaged_tarball_or_font_is_one_line_error(tmp_path, cache):
+    import shutil
+
+    from data_tools.npm_cache import SourceError
+
+    shutil.copytree(cache, tmp_path / "c")
+    tgz = tmp_path / "c" / tarball_name(G.spec("roboto"))
+    data = bytearray(tgz.read_bytes())
+    tgz.write_bytes(bytes(data[: len(data) // 2]))                   # a download cut short
+    with pytest.raises(SourceError, match="fontsource-roboto-5.3.0.tgz: cannot read the tarball"):
+        G.load_faces(tmp_path / "c", ["roboto"])
+    with tarfile.open(tgz, "w:gz") as tf:                            # a file that is no font
+        info = tarfile.TarInfo("package/files/roboto-latin-400-normal.woff")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"wOFF"))
+    with pytest.raises(SourceError, match="roboto-latin-400-normal.woff: not a readable font"):
+        G.load_faces(tmp_path / "c", ["roboto"])
+    with pytest.raises(SourceError, match="unknown font families"):
+        G.load_faces(tmp_path / "c", ["comic-sans"])
