@@ -1,6 +1,6 @@
 """Build the glyph learning benchmark: characters drawn in 35 font families, captioned with their Unicode names.
 
-    vlp data make-glyph-bench --output glyph_bench            # ~1 CPU-min once the tarballs are cached
+    vlp data make-glyph-bench --output glyph_bench            # ~15 s once the tarballs are cached, 48 MB
     vlp data make-glyph-bench --output glyph_bench_quick --quick
 
 Images: 473 characters (Latin letters with and without diacritics, Greek, Cyrillic, digits, punctuation,
