@@ -4,7 +4,10 @@
     python -m benchmarks.learning --bench icon_bench_quick --quick --out quick.jsonl  # a few minutes
     python -m benchmarks.learning --out learning.jsonl --table-only                   # print the table again
 
-Data: the icon benchmark (`data_tools.make_icon_bench`; built into --bench first if that folder is empty).
+    python -m benchmarks.learning --bench glyph_bench --out glyphs.jsonl               # the glyph benchmark
+
+Data: a real-image benchmark folder: the icon benchmark (`data_tools.make_icon_bench`) or the glyph benchmark
+(`data_tools.make_glyph_bench`); built into --bench first if that folder is empty (--kind says which).
 Contenders, each trained in its own process with OMP_NUM_THREADS=--threads and the same budget
 (vlp-icon: vlp-tiny at 48 px, a 4-layer width-128 ViT with 8 px patches and a 4-layer text tower with a
 16-token context; batch 128, 2 epochs, lr 1e-3, wd 0.1, warmup 100, fp32, 1 loader worker, seed s):
@@ -25,9 +28,13 @@ The table: per figure, mean ± std over seeds, and the ratio of the mean to open
 the figures whose mean is at least open_clip_train's mean minus one standard deviation (within noise, or better).
 open_clip_train's sample shuffle is unseeded, so a rerun of its seeds is a new draw: run it again under another
 label ('open_clip_train-again=open_clip_train:') and the baseline becomes all its runs pooled (a last row).
-Figures: zero-shot top-1 on held-out concepts (`concepts`), on held-out styles (`styles`), Phosphor
-category top-1 (`category`), retrieval R@5 text->image (`t2i@5`) and image->text (`i2t@5`), and the
-training wall time (`train_s`, the whole process: on a loaded machine this is mostly other people's load).
+Figures, named by the bench's eval sets (`splits.json`; `<kind>_unseen_concepts` -> `concepts`, ...): zero-shot
+top-1 on the validation set where the bench has one (`val`: trained concepts in training styles, pairs kept
+out of training; the glyph bench), on held-out concepts (`concepts`), on held-out styles (`styles`), category
+top-1 (`category`: Phosphor's categories, or a glyph's script/class), retrieval R@5 text->image (`t2i@5`) and
+image->text (`i2t@5`), and the training wall time (`train_s`, the whole process: on a loaded machine this is
+mostly other people's load). Choose recipes on `val`; the held-out figures are for reporting.
+Use one --out per bench: a record names its bench kind, and only runs of the same kind are skipped as done.
 """
 from __future__ import annotations
 
@@ -48,9 +55,26 @@ BASELINE = "open_clip_train"
 BUDGET = {"model": "vlp-icon", "batch-size": 128, "epochs": 2, "lr": 1e-3, "wd": 0.1, "warmup": 100,
           "precision": "fp32", "workers": 1}
 QUICK_BUDGET = {**BUDGET, "warmup": 10}
-SETS = {"concepts": "icons_unseen_concepts", "styles": "icons_unseen_styles", "category": "icons_category",
-        "retrieval": "icons_retrieval"}
-FIGURES = ("concepts", "styles", "category", "t2i@5", "i2t@5")
+# eval set name suffix -> figure; the figures in table order (the retrieval set gives t2i@5 and i2t@5)
+SUFFIXES = {"_val": "val", "_unseen_concepts": "concepts", "_unseen_styles": "styles", "_category": "category",
+            "_retrieval": "retrieval"}
+FIGURES = ("val", "concepts", "styles", "category", "t2i@5", "i2t@5")
+CLASSIFICATION = ("val", "concepts", "styles", "category")
+
+
+def bench_sets(bench: Path) -> tuple[str, dict[str, str]]:
+    """-> (bench kind, figure -> eval set name) from the bench's splits.json: ('icons', {'concepts':
+    'icons_unseen_concepts', ...}); the glyph bench adds 'val'."""
+    names = json.loads((bench / "splits.json").read_text())["eval"]
+    sets, kind = {}, None
+    for n in names:
+        for suffix, fig in SUFFIXES.items():
+            if n.endswith(suffix):
+                sets[fig], kind = n, n[: -len(suffix)]
+    if kind is None:
+        raise SystemExit(f"error: {bench}/splits.json names no eval set ending in {', '.join(SUFFIXES)}")
+    return kind, sets
+
 
 # open_clip_train under webdataset 1.x: drop the empty record each shard ends with (shared/reference.md);
 # vlp.models registers vlp-tiny with open_clip.
@@ -134,12 +158,13 @@ def trained_model(recipe: str, logs: Path, name: str):
 def score_vlp(bundle, bench: Path) -> dict:
     from vlp.eval import evaluate
 
+    _, sets = bench_sets(bench)
     res = evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_val, [str(bench / "eval" / s) for s in
-                                                                           SETS.values()],
+                                                                           sets.values()],
                    batch_size=256, amp=False, geometry=True, cache_images=False)
     m = {r["dataset"].split("/")[-1]: r["metrics"] for r in res}
-    out = {k: m[SETS[k]]["acc1"] for k in ("concepts", "styles", "category")}
-    r = m[SETS["retrieval"]]
+    out = {k: m[sets[k]]["acc1"] for k in CLASSIFICATION if k in sets}
+    r = m[sets["retrieval"]]
     out.update({"t2i@5": r["image_retrieval_recall@5"], "i2t@5": r["text_retrieval_recall@5"],
                 "gap": r.get("geometry/modality_gap")})
     return out
@@ -154,8 +179,8 @@ def score_clip_benchmark(bundle, bench: Path) -> dict:
 
     out = {}
     model = bundle.model.eval()
-    for k in ("concepts", "styles", "category", "retrieval"):
-        root = bench / "eval" / SETS[k]
+    for k, name in bench_sets(bench)[1].items():
+        root = bench / "eval" / name
         task = "zeroshot_retrieval" if k == "retrieval" else "zeroshot_classification"
         ds = build_dataset("wds/" + root.name, root=str(root), transform=bundle.preprocess_val, split="test",
                            task=task)
@@ -179,7 +204,8 @@ def train_run(label, recipe, extra, seed, bench, work, budget, threads) -> dict:
            "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                                         if p])}
     log, done = work / f"{name}.log", work / f"{name}.done.json"
-    rec = {"contender": label, "recipe": recipe, "extra": extra, "seed": seed, "budget": budget, "name": name}
+    rec = {"contender": label, "recipe": recipe, "extra": extra, "seed": seed, "budget": budget, "name": name,
+           "bench": bench_sets(bench)[0]}
     if done.is_file() and json.loads(done.read_text())["cmd"] == cmd:  # trained earlier, not yet scored
         return {**rec, "train_s": json.loads(done.read_text())["train_s"]}
     shutil.rmtree(work / "runs" / name, ignore_errors=True)  # a killed run's leftovers: never score those
@@ -227,7 +253,8 @@ def table(records: list[dict], scorer: str = "vlp") -> str:
         by[f"{BASELINE}, all {len(base_runs)} runs"] = base_runs
     elif labels:
         base_runs = by[labels.pop()]  # the row that is the baseline itself
-    cols = list(FIGURES) + ["train_s"]
+    figures = [f for f in FIGURES if any(f in r[scorer] for rs in by.values() for r in rs)]
+    cols = figures + ["train_s"]
 
     def stats(rs: list[dict], f: str) -> tuple[float, float]:
         return _mean_std([r["train_s"] if f == "train_s" else r[scorer][f] for r in rs])
@@ -246,7 +273,7 @@ def table(records: list[dict], scorer: str = "vlp") -> str:
                 level += f != "train_s" and m >= bm - bs
             cells.append(cell)
         # parity: figures whose mean is at least the baseline's mean minus one standard deviation (within noise or better)
-        verdict = f"{level}/{len(FIGURES)}" if scored else ""
+        verdict = f"{level}/{len(figures)}" if scored else ""
         lines.append(f"| {c} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(lines)
 
@@ -257,10 +284,21 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def build_bench(bench: Path, kind: str, cache: str, quick: bool) -> None:
+    if kind == "glyphs":
+        from data_tools.make_glyph_bench import FULL, QUICK, build
+    else:
+        from data_tools.make_icon_bench import FULL, QUICK, build
+    print(f"building the {kind} benchmark into {bench} ...", flush=True)
+    build(bench, cache, progress=False, **(QUICK if quick else FULL))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
-    p.add_argument("--bench", default="icon_bench", help="icon benchmark folder (built here if missing)")
+    p.add_argument("--bench", default="icon_bench", help="benchmark folder (built here if missing, see --kind)")
+    p.add_argument("--kind", choices=("icons", "glyphs"), default="icons",
+                   help="which benchmark to build into a missing --bench (default icons)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "vlp" / "npm"), help="npm tarball cache")
     p.add_argument("--quick", action="store_true", help="quick bench, open_clip_train vs clip, one seed, warmup 10")
     p.add_argument("--contenders", nargs="+", help=f"default: {BASELINE} {' '.join(RECIPES)} (quick: {BASELINE} clip)")
@@ -278,16 +316,15 @@ def main(argv=None) -> int:
     if not a.table_only:
         bench, work = Path(a.bench), Path(a.work)
         if not (bench / "splits.json").is_file():
-            from data_tools.make_icon_bench import FULL, QUICK, build
-
-            print(f"building the icon benchmark into {bench} ...", flush=True)
-            build(bench, a.cache, progress=False, **(QUICK if a.quick else FULL))
+            build_bench(bench, a.kind, a.cache, a.quick)
+        kind = bench_sets(bench)[0]
         contenders = a.contenders or ([BASELINE, "clip"] if a.quick else [BASELINE, *RECIPES])
         seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
         budget = dict(QUICK_BUDGET if a.quick else BUDGET)
         if a.epochs:
             budget["epochs"] = a.epochs
-        done = {(r["contender"], r["seed"]) for r in read_records(out) if r["budget"] == budget}
+        done = {(r["contender"], r["seed"]) for r in read_records(out)
+                if r["budget"] == budget and r.get("bench", "icons") == kind}
         work.mkdir(parents=True, exist_ok=True)
         todo = [(seed, *parse_contender(c)) for seed in seeds for c in contenders]
         todo = [t for t in todo if (t[1], t[0]) not in done]
@@ -306,7 +343,7 @@ def main(argv=None) -> int:
                     f.write(json.dumps(rec) + "\n")
                 v = rec["vlp"]
                 print(f"{rec['contender']} seed {rec['seed']}: train {rec['train_s']:.0f} s, eval {rec['eval_s']:.0f} s; "
-                      + ", ".join(f"{k} {100 * v[k]:.1f}" for k in FIGURES), flush=True)
+                      + ", ".join(f"{k} {100 * v[k]:.1f}" for k in FIGURES if k in v), flush=True)
         if failed:
             print(f"{failed} runs failed", file=sys.stderr)
     records = read_records(out)

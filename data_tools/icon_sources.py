@@ -6,16 +6,16 @@ apart by a name suffix (`heart-bold`, `heart-fill`, `heart-outline`); the concep
 it. Tags come from what the vendors ship: Iconify aliases (other names of the same drawing),
 Iconify categories, and Phosphor's own catalogue (`@phosphor-icons/core`: tags and one category per
 icon). Packages are fetched once with `npm pack` (pinned versions) into a cache folder and read from
-the tarballs; nothing is unpacked.
+the tarballs (data_tools.npm_cache); nothing is unpacked.
 """
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from data_tools.npm_cache import SourceError, fetch, read_member, tarball_name  # noqa: F401 (re-exported)
 
 # prefix -> (npm package@version, [(name suffix, style)] tried in order; "" matches every name)
 SETS: dict[str, tuple[str, list[tuple[str, str]]]] = {
@@ -28,10 +28,6 @@ SETS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "lucide": ("@iconify-json/lucide@1.2.137", [("", "outline")]),
 }
 PHOSPHOR_CATALOG = "@phosphor-icons/core@2.1.1"
-
-
-class SourceError(Exception):
-    """A package could not be fetched or read (one line for the user)."""
 
 
 @dataclass
@@ -47,44 +43,6 @@ class Icon:
     categories: list[str] = field(default_factory=list)
 
 
-def tarball_name(spec: str) -> str:
-    """npm pack's file name for 'scope/name@version': '@iconify-json/ph@1.2.2' -> 'iconify-json-ph-1.2.2.tgz'."""
-    name, _, version = spec.rpartition("@")
-    return f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"
-
-
-def fetch(specs: list[str], cache: Path) -> dict[str, Path]:
-    """Tarball per package spec, packed by `npm pack` into `cache` unless already there."""
-    cache.mkdir(parents=True, exist_ok=True)
-    missing = [s for s in specs if not (cache / tarball_name(s)).is_file()]
-    if missing:
-        try:
-            subprocess.run(["npm", "pack", "--silent", *missing], cwd=cache, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
-        except FileNotFoundError:
-            raise SourceError(f"npm not found: install Node.js/npm, or put {', '.join(map(tarball_name, missing))} "
-                              f"in {cache}") from None
-        except subprocess.CalledProcessError as e:
-            tail = (e.stderr or "").strip().splitlines()
-            raise SourceError(f"npm pack {' '.join(missing)} failed: {tail[-1] if tail else e}") from None
-    out = {s: cache / tarball_name(s) for s in specs}
-    for s, p in out.items():
-        if not p.is_file():
-            raise SourceError(f"npm pack did not write {p}")
-    return out
-
-
-def _read_member(tgz: Path, member: str) -> bytes:
-    try:
-        with tarfile.open(tgz, "r:gz") as tf:
-            f = tf.extractfile(member)
-            if f is None:
-                raise KeyError(member)
-            return f.read()
-    except (KeyError, tarfile.TarError, OSError) as e:
-        raise SourceError(f"{tgz.name}: cannot read {member} ({type(e).__name__})") from None
-
-
 def _style_of(name: str, rules: list[tuple[str, str]]) -> tuple[str, str]:
     for suffix, style in rules:
         if suffix and name.endswith(suffix) and len(name) > len(suffix):
@@ -96,9 +54,9 @@ def _style_of(name: str, rules: list[tuple[str, str]]) -> tuple[str, str]:
 
 def read_iconify(prefix: str, tgz: Path) -> list[Icon]:
     """Every drawn icon of one Iconify JSON package (aliases become tags of their parent, not icons)."""
-    data = json.loads(_read_member(tgz, "package/icons.json"))
+    data = json.loads(read_member(tgz, "package/icons.json"))
     try:
-        meta = json.loads(_read_member(tgz, "package/metadata.json"))
+        meta = json.loads(read_member(tgz, "package/metadata.json"))
     except SourceError:
         meta = {}
     rules = SETS[prefix][1]
@@ -129,7 +87,7 @@ _PH_ENTRY = re.compile(r'name:\s*"([^"]+)".*?figma_category:\s*(\w)\.(\w+),\s*ta
 
 def read_phosphor_catalog(tgz: Path) -> dict[str, tuple[str, list[str]]]:
     """Phosphor's catalogue (dist/index.mjs): icon name -> (figma category, tags)."""
-    text = _read_member(tgz, "package/dist/index.mjs").decode("utf-8")
+    text = read_member(tgz, "package/dist/index.mjs").decode("utf-8")
     enums: dict[str, dict[str, str]] = {}
     for body, var in _PH_ENUM.findall(text):
         enums[var] = dict(re.findall(r'i\.(\w+) = "([^"]+)"', body))

@@ -30,16 +30,13 @@ import io
 import json
 import random
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
 from data_tools.icon_sources import SETS, Icon, SourceError, load_icons
-from data_tools.make_demo_data import eval_split_dir, finish_split
-from data_tools.make_shards import make_shards
-from vlp.data.tario import ShardWriter
+from data_tools.bench_sets import write_classification, write_retrieval, write_train
 from vlp.flags import Parser
 
 HELDOUT_STYLES = ("lucide-outline", "bi-outline", "bi-fill", "ph-duotone")
@@ -113,25 +110,6 @@ def _by_concept(icons: list[Icon]) -> dict[str, list[Icon]]:
     return out
 
 
-def write_classification(root: Path, classnames: list[str], samples: list[tuple[Icon, int]], templates: list[str],
-                         size: int, per_shard: int = 1000) -> int:
-    split_dir = eval_split_dir(root, classnames, templates, "zeroshot_classification")
-    with ShardWriter(str(split_dir / "%d.tar"), per_shard) as sink:
-        for n, (icon, cls) in enumerate(samples):
-            sink.write(f"s{n:07d}", {"png": render_png(icon, size), "cls": str(cls).encode()})
-    finish_split(split_dir)
-    return len(samples)
-
-
-def write_retrieval(root: Path, samples: list[tuple[Icon, list[str]]], size: int, per_shard: int = 1000) -> int:
-    split_dir = eval_split_dir(root, None, None, "retrieval")
-    with ShardWriter(str(split_dir / "%d.tar"), per_shard) as sink:
-        for n, (icon, caps) in enumerate(samples):
-            sink.write(f"s{n:07d}", {"png": render_png(icon, size), "txt": "\n".join(caps).encode()})
-    finish_split(split_dir)
-    return len(samples)
-
-
 def build(output: str | Path, cache: str | Path, *, train_size: int, heldout_concepts: int, style_classes: int,
           per_class: int, image_size: int = 96, seed: int = 0, per_shard: int = 2000, progress: bool = True) -> dict:
     out = Path(output)
@@ -146,16 +124,9 @@ def build(output: str | Path, cache: str | Path, *, train_size: int, heldout_con
     train = rng.sample(pool, min(train_size, len(pool)))
     train_concepts = {i.concept for i in train}
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="icon_bench_") as tmp:
-        rows = []
-        for n, icon in enumerate(train):
-            path = Path(tmp) / f"{n:06d}.png"
-            path.write_bytes(render_png(icon, image_size))
-            rows.append({"image": path.name, "caption": words(icon.name), "rewrites": rewrites_of(icon, rng),
-                         "concept": icon.concept, "style": icon.style, "icon": f"{icon.source}:{icon.name}"})
-        table = Path(tmp) / "train.jsonl"
-        table.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        stats = make_shards(str(table), str(out / "train"), per_shard=per_shard, progress=progress)
+    rows = [{"png": render_png(icon, image_size), "caption": words(icon.name), "rewrites": rewrites_of(icon, rng),
+             "concept": icon.concept, "style": icon.style, "icon": f"{icon.source}:{icon.name}"} for icon in train]
+    stats = write_train(rows, out / "train", per_shard, progress)
     t_train = time.time() - t0
 
     ev = out / "eval"
@@ -163,22 +134,23 @@ def build(output: str | Path, cache: str | Path, *, train_size: int, heldout_con
     # held-out concepts, training styles
     by_c = _by_concept(seen_styles)
     classes = sorted(heldout)
-    samples = [(i, k) for k, c in enumerate(classes) for i in rng.sample(by_c[c], min(per_class, len(by_c[c])))]
+    samples = [(render_png(i, image_size), k) for k, c in enumerate(classes)
+               for i in rng.sample(by_c[c], min(per_class, len(by_c[c])))]
     counts["icons_unseen_concepts"] = write_classification(ev / "icons_unseen_concepts", [words(c) for c in classes],
-                                                           samples, TEMPLATES, image_size)
+                                                           samples, TEMPLATES)
     # training concepts, held-out styles
     by_u = _by_concept(unseen_styles)
     cands = sorted(c for c in by_u if c in train_concepts)
     classes = sorted(rng.sample(cands, min(style_classes, len(cands))))
-    samples = [(i, k) for k, c in enumerate(classes) for i in rng.sample(by_u[c], min(per_class, len(by_u[c])))]
+    samples = [(render_png(i, image_size), k) for k, c in enumerate(classes)
+               for i in rng.sample(by_u[c], min(per_class, len(by_u[c])))]
     counts["icons_unseen_styles"] = write_classification(ev / "icons_unseen_styles", [words(c) for c in classes],
-                                                         samples, TEMPLATES, image_size)
+                                                         samples, TEMPLATES)
     # category of held-out-concept Phosphor icons (all weights)
     ph = [i for i in icons if i.source == "ph" and i.concept in heldout and i.category]
     cats = sorted({i.category for i in icons if i.source == "ph" and i.category})
-    samples = [(i, cats.index(i.category)) for i in sorted(ph, key=lambda i: i.name)]
-    counts["icons_category"] = write_classification(ev / "icons_category", cats, samples, CATEGORY_TEMPLATES,
-                                                    image_size)
+    samples = [(render_png(i, image_size), cats.index(i.category)) for i in sorted(ph, key=lambda i: i.name)]
+    counts["icons_category"] = write_classification(ev / "icons_category", cats, samples, CATEGORY_TEMPLATES)
     # retrieval: one icon per held-out concept, several captions
     samples = []
     for c in sorted(heldout):
@@ -187,8 +159,8 @@ def build(output: str | Path, cache: str | Path, *, train_size: int, heldout_con
         tags = [t for t in icon.tags if t != words(c)]
         if tags:
             caps.append(f"{words(c)}: " + ", ".join(tags[:3]))
-        samples.append((icon, caps))
-    counts["icons_retrieval"] = write_retrieval(ev / "icons_retrieval", samples, image_size)
+        samples.append((render_png(icon, image_size), caps))
+    counts["icons_retrieval"] = write_retrieval(ev / "icons_retrieval", samples)
 
     summary = {
         "seed": seed, "image_size": image_size, "sources": {s: SETS[s][0] for s in SETS},

@@ -1,6 +1,7 @@
 """benchmarks/learning.py's bookkeeping: contender specs, the commands each contender runs, and the table."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from benchmarks import learning as L
@@ -32,7 +33,7 @@ def test_recipe_configs_parse_into_valid_runs():
 
 def test_table_mean_std_and_ratio():
     def rec(c, seed, x, t):
-        return {"contender": c, "seed": seed, "train_s": t, "vlp": {f: x for f in L.FIGURES}}
+        return {"contender": c, "seed": seed, "train_s": t, "vlp": {f: x for f in L.FIGURES if f != "val"}}
 
     recs = [rec(L.BASELINE, 0, 0.10, 100), rec(L.BASELINE, 1, 0.20, 100), rec("clip", 0, 0.30, 50), rec("clip", 1, 0.30, 50)]
     t = L.table(recs).splitlines()
@@ -47,6 +48,25 @@ def test_table_mean_std_and_ratio():
     assert t[-1].startswith(f"| {L.BASELINE}, all 4 runs | 0,1,0,1 | 25.0 ± 12.9 |") and t[-1].endswith(" |  |")
     assert t[2].startswith(f"| {L.BASELINE} | 0,1 | 15.0 ± 7.1 (0.60x) |") and t[2].endswith(" | 5/5 |")
     assert t[3].startswith("| clip | 0,1 | 30.0 ± 0.0 (1.20x) |") and t[4].endswith(" | 0/5 |")  # 8.0 < 25.0 - 12.9
+
+
+def test_figures_come_from_the_bench_and_val_is_a_column_where_scored(tmp_path):
+    def bench(*names):
+        (tmp_path / "splits.json").write_text(json.dumps({"eval": {n: {} for n in names}}))
+        return L.bench_sets(tmp_path)
+
+    icons = bench("icons_unseen_concepts", "icons_unseen_styles", "icons_category", "icons_retrieval")
+    assert icons == ("icons", {"concepts": "icons_unseen_concepts", "styles": "icons_unseen_styles",
+                               "category": "icons_category", "retrieval": "icons_retrieval"})
+    kind, sets = bench("glyphs_val", "glyphs_unseen_concepts", "glyphs_unseen_styles", "glyphs_category",
+                       "glyphs_retrieval")
+    assert kind == "glyphs" and sets["val"] == "glyphs_val" and sets["styles"] == "glyphs_unseen_styles"
+    recs = [{"contender": c, "seed": 0, "train_s": 1, "vlp": {f: x for f in L.FIGURES}}
+            for c, x in ((L.BASELINE, 0.1), ("clip", 0.2))]
+    head, _, base, clip = L.table(recs).splitlines()
+    assert head.split(" | ")[2:4] == ["val", "concepts"] and clip.endswith(" | 6/6 |")   # val counts in parity
+    recs = [{**r, "vlp": {k: v for k, v in r["vlp"].items() if k != "val"}} for r in recs]
+    assert "val" not in L.table(recs).splitlines()[0]                                   # the icon bench has none
 
 
 def test_decay_embeddings_ablation_decays_what_open_clip_decays(monkeypatch):

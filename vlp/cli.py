@@ -28,6 +28,7 @@ COMMANDS: Table = {
         "train-tokenizer": ("data_tools.train_tokenizer:main", "sentencepiece tokenizer + matching model config"),
         "make-demo-data": ("data_tools.make_demo_data:main", "the demo's procedural shapes data"),
         "make-icon-bench": ("data_tools.make_icon_bench:main", "the icon learning benchmark (offline)"),
+        "make-glyph-bench": ("data_tools.make_glyph_bench:main", "the glyph learning benchmark (fonts; offline)"),
         "embed": ("vlp.curate.embed:main", "image/text embeddings + CLIP score per shard (torchrun splits shards)"),
         "filter": ("vlp.curate.filter:main", "counted curation rules over embed's tables -> decisions.tsv + report"),
         "reshard": ("vlp.curate.reshard:main", "the kept samples of decisions.tsv as new shards (atomic, sizes.json)"),
