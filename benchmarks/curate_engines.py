@@ -29,8 +29,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--min-words", "2", "--max-caption-repeats", "1000", "--min-side", "64", "--max-aspect", "3",
-         "--dedup-image", "--top-fraction", "0.5", "--no-sheets", "--overwrite"]
+FLAGS = ["--min-words", "2", "--min-side", "64", "--max-aspect", "3", "--dedup-image", "--top-fraction", "0.5",
+         "--no-sheets", "--overwrite"]
+
+
+def repeat_flags(rows: int) -> list[str]:
+    """The pool draws captions from one 4,097-caption vocabulary, so a caption's count grows with the pool:
+    the repeat cap grows with it (1,000 per million rows, at least 1,000) to remove the same share at every size."""
+    return ["--max-caption-repeats", str(max(1000, rows // 1000))]
 WORDS = "red blue green cat dog house tree car sky sun moon star big small old new photo of a the".split()
 
 
@@ -125,7 +131,9 @@ class Sampler:
 
 
 def run_filter(pool: Path, out: Path, engine: str, env: dict, address=None, sessions=(), limit_gb=0.0) -> dict:
-    cmd = [sys.executable, "-m", "vlp", "data", "filter", "--embeddings", str(pool), "--out", str(out), *FLAGS]
+    rows = json.loads((pool / "done.json").read_text())["rows"]
+    cmd = [sys.executable, "-m", "vlp", "data", "filter", "--embeddings", str(pool), "--out", str(out), *FLAGS,
+           *repeat_flags(rows)]
     if engine == "ray":
         cmd += ["--engine", "ray", "--address", address]
     t = time.perf_counter()
