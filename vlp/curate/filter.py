@@ -109,7 +109,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--balance-t", type=int, default=20000, help="at most t pairs per entry (default 20000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local: one process holds the pool (~2 GB per million samples at D=512); "
+                   help="local: one process holds the pool (~5 GB per million samples at D=512); "
                         "ray: Ray Data steps over a cluster (pip install 'vlp[ray]')")
     p.add_argument("--address", help="--engine ray: the cluster (HOST:PORT or auto; default: a local Ray)")
     p.add_argument("--no-sheets", action="store_true", help="skip the contact sheets of removed samples")
