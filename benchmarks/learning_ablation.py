@@ -56,8 +56,9 @@ def paired(ref: dict[int, dict], other: dict[int, dict], fig: str) -> dict:
     return {"n": len(seeds), "diff": statistics.fmean(d) if d else 0.0,
             "diff_std": statistics.stdev(d) if len(d) > 1 else 0.0,
             "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d), "ties": d.count(0.0),
+            # one seed that moved among ties still has a t (its std is not zero); Wilcoxon needs two to rank
             "t_p": _p(stats.ttest_rel, [100 * other[s][fig] for s in seeds], [100 * ref[s][fig] for s in seeds])
-            if len(nonzero) > 1 else 1.0,
+            if nonzero and len(d) > 1 else 1.0,
             "wilcoxon_p": _p(stats.wilcoxon, nonzero) if len(nonzero) > 1 else 1.0}
 
 

@@ -33,6 +33,15 @@ def test_paired_difference_and_tests_match_hand_figures():
     assert (same["ties"], same["t_p"], same["wilcoxon_p"]) == (5, 1.0, 1.0)
 
 
+def test_one_seed_that_moved_among_ties_still_gets_a_paired_t():
+    ref = {s: {"styles": 0.10} for s in range(4)}
+    other = {**ref, 3: {"styles": 0.14}}  # +4 points on one seed of four: diffs 0, 0, 0, 4
+    st = la.paired(ref, other, "styles")
+    # mean 1, std 2, t = 1 / (2 / 2) = 1 on 3 degrees of freedom: two-sided p 0.391
+    assert (st["wins"], st["ties"]) == (1, 3) and st["t_p"] == pytest.approx(0.391, abs=1e-3)
+    assert st["wilcoxon_p"] == 1.0
+
+
 def test_tables_pool_every_open_clip_train_label_and_skip_the_gap(tmp_path, capsys):
     out = tmp_path / "l.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in _records()))
