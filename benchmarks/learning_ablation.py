@@ -62,6 +62,10 @@ def paired(ref: dict[int, dict], other: dict[int, dict], fig: str) -> dict:
             "wilcoxon_p": _p(stats.wilcoxon, nonzero) if len(nonzero) > 1 else 1.0}
 
 
+def _fmt_p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
 def baseline_labels(records: list[dict]) -> set[str]:
     """Every label open_clip_train ran under (its draws: 'open_clip_train', 'open_clip_train-again', ...)."""
     return {r["contender"] for r in records if r.get("recipe", r["contender"]) == BASELINE}
@@ -78,7 +82,7 @@ def paired_table(runs: dict[str, dict[int, dict]], reference: str, figures: list
             xs = [100 * rs[s][f] for s in sorted(rs)]
             m, sd = statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
             lines.append(f"| {c} | {st['n']} | {f} | {m:.1f} ± {sd:.1f} | {st['diff']:+.2f} ± {st['diff_std']:.2f} | "
-                         f"{st['wins']}/{st['losses']}/{st['ties']} | {st['t_p']:.3f} | {st['wilcoxon_p']:.3f} |")
+                         f"{st['wins']}/{st['losses']}/{st['ties']} | {_fmt_p(st['t_p'])} | {_fmt_p(st['wilcoxon_p'])} |")
     return "\n".join(lines)
 
 
@@ -101,7 +105,7 @@ def pooled_table(runs: dict[str, dict[int, dict]], records: list[dict], figures:
             xs, ys = [v[f] for v in rs.values()], [v[f] for v in pool]
             ratio = statistics.fmean(xs) / statistics.fmean(ys) if statistics.fmean(ys) else float("nan")
             p = _p(lambda x, y: stats.ttest_ind(x, y, equal_var=False), xs, ys) if len(xs) > 1 and len(ys) > 1 else 1.0
-            cells.append(f"{ratio:.2f}x, {p:.3f}")
+            cells.append(f"{ratio:.2f}x, {_fmt_p(p)}")
         lines.append(f"| {c} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(head + lines)
 
